@@ -1,0 +1,151 @@
+//! The `Runtime` trait: what every agent backend (echo, any command, Claude Code,
+//! Gemini CLI) implements, and the built-in `echo` runtime.
+//!
+//! A runtime turns one prompt into one `RunOutcome`. It does not classify the
+//! outcome into HTTP terms (that is `classify`), does not queue (that is the
+//! executor) and does not touch history or the store.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// Why an execution exists; runtimes may treat them differently (Claude Code
+/// resumes the chat session but gives each headless task a fresh session id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionKind {
+    Chat,
+    Task,
+}
+
+impl ExecutionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionKind::Chat => "chat",
+            ExecutionKind::Task => "task",
+        }
+    }
+}
+
+/// One prompt to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub execution_id: String,
+    pub session_id: String,
+    pub kind: ExecutionKind,
+    pub prompt: String,
+    /// Wall-clock budget; past it the runtime stops the child and reports `TimedOut`.
+    pub timeout: Duration,
+    /// True when this chat session already ran once, so a runtime that keeps its
+    /// own sessions (Claude Code) resumes instead of starting fresh.
+    pub resume: bool,
+}
+
+/// Shared between the executor and a running execution.
+#[derive(Debug, Clone)]
+pub struct ExecutionContext {
+    /// Cancelled by `POST /api/executions/{id}/terminate` or shutdown.
+    pub cancel: CancellationToken,
+    /// The child's pid once spawned (0 = none); read by `/api/executions/running`.
+    pub pid: Arc<AtomicU32>,
+    /// Output chunks as they are produced, for SSE subscribers. A broadcast
+    /// channel: a slow subscriber lags and is dropped, the reader never waits.
+    pub output: broadcast::Sender<String>,
+}
+
+impl ExecutionContext {
+    pub fn new(output_capacity: usize) -> Self {
+        let (output, _) = broadcast::channel(output_capacity.max(1));
+        ExecutionContext {
+            cancel: CancellationToken::new(),
+            pid: Arc::new(AtomicU32::new(0)),
+            output,
+        }
+    }
+}
+
+/// How the execution ended, before classification.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Finished in-process (echo), no child.
+    Completed,
+    /// The child exited by itself with this code.
+    Exited { code: i32 },
+    /// The child was killed by a signal nobody in agentd sent.
+    Signaled { signal: i32 },
+    /// agentd stopped it because the timeout passed.
+    TimedOut,
+    /// agentd stopped it because it was cancelled.
+    Cancelled,
+    /// The child could not be started (binary missing, not executable, ...).
+    SpawnFailed { command: String, reason: String },
+}
+
+/// The final `{"type":"result"}` line of a stream-json runtime.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResultLine {
+    pub text: String,
+    pub cost_usd: Option<f64>,
+    pub duration_ms: Option<u64>,
+    pub is_error: bool,
+}
+
+/// Everything a runtime learned about one execution.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub end: RunEnd,
+    /// Assistant text (stream-json) or plain stdout.
+    pub text: String,
+    pub result: Option<ResultLine>,
+    /// The last bytes of stderr (capped).
+    pub stderr_tail: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+impl RunOutcome {
+    pub fn completed(text: String) -> Self {
+        RunOutcome {
+            end: RunEnd::Completed,
+            text,
+            result: None,
+            stderr_tail: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+}
+
+pub type RunFuture<'a> = Pin<Box<dyn Future<Output = RunOutcome> + Send + 'a>>;
+
+/// An agent backend.
+pub trait Runtime: Send + Sync + 'static {
+    /// The name users configure (`echo`, `command`, `claude-code`, `gemini`).
+    fn name(&self) -> &'static str;
+    /// Run one prompt to completion, timeout or cancellation. Must never hang past
+    /// `req.timeout` plus the configured kill grace periods.
+    fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a>;
+}
+
+/// The default runtime: answers with the prompt itself, no subprocess, so a fresh
+/// install works with no agent CLI present.
+#[derive(Debug, Default)]
+pub struct Echo;
+
+impl Runtime for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a> {
+        Box::pin(async move {
+            // Nobody may be subscribed: a send error only means "no listener".
+            let _ = ctx.output.send(req.prompt.clone());
+            RunOutcome::completed(req.prompt)
+        })
+    }
+}

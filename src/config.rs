@@ -1,0 +1,756 @@
+//! Every knob agentd has: defaults, the optional TOML file, environment variables
+//! and command-line flags, merged and validated in one place.
+//!
+//! Precedence, lowest first: built-in default < TOML file < environment < flag.
+//! The rest of the program receives a typed `Config` and never reads the
+//! environment itself. An invalid value is an error that names the setting and
+//! the value; the only exception is `AGENT_HISTORY_LIMIT`, which users already
+//! know to fall back to its default with a warning.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Default history size; the value users of other agent servers already know.
+pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("invalid {setting}={value:?}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    ParseFile { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Which agent backend runs prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    Echo,
+    Command,
+    ClaudeCode,
+    Gemini,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Echo => "echo",
+            RuntimeKind::Command => "command",
+            RuntimeKind::ClaudeCode => "claude-code",
+            RuntimeKind::Gemini => "gemini",
+        }
+    }
+}
+
+/// SQLite `synchronous` level for the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync on every commit: an acknowledged message survives power loss.
+    Full,
+    /// fsync at WAL checkpoints only: survives a crash or kill of agentd, not a
+    /// power loss.
+    Normal,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Requests waiting for the store thread. Bounded so a hung database turns
+    /// into fast 503s instead of unbounded memory.
+    pub queue: usize,
+    /// Most appends folded into one transaction (group commit).
+    pub max_batch: usize,
+    /// Messages kept in `state.db`; older ones are deleted. 0 keeps everything.
+    pub retention_messages: u64,
+    pub synchronous: SyncMode,
+    /// How long a request waits for room in the store queue before a 503.
+    pub enqueue_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub kind: RuntimeKind,
+    /// argv for the `command` runtime (shell-style words, no shell).
+    pub command: Vec<String>,
+    pub claude_bin: String,
+    pub claude_args: Vec<String>,
+    pub gemini_bin: String,
+    pub gemini_args: Vec<String>,
+    /// Prepended to the prompt by runtimes that have no flag for it (gemini).
+    pub system_prompt: Option<String>,
+    /// Timeout of an execution whose request names none.
+    pub default_timeout: Duration,
+    /// Largest timeout a request may ask for.
+    pub max_timeout: Duration,
+    /// Bytes of stdout kept per execution; the rest is dropped and reported.
+    pub stdout_cap: usize,
+    /// Bytes of stderr kept (the tail) per execution.
+    pub stderr_cap: usize,
+    /// Wait after SIGINT before SIGTERM, and after SIGTERM before SIGKILL.
+    pub kill_grace: Duration,
+    /// After the main child exits, how long its pipes may still be drained (a
+    /// grandchild holding them open must not keep the execution alive).
+    pub pipe_drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Executions running at once.
+    pub max_concurrent: usize,
+    /// Executions waiting for a slot; beyond this a request gets 429.
+    pub max_queue: usize,
+    /// Finished executions remembered for `GET /api/executions/{id}`.
+    pub finished_retained: usize,
+    /// SSE subscribers per execution.
+    pub max_subscribers: usize,
+    /// Output chunks buffered per execution for SSE; a subscriber further behind
+    /// is dropped.
+    pub stream_buffer: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Tick interval when systemd's watchdog is off.
+    pub interval: Duration,
+    /// Touched after every passing tick (launchd keepalive companion).
+    pub keepalive_file: Option<PathBuf>,
+    /// After this many consecutive failed ticks send `WATCHDOG=trigger`.
+    pub trigger_after: Option<u32>,
+    /// In keepalive-file mode, abort after the loop stalled this many intervals.
+    /// 0 disables.
+    pub self_abort_after: u32,
+    /// The `resources` check fails above this many threads.
+    pub max_threads: usize,
+    /// Diagnostics bundles kept in `<state-dir>/diagnostics`.
+    pub diagnostics_keep: usize,
+    /// RLIMIT_NOFILE soft target.
+    pub nofile_target: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub config_file: Option<PathBuf>,
+    pub api_token: Option<String>,
+    pub history_limit: usize,
+    /// Connections served at once; more get a fast 503 and are closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slowloris bound).
+    pub header_read_timeout: Duration,
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// On shutdown, how long in-flight requests may take to finish.
+    pub drain_timeout: Duration,
+    pub store: StoreConfig,
+    pub runtime: RuntimeConfig,
+    pub executor: ExecutorConfig,
+    pub health: HealthConfig,
+    /// `tracing` filter directive (`AGENTD_LOG`).
+    pub log_filter: String,
+    /// Enables `/debug/fault/*` when built with the `fault-injection` feature.
+    pub fault_injection: bool,
+    /// Warnings produced while loading (fallbacks); logged once logging is up.
+    pub warnings: Vec<String>,
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+}
+
+/// One setting: its TOML key and its environment variable.
+struct Setting {
+    key: &'static str,
+    env: &'static str,
+}
+
+macro_rules! settings {
+    ($($key:ident => $env:literal),* $(,)?) => {
+        const SETTINGS: &[Setting] = &[$(Setting { key: stringify!($key), env: $env }),*];
+    };
+}
+
+settings! {
+    listen => "AGENTD_LISTEN",
+    state_dir => "AGENTD_STATE_DIR",
+    api_token => "AGENTD_API_TOKEN",
+    history_limit => "AGENT_HISTORY_LIMIT",
+    max_connections => "AGENTD_MAX_CONNECTIONS",
+    header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
+    max_body_bytes => "AGENTD_MAX_BODY_BYTES",
+    drain_timeout => "AGENTD_DRAIN_TIMEOUT",
+    store_queue => "AGENTD_STORE_QUEUE",
+    store_max_batch => "AGENTD_STORE_MAX_BATCH",
+    retention_messages => "AGENTD_RETENTION_MESSAGES",
+    store_synchronous => "AGENTD_STORE_SYNCHRONOUS",
+    store_enqueue_timeout => "AGENTD_STORE_ENQUEUE_TIMEOUT",
+    runtime => "AGENTD_RUNTIME",
+    runtime_cmd => "AGENTD_RUNTIME_CMD",
+    claude_bin => "AGENTD_CLAUDE_BIN",
+    claude_args => "AGENTD_CLAUDE_ARGS",
+    gemini_bin => "AGENTD_GEMINI_BIN",
+    gemini_args => "AGENTD_GEMINI_ARGS",
+    system_prompt => "AGENTD_SYSTEM_PROMPT",
+    task_timeout => "AGENTD_TASK_TIMEOUT",
+    max_task_timeout => "AGENTD_MAX_TASK_TIMEOUT",
+    stdout_cap => "AGENTD_STDOUT_CAP",
+    stderr_cap => "AGENTD_STDERR_CAP",
+    kill_grace => "AGENTD_KILL_GRACE",
+    pipe_drain => "AGENTD_PIPE_DRAIN",
+    max_concurrent => "AGENTD_MAX_CONCURRENT",
+    max_queue => "AGENTD_MAX_QUEUE",
+    finished_retained => "AGENTD_FINISHED_RETAINED",
+    max_subscribers => "AGENTD_MAX_SUBSCRIBERS",
+    stream_buffer => "AGENTD_STREAM_BUFFER",
+    health_interval => "AGENTD_HEALTH_INTERVAL",
+    keepalive_file => "AGENTD_KEEPALIVE_FILE",
+    watchdog_trigger_after => "AGENTD_WATCHDOG_TRIGGER_AFTER",
+    self_abort_after => "AGENTD_SELF_ABORT_AFTER",
+    max_threads => "AGENTD_MAX_THREADS",
+    diagnostics_keep => "AGENTD_DIAGNOSTICS_KEEP",
+    nofile_target => "AGENTD_NOFILE_TARGET",
+    log => "AGENTD_LOG",
+    fault_injection => "AGENTD_FAULT_INJECTION",
+}
+
+/// Where a raw value came from, so an error can name the right thing.
+struct Raw {
+    values: BTreeMap<&'static str, (String, &'static str)>,
+}
+
+impl Raw {
+    fn get(&self, key: &str) -> Option<(&str, &'static str)> {
+        self.values.get(key).map(|(v, name)| (v.as_str(), *name))
+    }
+}
+
+impl Config {
+    /// Load from the process environment (and the config file it names).
+    pub fn from_env(overrides: Overrides) -> Result<Config, ConfigError> {
+        Config::load(overrides, |name| std::env::var(name).ok())
+    }
+
+    /// Load with an explicit environment lookup (tests pass a map).
+    pub fn load(
+        overrides: Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config_file = overrides
+            .config_file
+            .clone()
+            .or_else(|| env("AGENTD_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from));
+        let mut raw = Raw {
+            values: BTreeMap::new(),
+        };
+        if let Some(path) = &config_file {
+            for (key, value) in read_toml(path)? {
+                let setting = SETTINGS.iter().find(|s| s.key == key).expect("checked");
+                raw.values.insert(setting.key, (value, setting.key));
+            }
+        }
+        for s in SETTINGS {
+            if let Some(v) = env(s.env) {
+                raw.values.insert(s.key, (v, s.env));
+            }
+        }
+        if let Some(v) = overrides.listen {
+            raw.values.insert("listen", (v, "--listen"));
+        }
+        if let Some(v) = overrides.state_dir {
+            raw.values
+                .insert("state_dir", (v.display().to_string(), "--state-dir"));
+        }
+        let state_dir_default = env("STATE_DIRECTORY")
+            // systemd may pass several colon-separated directories; the first is ours.
+            .and_then(|s| s.split(':').next().map(str::to_owned))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "./agentd-state".into());
+        build(&raw, config_file, &state_dir_default)
+    }
+
+    /// Re-read reloadable settings (SIGHUP). Settings that need a restart
+    /// (listen address, state dir) keep their current values.
+    pub fn reload(&self, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut next = Config::load(
+            Overrides {
+                listen: Some(self.listen.to_string()),
+                state_dir: Some(self.state_dir.clone()),
+                config_file: self.config_file.clone(),
+            },
+            env,
+        )?;
+        next.listen = self.listen;
+        next.state_dir = self.state_dir.clone();
+        Ok(next)
+    }
+}
+
+fn read_toml(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::ParseFile {
+        path: path.to_owned(),
+        reason: e.message().to_owned(),
+    })?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        if !SETTINGS.iter().any(|s| s.key == key) {
+            return Err(ConfigError::ParseFile {
+                path: path.to_owned(),
+                reason: format!("unknown setting `{key}`"),
+            });
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => {
+                let words: Vec<String> = items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect();
+                shell_words::join(words)
+            }
+            other => {
+                return Err(ConfigError::ParseFile {
+                    path: path.to_owned(),
+                    reason: format!("`{key}` has an unsupported type: {other}"),
+                })
+            }
+        };
+        out.push((key, text));
+    }
+    Ok(out)
+}
+
+fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A positive integer within `min..=max`.
+fn int(raw: &Raw, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let Some((v, name)) = raw.get(key) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            name,
+            v,
+            format!("expected an integer from {min} to {max}"),
+        )),
+    }
+}
+
+/// A byte size: plain bytes or with a `KiB`/`MiB`/`GiB` (or `K`/`M`/`G`) suffix.
+fn bytes(raw: &Raw, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let Some((v, name)) = raw.get(key) else {
+        return Ok(default);
+    };
+    let parsed = parse_bytes(v);
+    match parsed {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            name,
+            v,
+            format!("expected a size from {min} to {max} bytes (e.g. 1048576, 512KiB, 8MiB)"),
+        )),
+    }
+}
+
+fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// A duration: plain seconds (`10`, `0.5`) or with a unit (`500ms`, `10s`, `2m`).
+fn duration(
+    raw: &Raw,
+    key: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some((v, name)) = raw.get(key) else {
+        return Ok(default);
+    };
+    match parse_duration(v) {
+        Some(d) if d >= min && d <= max => Ok(d),
+        _ => Err(invalid(
+            name,
+            v,
+            format!(
+                "expected a duration from {} to {} (e.g. 10, 10s, 500ms, 2m)",
+                fmt_duration(min),
+                fmt_duration(max)
+            ),
+        )),
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+fn boolean(raw: &Raw, key: &str, default: bool) -> Result<bool, ConfigError> {
+    let Some((v, name)) = raw.get(key) else {
+        return Ok(default);
+    };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(invalid(name, v, "expected 1/0, true/false, yes/no or on/off")),
+    }
+}
+
+fn words(raw: &Raw, key: &str) -> Result<Vec<String>, ConfigError> {
+    let Some((v, name)) = raw.get(key) else {
+        return Ok(Vec::new());
+    };
+    shell_words::split(v).map_err(|e| invalid(name, v, format!("cannot split into words: {e}")))
+}
+
+fn text(raw: &Raw, key: &str) -> Option<String> {
+    raw.get(key)
+        .map(|(v, _)| v.to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// `AGENT_HISTORY_LIMIT`: non-integer or <= 0 falls back to the default with a
+/// warning, as users of other agent servers expect.
+fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
+    let Some((v, name)) = raw.get("history_limit") else {
+        return DEFAULT_HISTORY_LIMIT;
+    };
+    match v.trim().parse::<i64>() {
+        Ok(n) if n > 0 => n as usize,
+        _ => {
+            warnings.push(format!(
+                "invalid {name}={v:?} (expected a positive integer); using {DEFAULT_HISTORY_LIMIT}"
+            ));
+            DEFAULT_HISTORY_LIMIT
+        }
+    }
+}
+
+const SEC: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn build(
+    raw: &Raw,
+    config_file: Option<PathBuf>,
+    state_dir_default: &str,
+) -> Result<Config, ConfigError> {
+    let mut warnings = Vec::new();
+    let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
+    let listen: SocketAddr = listen_text.parse().map_err(|_| {
+        invalid(
+            raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN"),
+            &listen_text,
+            "expected IP:PORT, e.g. 127.0.0.1:8420 or [::1]:8420",
+        )
+    })?;
+    let api_token = text(raw, "api_token");
+    if let Some((token, name)) = raw.get("api_token") {
+        if !token.is_empty() && token.trim().len() < 16 {
+            return Err(invalid(name, "<hidden>", "a token needs at least 16 characters"));
+        }
+    }
+    if !listen.ip().is_loopback() && api_token.is_none() {
+        return Err(ConfigError::Refused(format!(
+            "refusing to listen on non-loopback address {listen} without AGENTD_API_TOKEN \
+             (set a token, or listen on 127.0.0.1 / [::1])"
+        )));
+    }
+    let history_limit = history_limit(raw, &mut warnings);
+
+    let kind = match text(raw, "runtime").as_deref() {
+        None | Some("echo") => RuntimeKind::Echo,
+        Some("command") => RuntimeKind::Command,
+        Some("claude-code") | Some("claude") => RuntimeKind::ClaudeCode,
+        Some("gemini") => RuntimeKind::Gemini,
+        Some(other) => {
+            let name = raw.get("runtime").map(|(_, n)| n).unwrap_or("AGENTD_RUNTIME");
+            return Err(invalid(
+                name,
+                other,
+                "expected one of echo, command, claude-code, gemini",
+            ));
+        }
+    };
+    let command = words(raw, "runtime_cmd")?;
+    if kind == RuntimeKind::Command && command.is_empty() {
+        return Err(invalid(
+            "AGENTD_RUNTIME_CMD",
+            "",
+            "the command runtime needs a command, e.g. AGENTD_RUNTIME_CMD=\"cat\"",
+        ));
+    }
+    let default_timeout = duration(raw, "task_timeout", 600 * SEC, SEC, DAY)?;
+    let max_timeout = duration(raw, "max_task_timeout", 3600 * SEC, SEC, 7 * DAY)?;
+    let runtime = RuntimeConfig {
+        kind,
+        command,
+        claude_bin: text(raw, "claude_bin").unwrap_or_else(|| "claude".into()),
+        claude_args: words(raw, "claude_args")?,
+        gemini_bin: text(raw, "gemini_bin").unwrap_or_else(|| "gemini".into()),
+        gemini_args: words(raw, "gemini_args")?,
+        system_prompt: text(raw, "system_prompt"),
+        default_timeout: default_timeout.min(max_timeout),
+        max_timeout,
+        stdout_cap: bytes(raw, "stdout_cap", 8 << 20, 1024, 1 << 30)? as usize,
+        stderr_cap: bytes(raw, "stderr_cap", 256 << 10, 1024, 64 << 20)? as usize,
+        kill_grace: duration(raw, "kill_grace", 5 * SEC, Duration::ZERO, 300 * SEC)?,
+        pipe_drain: duration(raw, "pipe_drain", 2 * SEC, Duration::ZERO, 60 * SEC)?,
+    };
+
+    let synchronous = match text(raw, "store_synchronous").as_deref() {
+        None | Some("full") | Some("FULL") => SyncMode::Full,
+        Some("normal") | Some("NORMAL") => SyncMode::Normal,
+        Some(other) => {
+            let name = raw
+                .get("store_synchronous")
+                .map(|(_, n)| n)
+                .unwrap_or("AGENTD_STORE_SYNCHRONOUS");
+            return Err(invalid(name, other, "expected full or normal"));
+        }
+    };
+    let store = StoreConfig {
+        queue: int(raw, "store_queue", 8192, 1, 1 << 20)? as usize,
+        max_batch: int(raw, "store_max_batch", 1024, 1, 1 << 16)? as usize,
+        retention_messages: int(raw, "retention_messages", 1_000_000, 0, u64::MAX / 2)?,
+        synchronous,
+        enqueue_timeout: duration(
+            raw,
+            "store_enqueue_timeout",
+            5 * SEC,
+            Duration::from_millis(1),
+            300 * SEC,
+        )?,
+    };
+    let executor = ExecutorConfig {
+        max_concurrent: int(raw, "max_concurrent", 4, 1, 4096)? as usize,
+        max_queue: int(raw, "max_queue", 64, 0, 1 << 20)? as usize,
+        finished_retained: int(raw, "finished_retained", 256, 0, 1 << 20)? as usize,
+        max_subscribers: int(raw, "max_subscribers", 16, 1, 4096)? as usize,
+        stream_buffer: int(raw, "stream_buffer", 256, 1, 1 << 16)? as usize,
+    };
+    let trigger_after = match int(raw, "watchdog_trigger_after", 0, 0, 1_000_000)? {
+        0 => None,
+        n => Some(n as u32),
+    };
+    let health = HealthConfig {
+        interval: duration(
+            raw,
+            "health_interval",
+            10 * SEC,
+            Duration::from_millis(50),
+            DAY,
+        )?,
+        keepalive_file: text(raw, "keepalive_file").map(PathBuf::from),
+        trigger_after,
+        self_abort_after: int(raw, "self_abort_after", 3, 0, 1_000_000)? as u32,
+        max_threads: int(raw, "max_threads", 512, 8, 1 << 20)? as usize,
+        diagnostics_keep: int(raw, "diagnostics_keep", 20, 1, 10_000)? as usize,
+        nofile_target: int(raw, "nofile_target", 4096, 64, 1 << 24)?,
+    };
+
+    Ok(Config {
+        listen,
+        state_dir: PathBuf::from(text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into())),
+        config_file,
+        api_token,
+        history_limit,
+        max_connections: int(raw, "max_connections", 1024, 1, 1 << 20)? as usize,
+        header_read_timeout: duration(
+            raw,
+            "header_read_timeout",
+            10 * SEC,
+            Duration::from_millis(100),
+            3600 * SEC,
+        )?,
+        max_body_bytes: bytes(raw, "max_body_bytes", 1 << 20, 1, 1 << 30)? as usize,
+        drain_timeout: duration(raw, "drain_timeout", 20 * SEC, Duration::ZERO, 3600 * SEC)?,
+        store,
+        runtime,
+        executor,
+        health,
+        log_filter: text(raw, "log").unwrap_or_else(|| "info".into()),
+        fault_injection: boolean(raw, "fault_injection", false)?,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(Overrides::default(), |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8420");
+        assert_eq!(c.history_limit, 1000);
+        assert_eq!(c.state_dir, PathBuf::from("./agentd-state"));
+        assert_eq!(c.runtime.kind, RuntimeKind::Echo);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn history_limit_falls_back_with_warning() {
+        for bad in ["abc", "0", "-5", "1.5", ""] {
+            let c = load(&[("AGENT_HISTORY_LIMIT", bad)]).unwrap();
+            assert_eq!(c.history_limit, DEFAULT_HISTORY_LIMIT, "value {bad:?}");
+            assert_eq!(c.warnings.len(), 1, "value {bad:?}");
+            assert!(c.warnings[0].contains("AGENT_HISTORY_LIMIT"));
+        }
+        assert_eq!(load(&[("AGENT_HISTORY_LIMIT", "3")]).unwrap().history_limit, 3);
+    }
+
+    #[test]
+    fn invalid_value_names_setting_and_value() {
+        let err = load(&[("AGENTD_MAX_CONNECTIONS", "lots")]).unwrap_err().to_string();
+        assert!(err.contains("AGENTD_MAX_CONNECTIONS"), "{err}");
+        assert!(err.contains("lots"), "{err}");
+        let err = load(&[("AGENTD_HEALTH_INTERVAL", "soon")]).unwrap_err().to_string();
+        assert!(err.contains("AGENTD_HEALTH_INTERVAL") && err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_without_token_is_refused() {
+        let err = load(&[("AGENTD_LISTEN", "0.0.0.0:8420")]).unwrap_err().to_string();
+        assert!(err.contains("AGENTD_API_TOKEN"), "{err}");
+        let ok = load(&[
+            ("AGENTD_LISTEN", "0.0.0.0:8420"),
+            ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
+        ]);
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn state_directory_from_systemd_is_the_default() {
+        let c = load(&[("STATE_DIRECTORY", "/var/lib/agentd:/var/lib/other")]).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/agentd"));
+        let c = load(&[
+            ("STATE_DIRECTORY", "/var/lib/agentd"),
+            ("AGENTD_STATE_DIR", "/srv/agentd"),
+        ])
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/agentd"));
+    }
+
+    #[test]
+    fn durations_and_sizes_accept_units() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_bytes("8MiB"), Some(8 << 20));
+        assert_eq!(parse_bytes("512K"), Some(512 << 10));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+    }
+
+    #[test]
+    fn toml_file_is_read_and_env_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentd.toml");
+        std::fs::write(
+            &path,
+            "history_limit = 7\nmax_concurrent = 2\nruntime = \"command\"\nruntime_cmd = [\"cat\", \"-\"]\n",
+        )
+        .unwrap();
+        let map: HashMap<&str, &str> = [("AGENT_HISTORY_LIMIT", "9")].into_iter().collect();
+        let c = Config::load(
+            Overrides {
+                config_file: Some(path.clone()),
+                ..Default::default()
+            },
+            |k| map.get(k).map(|v| v.to_string()),
+        )
+        .unwrap();
+        assert_eq!(c.history_limit, 9);
+        assert_eq!(c.executor.max_concurrent, 2);
+        assert_eq!(c.runtime.command, vec!["cat", "-"]);
+
+        std::fs::write(&path, "histroy_limit = 7\n").unwrap();
+        let err = Config::load(
+            Overrides {
+                config_file: Some(path),
+                ..Default::default()
+            },
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("histroy_limit"), "{err}");
+    }
+}

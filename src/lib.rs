@@ -1,0 +1,20 @@
+//! agentd: an agent server native to systemd.
+//!
+//! Map of the crate (one concern per room):
+//!
+//! * `config`   — every knob: defaults, TOML file, env vars, flags; validation.
+//! * `server`   — the hyper accept loop (counters, connection limit, timeouts,
+//!   graceful shutdown), the router and the HTTP handlers.
+//! * `agent`    — bounded conversation history and the runtimes that answer
+//!   prompts.
+//! * `store`    — the single SQLite connection, owned by one thread (actor).
+//! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
+//! * `init`     — the init-system boundary: sd_notify, socket activation,
+//!   keepalive file, RLIMIT_NOFILE, journald detection.
+//! * `shutdown` — the shutdown signal shared by every long-running task.
+//! * `app`      — the shared application state handlers receive.
+
+pub mod agent;
+pub mod config;
+pub mod health;
+pub mod init;
