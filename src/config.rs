@@ -151,6 +151,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Time a client has to send a request's headers (slowloris bound).
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight for this long is
+    /// closed, so idle clients cannot hold every connection slot.
+    pub idle_timeout: Duration,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
     /// On shutdown, how long in-flight requests may take to finish.
@@ -194,6 +197,7 @@ settings! {
     history_limit => "AGENT_HISTORY_LIMIT",
     max_connections => "AGENTD_MAX_CONNECTIONS",
     header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
+    idle_timeout => "AGENTD_IDLE_TIMEOUT",
     max_body_bytes => "AGENTD_MAX_BODY_BYTES",
     drain_timeout => "AGENTD_DRAIN_TIMEOUT",
     store_queue => "AGENTD_STORE_QUEUE",
@@ -629,6 +633,13 @@ fn build(
             10 * SEC,
             Duration::from_millis(100),
             3600 * SEC,
+        )?,
+        idle_timeout: duration(
+            raw,
+            "idle_timeout",
+            60 * SEC,
+            Duration::from_millis(100),
+            DAY,
         )?,
         max_body_bytes: bytes(raw, "max_body_bytes", 1 << 20, 1, 1 << 30)? as usize,
         drain_timeout: duration(raw, "drain_timeout", 20 * SEC, Duration::ZERO, 3600 * SEC)?,

@@ -13,8 +13,16 @@
 //!   keepalive file, RLIMIT_NOFILE, journald detection.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
 //! * `app`      — the shared application state handlers receive.
+//! * `daemon`   — the `serve` lifecycle: start-up order, signals, shutdown order.
+//! * `faults`   — fault injection for wedge tests (feature `fault-injection`).
 
 pub mod agent;
 pub mod config;
 pub mod health;
 pub mod init;
+pub mod app;
+pub mod daemon;
+pub mod faults;
+pub mod server;
+pub mod shutdown;
+pub mod store;

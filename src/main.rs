@@ -1,1 +1,61 @@
-fn main() {}
+//! The `agentd` command line. No logic lives here: each subcommand hands its
+//! typed arguments to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "agentd", version, about = "An agent server native to systemd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Address to listen on (IP:PORT; port 0 picks a free port).
+        #[arg(long, env = "AGENTD_LISTEN")]
+        listen: Option<String>,
+        /// Directory for state.db and diagnostics [default: $STATE_DIRECTORY, else ./agentd-state].
+        #[arg(long, env = "AGENTD_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Optional TOML config file (keys as in the README's settings table).
+        #[arg(long, env = "AGENTD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Ask a running server for its health; exit 0 only when it is healthy.
+    Health {
+        /// Server address.
+        #[arg(long, env = "AGENTD_LISTEN", default_value = "127.0.0.1:8420")]
+        listen: String,
+        /// Run the deep checks now (`/health?deep=1`).
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            listen,
+            state_dir,
+            config,
+        } => agentd::daemon::serve(agentd::config::Overrides {
+            listen,
+            state_dir,
+            config_file: config,
+        }),
+        Command::Health { listen, deep } => agentd::daemon::health_command(&listen, deep),
+        Command::Version => {
+            println!("agentd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The HTTP server: our own accept loop over hyper 1.x connections.
+//!
+//! The accept loop is ours (no framework hides it) because health depends on
+//! it: it counts accepts and completed requests, caps concurrent connections
+//! (an over-limit connection gets a fast 503 + `Connection: close`, never an
+//! unbounded queue), bounds header reads (slowloris) and idle keep-alive
+//! connections, and drains in-flight requests on shutdown. Connections are
+//! tasks, never threads.
+//!
+//! `run` takes its listener and its shutdown future as arguments, so tests bind
+//! port 0 and pass a future they control. Routing and handlers live in
+//! `router`, `api` and `health`.
+
+pub mod api;
+pub mod health;
+pub mod http;
+pub mod router;
+pub mod stats;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+
+/// Connections being turned away at once. Rejecting costs a task for up to
+/// `REJECT_BUDGET`; past this many, extra connections are closed without an
+/// answer so a flood cannot grow tasks without bound.
+const MAX_REJECTING: usize = 256;
+
+/// Time spent on one rejected connection (read its request, answer 503).
+const REJECT_BUDGET: Duration = Duration::from_millis(500);
+
+/// Pause after an accept error such as EMFILE, so a full fd table does not
+/// turn the accept loop into a busy spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Body of the over-limit answer, written by hand: no hyper connection (and no
+/// allocation per byte) is spent on a connection we will not serve.
+const OVER_LIMIT_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 86\r\n\r\n\
+{\"error\":{\"code\":\"too_many_connections\",\"message\":\"connection limit reached; retry\"}}\n";
+
+/// What the server listens on: a socket it bound, or one inherited from
+/// systemd (socket activation), TCP or Unix.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// A human-readable address (`127.0.0.1:8420`, `unix:/run/agentd.sock`).
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Listener::Unix(l) => match l.local_addr() {
+                Ok(a) => match a.as_pathname() {
+                    Some(p) => format!("unix:{}", p.display()),
+                    None => "unix:(unnamed)".into(),
+                },
+                Err(_) => "unix:?".into(),
+            },
+        }
+    }
+
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.ip().is_loopback()).unwrap_or(false),
+            // A Unix socket is reachable only from this host.
+            Listener::Unix(_) => true,
+        }
+    }
+}
+
+/// Serve until `shutdown` resolves, then stop accepting and give in-flight
+/// requests up to `drain_timeout` to finish.
+pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let max = app.config.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    let draining = CancellationToken::new();
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            _ = app.faults.accept_stalled() => {
+                // Fault injection: stop accepting, keep the socket in LISTEN.
+                shutdown.as_mut().await;
+                break;
+            }
+            r = accept(&listener) => r,
+        };
+        let conn = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                app.stats.accept_errors.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        app.stats.accepted();
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let app = app.clone();
+                let draining = draining.clone();
+                tokio::spawn(async move {
+                    app.stats.connections_open.fetch_add(1, Relaxed);
+                    match conn {
+                        Conn::Tcp(s) => serve(s, &app, draining).await,
+                        Conn::Unix(s) => serve(s, &app, draining).await,
+                    }
+                    app.stats.connections_open.fetch_sub(1, Relaxed);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                app.stats.connections_rejected.fetch_add(1, Relaxed);
+                if let Ok(permit) = rejecting.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        match conn {
+                            Conn::Tcp(s) => reject(s).await,
+                            Conn::Unix(s) => reject(s).await,
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+    drop(listener);
+    draining.cancel();
+    let open = max - slots.available_permits();
+    tracing::info!(open_connections = open, "stopped accepting; draining");
+    let drained = tokio::time::timeout(app.config.drain_timeout, slots.acquire_many(max as u32)).await;
+    if drained.is_err() {
+        tracing::warn!(
+            still_open = max - slots.available_permits(),
+            "drain deadline passed; closing remaining connections"
+        );
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Conn> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, _) = l.accept().await?;
+            // Small JSON answers: do not wait for Nagle.
+            let _ = s.set_nodelay(true);
+            Ok(Conn::Tcp(s))
+        }
+        Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+    }
+}
+
+/// Serve one connection until it closes, goes idle too long, or the drain asks
+/// it to finish its current request and close.
+async fn serve<IO>(io: IO, app: &Arc<App>, draining: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let started = Instant::now();
+    // Milliseconds since `started` of the last request start/end, and how many
+    // requests are in flight: together they say whether the connection idles.
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let app = app.clone();
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let app = app.clone();
+            let activity = activity.clone();
+            async move {
+                activity.begin(started);
+                let resp = router::route(&app, req).await;
+                app.stats.request_completed();
+                activity.end(started);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.header_read_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = pin!(conn);
+    let idle_timeout = app.config.idle_timeout;
+    let mut closing = false;
+    loop {
+        let idle_deadline = tokio::time::Instant::from_std(
+            started + Duration::from_millis(activity.last_ms.load(Relaxed)) + idle_timeout,
+        );
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = draining.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
+                if activity.in_flight.load(Relaxed) == 0
+                    && started.elapsed() >= Duration::from_millis(activity.last_ms.load(Relaxed)) + idle_timeout
+                {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Activity {
+    last_ms: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl Activity {
+    fn begin(&self, started: Instant) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.last_ms.store(started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn end(&self, started: Instant) {
+        self.last_ms.store(started.elapsed().as_millis() as u64, Relaxed);
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Answer an over-limit connection with 503 and close it. The request is read
+/// first (briefly) so closing does not reset the connection before the client
+/// sees the answer.
+async fn reject<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    let _ = tokio::time::timeout(REJECT_BUDGET, async {
+        let mut buf = [0u8; 2048];
+        let _ = tokio::time::timeout(REJECT_BUDGET / 4, io.read(&mut buf)).await;
+        io.write_all(OVER_LIMIT_RESPONSE).await?;
+        io.shutdown().await?;
+        // Let the client read the answer before we close; stop at EOF.
+        while io.read(&mut buf).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_limit_response_declares_its_true_length() {
+        let text = std::str::from_utf8(OVER_LIMIT_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let declared: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(declared, body.len());
+        let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(parsed["error"]["code"], "too_many_connections");
+    }
+}
