@@ -110,7 +110,10 @@ impl App {
 
     /// History size and limit, lock-free (for `/health`).
     pub fn history_gauges(&self) -> (usize, usize) {
-        (self.history_size.load(Relaxed), self.history_limit.load(Relaxed))
+        (
+            self.history_size.load(Relaxed),
+            self.history_limit.load(Relaxed),
+        )
     }
 
     /// Durably store messages, then add them to the in-memory history. Returns

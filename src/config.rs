@@ -256,10 +256,11 @@ impl Config {
         overrides: Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let config_file = overrides
-            .config_file
-            .clone()
-            .or_else(|| env("AGENTD_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from));
+        let config_file = overrides.config_file.clone().or_else(|| {
+            env("AGENTD_CONFIG")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
         let mut raw = Raw {
             values: BTreeMap::new(),
         };
@@ -311,10 +312,12 @@ fn read_toml(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::ParseFile {
-        path: path.to_owned(),
-        reason: e.message().to_owned(),
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::ParseFile {
+            path: path.to_owned(),
+            reason: e.message().to_owned(),
+        })?;
     let mut out = Vec::new();
     for (key, value) in table {
         if !SETTINGS.iter().any(|s| s.key == key) {
@@ -464,7 +467,11 @@ fn boolean(raw: &Raw, key: &str, default: bool) -> Result<bool, ConfigError> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(invalid(name, v, "expected 1/0, true/false, yes/no or on/off")),
+        _ => Err(invalid(
+            name,
+            v,
+            "expected 1/0, true/false, yes/no or on/off",
+        )),
     }
 }
 
@@ -518,7 +525,11 @@ fn build(
     let api_token = text(raw, "api_token");
     if let Some((token, name)) = raw.get("api_token") {
         if !token.is_empty() && token.trim().len() < 16 {
-            return Err(invalid(name, "<hidden>", "a token needs at least 16 characters"));
+            return Err(invalid(
+                name,
+                "<hidden>",
+                "a token needs at least 16 characters",
+            ));
         }
     }
     if !listen.ip().is_loopback() && api_token.is_none() {
@@ -535,7 +546,10 @@ fn build(
         Some("claude-code") | Some("claude") => RuntimeKind::ClaudeCode,
         Some("gemini") => RuntimeKind::Gemini,
         Some(other) => {
-            let name = raw.get("runtime").map(|(_, n)| n).unwrap_or("AGENTD_RUNTIME");
+            let name = raw
+                .get("runtime")
+                .map(|(_, n)| n)
+                .unwrap_or("AGENTD_RUNTIME");
             return Err(invalid(
                 name,
                 other,
@@ -622,7 +636,9 @@ fn build(
 
     Ok(Config {
         listen,
-        state_dir: PathBuf::from(text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into())),
+        state_dir: PathBuf::from(
+            text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()),
+        ),
         config_file,
         api_token,
         history_limit,
@@ -684,21 +700,33 @@ mod tests {
             assert_eq!(c.warnings.len(), 1, "value {bad:?}");
             assert!(c.warnings[0].contains("AGENT_HISTORY_LIMIT"));
         }
-        assert_eq!(load(&[("AGENT_HISTORY_LIMIT", "3")]).unwrap().history_limit, 3);
+        assert_eq!(
+            load(&[("AGENT_HISTORY_LIMIT", "3")]).unwrap().history_limit,
+            3
+        );
     }
 
     #[test]
     fn invalid_value_names_setting_and_value() {
-        let err = load(&[("AGENTD_MAX_CONNECTIONS", "lots")]).unwrap_err().to_string();
+        let err = load(&[("AGENTD_MAX_CONNECTIONS", "lots")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("AGENTD_MAX_CONNECTIONS"), "{err}");
         assert!(err.contains("lots"), "{err}");
-        let err = load(&[("AGENTD_HEALTH_INTERVAL", "soon")]).unwrap_err().to_string();
-        assert!(err.contains("AGENTD_HEALTH_INTERVAL") && err.contains("soon"), "{err}");
+        let err = load(&[("AGENTD_HEALTH_INTERVAL", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AGENTD_HEALTH_INTERVAL") && err.contains("soon"),
+            "{err}"
+        );
     }
 
     #[test]
     fn non_loopback_without_token_is_refused() {
-        let err = load(&[("AGENTD_LISTEN", "0.0.0.0:8420")]).unwrap_err().to_string();
+        let err = load(&[("AGENTD_LISTEN", "0.0.0.0:8420")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("AGENTD_API_TOKEN"), "{err}");
         let ok = load(&[
             ("AGENTD_LISTEN", "0.0.0.0:8420"),

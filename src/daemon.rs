@@ -98,7 +98,10 @@ async fn bind(addr: SocketAddr) -> Result<Listener, String> {
 fn spawn_signal_handler(shutdown: Shutdown) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -143,9 +146,9 @@ pub fn health_command(listen: &str, deep: bool) -> ExitCode {
 }
 
 fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+    })?;
     let mut stream = TcpStream::connect_timeout(&addr, HEALTH_COMMAND_TIMEOUT)?;
     stream.set_read_timeout(Some(HEALTH_COMMAND_TIMEOUT))?;
     stream.set_write_timeout(Some(HEALTH_COMMAND_TIMEOUT))?;
@@ -158,6 +161,8 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))?;
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer")
+        })?;
     Ok((status, body.to_owned()))
 }

@@ -75,12 +75,19 @@ pub async fn inject(
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<crate::server::http::Body>, crate::server::http::ApiError> {
     use crate::server::http::ApiError;
-    let kind = req.uri().path().trim_start_matches("/debug/fault/").to_owned();
+    let kind = req
+        .uri()
+        .path()
+        .trim_start_matches("/debug/fault/")
+        .to_owned();
     if !app.config.fault_injection {
         return Err(ApiError::NotFound(req.uri().path().to_owned()));
     }
     if req.method() != http::Method::POST {
         return Err(crate::server::router::not_allowed(&req, "POST"));
     }
-    Err(ApiError::bad(format!("unknown fault kind {kind:?}; known: {}", KINDS.join(", ")), "unknown_fault"))
+    Err(ApiError::bad(
+        format!("unknown fault kind {kind:?}; known: {}", KINDS.join(", ")),
+        "unknown_fault",
+    ))
 }

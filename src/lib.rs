@@ -17,12 +17,12 @@
 //! * `faults`   — fault injection for wedge tests (feature `fault-injection`).
 
 pub mod agent;
-pub mod config;
-pub mod health;
-pub mod init;
 pub mod app;
+pub mod config;
 pub mod daemon;
 pub mod faults;
+pub mod health;
+pub mod init;
 pub mod server;
 pub mod shutdown;
 pub mod store;

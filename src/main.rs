@@ -17,14 +17,14 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve {
-        /// Address to listen on (IP:PORT; port 0 picks a free port).
-        #[arg(long, env = "AGENTD_LISTEN")]
+        /// Address to listen on, IP:PORT; port 0 picks a free port [env: AGENTD_LISTEN] [default: 127.0.0.1:8420].
+        #[arg(long)]
         listen: Option<String>,
-        /// Directory for state.db and diagnostics [default: $STATE_DIRECTORY, else ./agentd-state].
-        #[arg(long, env = "AGENTD_STATE_DIR")]
+        /// Directory for state.db and diagnostics [env: AGENTD_STATE_DIR] [default: $STATE_DIRECTORY, else ./agentd-state].
+        #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Optional TOML config file (keys as in the README's settings table).
-        #[arg(long, env = "AGENTD_CONFIG")]
+        /// Optional TOML config file, keys as in the README's settings table [env: AGENTD_CONFIG].
+        #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Ask a running server for its health; exit 0 only when it is healthy.

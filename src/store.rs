@@ -278,7 +278,8 @@ fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError
 }
 
 fn migrate(conn: &Connection, on_slow_step: &dyn Fn(&str)) -> rusqlite::Result<()> {
-    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let current: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         on_slow_step(&format!("migrating state.db to schema {}", i + 1));
         let tx = conn.unchecked_transaction()?;
@@ -315,7 +316,9 @@ impl Worker {
                     let mut batch = vec![(messages, reply)];
                     while batch.len() < self.max_batch {
                         match rx.try_recv() {
-                            Ok(Request::Append { messages, reply }) => batch.push((messages, reply)),
+                            Ok(Request::Append { messages, reply }) => {
+                                batch.push((messages, reply))
+                            }
                             Ok(other) => {
                                 deferred = Some(other);
                                 break;
@@ -399,7 +402,12 @@ impl Worker {
             )?;
             for (messages, _) in batch {
                 for m in messages {
-                    stmt.execute(params![m.session_id, m.role.as_str(), m.content, m.timestamp])?;
+                    stmt.execute(params![
+                        m.session_id,
+                        m.role.as_str(),
+                        m.content,
+                        m.timestamp
+                    ])?;
                 }
             }
         }
@@ -414,7 +422,11 @@ impl Worker {
             params![self.retention as i64],
         )?;
         if n > 0 {
-            tracing::debug!(deleted = n, ms = started.elapsed().as_millis() as u64, "retention sweep");
+            tracing::debug!(
+                deleted = n,
+                ms = started.elapsed().as_millis() as u64,
+                "retention sweep"
+            );
         }
         Ok(n)
     }
@@ -476,7 +488,11 @@ impl Worker {
     fn probe(&self) -> rusqlite::Result<()> {
         let _: Option<i64> = self
             .conn
-            .query_row("SELECT id FROM messages ORDER BY id DESC LIMIT 1", [], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM messages ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         self.conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
     }
@@ -498,7 +514,11 @@ mod tests {
 
     fn msg(i: usize, session: &str) -> Message {
         Message {
-            role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+            role: if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            },
             content: format!("m{i}"),
             timestamp: i as f64,
             session_id: session.into(),
@@ -515,7 +535,13 @@ mod tests {
         store.close().await.unwrap();
         thread.join();
         let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
-        let recent: Vec<_> = store.recent(3).await.unwrap().into_iter().map(|m| m.content).collect();
+        let recent: Vec<_> = store
+            .recent(3)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
         assert_eq!(recent, ["m7", "m8", "m9"]);
         store.close().await.unwrap();
         thread.join();
@@ -560,7 +586,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
-        let err = Store::open(&file, &config(), &|_| {}).err().unwrap().to_string();
+        let err = Store::open(&file, &config(), &|_| {})
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("not-a-dir"), "{err}");
     }
 }

@@ -113,7 +113,11 @@ mod tests {
 
     fn msg(i: usize, session: &str) -> Message {
         Message {
-            role: if i % 2 == 0 { Role::User } else { Role::Assistant },
+            role: if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            },
             content: format!("m{i}"),
             timestamp: i as f64,
             session_id: session.into(),
@@ -137,9 +141,17 @@ mod tests {
         for i in 0..6 {
             h.push(msg(i, if i % 3 == 0 { "a" } else { "b" }));
         }
-        let a: Vec<_> = h.recent(Some("a"), 10).into_iter().map(|m| m.content).collect();
+        let a: Vec<_> = h
+            .recent(Some("a"), 10)
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
         assert_eq!(a, ["m0", "m3"]);
-        let b: Vec<_> = h.recent(Some("b"), 2).into_iter().map(|m| m.content).collect();
+        let b: Vec<_> = h
+            .recent(Some("b"), 2)
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
         assert_eq!(b, ["m4", "m5"]);
     }
 

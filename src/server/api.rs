@@ -28,7 +28,8 @@ const CHAT_STREAM_BUFFER: usize = 16;
 pub fn valid_session_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SESSION_ID_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 fn session_error(s: &str) -> ApiError {
@@ -104,7 +105,10 @@ pub fn timeout_field(obj: &Map<String, Value>, app: &App) -> Result<Duration, Ap
 /// The required, non-empty text field `field` of a request body.
 pub fn required_text(obj: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
     match optional_string(obj, field)? {
-        None => Err(ApiError::bad(format!("`{field}` is required"), "missing_field")),
+        None => Err(ApiError::bad(
+            format!("`{field}` is required"),
+            "missing_field",
+        )),
         Some(s) if s.trim().is_empty() => Err(ApiError::bad(
             format!("`{field}` must not be empty"),
             "empty_field",
@@ -196,7 +200,9 @@ pub async fn history(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response
             Ok(n) if (1..=MAX_HISTORY_PAGE).contains(&n) => n,
             _ => {
                 return Err(ApiError::bad(
-                    format!("invalid limit {v:?}: expected an integer from 1 to {MAX_HISTORY_PAGE}"),
+                    format!(
+                        "invalid limit {v:?}: expected an integer from 1 to {MAX_HISTORY_PAGE}"
+                    ),
                     "invalid_query",
                 ))
             }
@@ -217,7 +223,10 @@ pub async fn history(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response
 }
 
 /// `DELETE /api/chat/history[?session_id=]`
-pub async fn clear_history(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn clear_history(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let session = query_session(req)?;
     let (cleared, deleted) = app.clear_history(session.as_deref()).await?;
     Ok(json_response(

@@ -16,8 +16,13 @@ use crate::app::{App, Lifecycle};
 
 fn has_query_flag<B>(req: &Request<B>, name: &str) -> bool {
     req.uri().query().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == name || kv.strip_prefix(name).and_then(|r| r.strip_prefix('=')).is_some_and(|v| v == "1" || v == "true"))
+        q.split('&').any(|kv| {
+            kv == name
+                || kv
+                    .strip_prefix(name)
+                    .and_then(|r| r.strip_prefix('='))
+                    .is_some_and(|v| v == "1" || v == "true")
+        })
     })
 }
 
@@ -59,17 +64,65 @@ pub fn metrics(app: &Arc<App>) -> Response<Body> {
     let (size, limit) = app.history_gauges();
     let mut out = String::with_capacity(1024);
     let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
-    gauge("agentd_uptime_seconds", "gauge", "Seconds since start.", app.started.elapsed().as_secs_f64());
-    gauge("agentd_connections_total", "counter", "Connections accepted.", s.connections_total.load(Relaxed) as f64);
-    gauge("agentd_connections_open", "gauge", "Connections being served.", s.connections_open.load(Relaxed) as f64);
-    gauge("agentd_connections_rejected_total", "counter", "Connections refused at the connection limit.", s.connections_rejected.load(Relaxed) as f64);
-    gauge("agentd_requests_total", "counter", "HTTP requests completed.", s.requests_total.load(Relaxed) as f64);
-    gauge("agentd_accept_errors_total", "counter", "accept() errors.", s.accept_errors.load(Relaxed) as f64);
-    gauge("agentd_history_size", "gauge", "Messages in the in-memory history.", size as f64);
-    gauge("agentd_history_limit", "gauge", "Limit of the in-memory history.", limit as f64);
-    gauge("agentd_store_queue", "gauge", "Requests waiting for the store thread.", app.store.queued() as f64);
+    gauge(
+        "agentd_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        app.started.elapsed().as_secs_f64(),
+    );
+    gauge(
+        "agentd_connections_total",
+        "counter",
+        "Connections accepted.",
+        s.connections_total.load(Relaxed) as f64,
+    );
+    gauge(
+        "agentd_connections_open",
+        "gauge",
+        "Connections being served.",
+        s.connections_open.load(Relaxed) as f64,
+    );
+    gauge(
+        "agentd_connections_rejected_total",
+        "counter",
+        "Connections refused at the connection limit.",
+        s.connections_rejected.load(Relaxed) as f64,
+    );
+    gauge(
+        "agentd_requests_total",
+        "counter",
+        "HTTP requests completed.",
+        s.requests_total.load(Relaxed) as f64,
+    );
+    gauge(
+        "agentd_accept_errors_total",
+        "counter",
+        "accept() errors.",
+        s.accept_errors.load(Relaxed) as f64,
+    );
+    gauge(
+        "agentd_history_size",
+        "gauge",
+        "Messages in the in-memory history.",
+        size as f64,
+    );
+    gauge(
+        "agentd_history_limit",
+        "gauge",
+        "Limit of the in-memory history.",
+        limit as f64,
+    );
+    gauge(
+        "agentd_store_queue",
+        "gauge",
+        "Requests waiting for the store thread.",
+        app.store.queued() as f64,
+    );
     let mut resp = Response::new(full(out));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

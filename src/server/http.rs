@@ -52,10 +52,7 @@ pub enum ApiError {
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("{message}")]
-    TooManyRequests {
-        message: String,
-        retry_after_s: u64,
-    },
+    TooManyRequests { message: String, retry_after_s: u64 },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -134,27 +131,49 @@ impl From<StoreError> for ApiError {
 
 /// Read the whole body, refusing more than `limit` bytes (413). A declared
 /// `Content-Length` over the limit is refused before reading anything.
-pub async fn read_body(body: Incoming, declared: Option<u64>, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    body: Incoming,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::TooLarge(limit));
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::TooLarge(limit)),
-        Err(e) => Err(ApiError::bad(format!("cannot read request body: {e}"), "bad_body")),
+        Err(e) => Err(ApiError::bad(
+            format!("cannot read request body: {e}"),
+            "bad_body",
+        )),
     }
 }
 
 /// Parse a JSON object body, with errors that say what was wrong.
-pub fn parse_json_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| ApiError::bad(format!("request body is not valid UTF-8: {e}"), "invalid_utf8"))?;
+pub fn parse_json_object(
+    bytes: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::bad(
+            format!("request body is not valid UTF-8: {e}"),
+            "invalid_utf8",
+        )
+    })?;
     if text.trim().is_empty() {
-        return Err(ApiError::bad("request body is empty; expected a JSON object", "invalid_json"));
+        return Err(ApiError::bad(
+            "request body is empty; expected a JSON object",
+            "invalid_json",
+        ));
     }
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad("request body must be a JSON object", "invalid_json")),
-        Err(e) => Err(ApiError::bad(format!("malformed JSON: {e}"), "invalid_json")),
+        Ok(_) => Err(ApiError::bad(
+            "request body must be a JSON object",
+            "invalid_json",
+        )),
+        Err(e) => Err(ApiError::bad(
+            format!("malformed JSON: {e}"),
+            "invalid_json",
+        )),
     }
 }

@@ -80,7 +80,10 @@ impl Listener {
 
     pub fn is_loopback(&self) -> bool {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.ip().is_loopback()).unwrap_or(false),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false),
             // A Unix socket is reachable only from this host.
             Listener::Unix(_) => true,
         }
@@ -148,7 +151,8 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
     draining.cancel();
     let open = max - slots.available_permits();
     tracing::info!(open_connections = open, "stopped accepting; draining");
-    let drained = tokio::time::timeout(app.config.drain_timeout, slots.acquire_many(max as u32)).await;
+    let drained =
+        tokio::time::timeout(app.config.drain_timeout, slots.acquire_many(max as u32)).await;
     if drained.is_err() {
         tracing::warn!(
             still_open = max - slots.available_permits(),
@@ -244,11 +248,13 @@ struct Activity {
 impl Activity {
     fn begin(&self, started: Instant) {
         self.in_flight.fetch_add(1, Relaxed);
-        self.last_ms.store(started.elapsed().as_millis() as u64, Relaxed);
+        self.last_ms
+            .store(started.elapsed().as_millis() as u64, Relaxed);
     }
 
     fn end(&self, started: Instant) {
-        self.last_ms.store(started.elapsed().as_millis() as u64, Relaxed);
+        self.last_ms
+            .store(started.elapsed().as_millis() as u64, Relaxed);
         self.in_flight.fetch_sub(1, Relaxed);
     }
 }
