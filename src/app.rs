@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
+use crate::agent::executor::Executor;
 use crate::agent::history::{History, Message};
 use crate::agent::runtime::Runtime;
 use crate::config::Config;
@@ -45,7 +46,8 @@ pub struct App {
     history_size: AtomicUsize,
     history_limit: AtomicUsize,
     pub store: Store,
-    pub runtime: Arc<dyn Runtime>,
+    /// The one executor; it owns the runtime.
+    pub executor: Arc<Executor>,
     pub started: Instant,
     pub shutdown: Shutdown,
     pub faults: Faults,
@@ -86,7 +88,7 @@ impl App {
             state: Mutex::new(SharedState { history }),
             stats: AcceptStats::default(),
             store,
-            runtime,
+            executor: Executor::new(config.executor.clone(), runtime),
             started: Instant::now(),
             shutdown,
             faults: Faults::default(),
@@ -106,6 +108,17 @@ impl App {
 
     pub fn set_lifecycle(&self, l: Lifecycle) {
         self.lifecycle.store(l as u8, Relaxed);
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn Runtime> {
+        self.executor.runtime()
+    }
+
+    /// True when the session already has messages in memory (a runtime that
+    /// keeps its own sessions then resumes instead of starting fresh).
+    pub async fn session_seen(&self, session: &str) -> bool {
+        let state = self.state.lock().await;
+        !state.history.recent(Some(session), 1).is_empty()
     }
 
     /// History size and limit, lock-free (for `/health`).

@@ -75,9 +75,27 @@ async fn run(config: Config) -> ExitCode {
     spawn_signal_handler(shutdown.clone());
     app.set_lifecycle(Lifecycle::Running);
 
+    // Executions get the drain deadline to finish, then are cancelled (their
+    // process groups get SIGINT → SIGTERM → SIGKILL).
+    {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.triggered().await;
+            app.set_lifecycle(Lifecycle::Stopping);
+            tokio::time::sleep(app.config.drain_timeout).await;
+            app.executor.close_and_cancel_all();
+        });
+    }
     server::run(listener, app.clone(), shutdown.triggered()).await;
 
     app.set_lifecycle(Lifecycle::Stopping);
+    app.executor.close_and_cancel_all();
+    let rt = &app.config.runtime;
+    let bound = rt.kill_grace * 2 + rt.pipe_drain + Duration::from_secs(1);
+    if !app.executor.wait_idle(bound).await {
+        tracing::warn!("executions still running after {bound:?}; exiting anyway");
+    }
     if let Err(e) = app.store.close().await {
         tracing::error!("closing the store: {e}");
     }

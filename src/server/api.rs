@@ -2,15 +2,17 @@
 //! anything changes; bad input gets a 4xx that names the problem.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
+use super::executions::finish_json;
 use super::http::{json as json_response, parse_json_object, read_body, ApiError, Body};
+use crate::agent::executor::{Finish, Submission};
 use crate::agent::history::{Message, Role};
-use crate::agent::runtime::{ExecutionContext, ExecutionKind, RunRequest};
+use crate::agent::runtime::ExecutionKind;
 use crate::app::{unix_now, App};
 
 /// Session used when a chat names none.
@@ -21,9 +23,6 @@ const MAX_SESSION_ID_LEN: usize = 128;
 
 /// Most messages one history request returns.
 const MAX_HISTORY_PAGE: usize = 10_000;
-
-/// Output chunks buffered for the (not yet subscribed) stream of a chat.
-const CHAT_STREAM_BUFFER: usize = 16;
 
 pub fn valid_session_id(s: &str) -> bool {
     !s.is_empty()
@@ -117,7 +116,7 @@ pub fn required_text(obj: &Map<String, Value>, field: &str) -> Result<String, Ap
     }
 }
 
-async fn json_body(app: &App, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+pub async fn json_body(app: &App, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -137,30 +136,34 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         Some(s) => return Err(session_error(&s)),
     };
     let timeout = timeout_field(&obj, app)?;
-    let execution_id = uuid::Uuid::new_v4().to_string();
+    let resume = app.runtime().name() == "claude-code" && app.session_seen(&session_id).await;
     let asked_at = unix_now();
-    let started = Instant::now();
-    let ctx = ExecutionContext::new(CHAT_STREAM_BUFFER);
-    let outcome = app
-        .runtime
-        .run(
-            RunRequest {
-                execution_id: execution_id.clone(),
-                session_id: session_id.clone(),
-                kind: ExecutionKind::Chat,
-                prompt: message.clone(),
-                timeout,
-                resume: false,
-            },
-            &ctx,
-        )
-        .await;
-    let response = outcome
-        .result
-        .as_ref()
-        .map(|r| r.text.clone())
-        .filter(|t| !t.is_empty())
-        .unwrap_or(outcome.text);
+    let exec = app.executor.submit(Submission {
+        kind: ExecutionKind::Chat,
+        session_id: session_id.clone(),
+        prompt: message.clone(),
+        timeout,
+        resume,
+    })?;
+    let finish = exec.finished().await;
+    let Finish::Ran {
+        outcome,
+        classified,
+        duration_ms,
+    } = &finish
+    else {
+        let (status, mut body) = finish_json(&exec, &finish);
+        body["session_id"] = json!(session_id);
+        return Ok(json_response(status, &body));
+    };
+    if classified.status != "success" {
+        // Nothing is recorded for a chat that did not succeed: it was not
+        // acknowledged.
+        let (status, mut body) = finish_json(&exec, &finish);
+        body["session_id"] = json!(session_id);
+        return Ok(json_response(status, &body));
+    }
+    let response = classified.response.clone();
     app.record(vec![
         Message {
             role: Role::User,
@@ -180,11 +183,11 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     Ok(json_response(
         StatusCode::OK,
         &json!({
-            "execution_id": execution_id,
+            "execution_id": exec.id,
             "session_id": session_id,
             "response": response,
             "metadata": {
-                "duration_ms": started.elapsed().as_millis() as u64,
+                "duration_ms": duration_ms,
                 "cost_usd": cost,
             },
         }),

@@ -12,6 +12,7 @@
 //! `router`, `api` and `health`.
 
 pub mod api;
+pub mod executions;
 pub mod health;
 pub mod http;
 pub mod router;

@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use super::http::{ApiError, Body};
-use super::{api, health};
+use super::{api, executions, health};
 use crate::app::App;
 
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -49,6 +49,22 @@ async fn api_route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         ("/api/chat/history", _) => Err(not_allowed(&req, "GET, DELETE")),
         ("/api/chat/session", Method::GET) => api::sessions(app).await,
         ("/api/chat/session", _) => Err(not_allowed(&req, "GET")),
+        ("/api/task", Method::POST) => executions::task(app, req).await,
+        ("/api/task", _) => Err(not_allowed(&req, "POST")),
+        ("/api/executions/running", Method::GET) => Ok(executions::running(app)),
+        ("/api/executions/running", _) => Err(not_allowed(&req, "GET")),
+        (p, m) if p.starts_with("/api/executions/") => {
+            let rest = &p["/api/executions/".len()..];
+            match (rest.split_once('/'), m) {
+                (None, Method::GET) => executions::get(app, rest),
+                (None, _) => Err(not_allowed(&req, "GET")),
+                (Some((id, "stream")), Method::GET) => executions::stream(app, id),
+                (Some((_, "stream")), _) => Err(not_allowed(&req, "GET")),
+                (Some((id, "terminate")), Method::POST) => executions::terminate(app, id).await,
+                (Some((_, "terminate")), _) => Err(not_allowed(&req, "POST")),
+                _ => Err(ApiError::NotFound(path)),
+            }
+        }
         _ => Err(ApiError::NotFound(path)),
     }
 }
