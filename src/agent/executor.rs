@@ -162,6 +162,8 @@ pub struct Executor {
     stalled: Arc<std::sync::atomic::AtomicBool>,
     /// Signalled whenever an execution leaves `active` (for `idle`).
     idle: tokio::sync::Notify,
+    /// Signalled whenever an execution starts (for the `executor` check).
+    started: tokio::sync::Notify,
 }
 
 /// What a caller wants run.
@@ -193,6 +195,7 @@ impl Executor {
             last_started_ms: AtomicU64::new(0),
             stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             idle: tokio::sync::Notify::new(),
+            started: tokio::sync::Notify::new(),
         })
     }
 
@@ -313,6 +316,7 @@ impl Executor {
         self.last_started_ms.store(now_unix_ms(), Relaxed);
         *exec.started_at.lock().unwrap() = Some(unix_now());
         exec.phase.send_replace(Phase::Running);
+        self.started.notify_waiters();
         let started = Instant::now();
         let outcome = self.runtime.run(request, &exec.ctx).await;
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -377,6 +381,12 @@ impl Executor {
         let mut v: Vec<_> = reg.active.values().cloned().collect();
         v.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
         v
+    }
+
+    /// Resolves at the next start of an execution. Create the future before
+    /// reading `gauges()` so a start in between is not missed.
+    pub fn next_start(&self) -> tokio::sync::futures::Notified<'_> {
+        self.started.notified()
     }
 
     /// Refuse new work and cancel everything queued or running.

@@ -98,6 +98,9 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
     let slots = Arc::new(Semaphore::new(max));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let draining = CancellationToken::new();
+    app.faults
+        .loopback_listener
+        .store(listener.is_loopback(), Relaxed);
     let mut shutdown = pin!(shutdown);
     loop {
         let accepted = tokio::select! {
