@@ -18,6 +18,7 @@
 //! Nothing here reads configuration or mutates the process environment: the
 //! process is multi-threaded soon after start, and `setenv` is not thread-safe.
 
+pub mod activation;
 pub mod notify;
 
 /// Environment variables through which the init system talks to agentd itself.
