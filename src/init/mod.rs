@@ -20,6 +20,7 @@
 
 pub mod activation;
 pub mod notify;
+pub mod rlimit;
 
 /// Environment variables through which the init system talks to agentd itself.
 ///
