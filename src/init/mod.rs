@@ -19,6 +19,7 @@
 //! process is multi-threaded soon after start, and `setenv` is not thread-safe.
 
 pub mod activation;
+pub mod keepalive;
 pub mod logging;
 pub mod notify;
 pub mod rlimit;
