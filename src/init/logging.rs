@@ -25,6 +25,7 @@
 //! Not here: what to log (every room logs its own events), the filter's value
 //! (config, `AGENTD_LOG`).
 
+use std::io::IsTerminal;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -122,6 +123,9 @@ fn install_stderr(env_filter: EnvFilter) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour only for a person at a terminal: launchd's
+                // StandardErrorPath file and captured pipes get plain text.
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(true),
         )
         .try_init();
