@@ -1,0 +1,423 @@
+#!/usr/bin/env bash
+# agentd benchmarks. Every throughput number is a ratio against a baseline
+# measured in the same run on the same machine (a bare hyper server, or the
+# same agentd binary with the feature idle), never an absolute time asserted in
+# a test. See bench/README.md for what each measurement means.
+#
+#   bench/run.sh          quick run (about 3 minutes): all targets but the soak
+#   bench/run.sh soak     one million stored messages; RSS, fds and threads
+#
+# Knobs (environment): BENCH_CONNECTIONS (256), BENCH_WRK_THREADS (2),
+# BENCH_DURATION (8s), BENCH_ROUNDS (2), BENCH_CHAT_DURATION (10s),
+# BENCH_CHAT_CONNECTIONS (64), BENCH_CHAT_SESSIONS (64),
+# BENCH_HEALTH_INTERVAL (50ms), BENCH_CPU_WINDOW (15), BENCH_START_RUNS (5),
+# BENCH_DB_MB (100), BENCH_SKIP_BUILD (0), BENCH_RESULTS (file for the
+# markdown table; stdout always gets it), SOAK_REQUESTS (500000),
+# SOAK_CHUNK (25000), SOAK_CONNECTIONS (64).
+#
+# Traffic goes to 127.0.0.1 only, every load is bounded by a duration, and
+# every process started here is stopped on exit.
+
+set -euo pipefail
+
+MODE=${1:-quick}
+case "$MODE" in
+quick | soak) ;;
+*)
+    echo "usage: $0 [quick|soak]" >&2
+    exit 2
+    ;;
+esac
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+AGENTD=$CARGO_TARGET_DIR/release/agentd
+HELLO=$CARGO_TARGET_DIR/release/examples/bare_hello
+
+CONNECTIONS=${BENCH_CONNECTIONS:-256}
+WRK_THREADS=${BENCH_WRK_THREADS:-2}
+DURATION=${BENCH_DURATION:-8s}
+ROUNDS=${BENCH_ROUNDS:-2}
+CHAT_DURATION=${BENCH_CHAT_DURATION:-10s}
+HEALTH_INTERVAL=${BENCH_HEALTH_INTERVAL:-50ms}
+CPU_WINDOW=${BENCH_CPU_WINDOW:-15}
+START_RUNS=${BENCH_START_RUNS:-5}
+DB_MB=${BENCH_DB_MB:-100}
+SOAK_REQUESTS=${SOAK_REQUESTS:-500000}
+SOAK_CHUNK=${SOAK_CHUNK:-25000}
+SOAK_CONNECTIONS=${SOAK_CONNECTIONS:-64}
+CHAT_CONNECTIONS=${BENCH_CHAT_CONNECTIONS:-64}
+CHAT_SESSIONS=${BENCH_CHAT_SESSIONS:-64}
+# SESSION is replaced by bench-1 … bench-N (see bench/wrk.lua).
+CHAT_BODY='{"message":"hello from the benchmark","session_id":"SESSION"}'
+
+# ---------------------------------------------------------------- plumbing
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/agentd-bench.XXXXXX")
+mkdir -p "$WORK/out"
+PIDS=()
+
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local keep=() pid
+    for pid in "${PIDS[@]}"; do
+        [[ $pid == "$1" ]] || keep+=("$pid")
+    done
+    PIDS=("${keep[@]}")
+}
+
+log() { printf '== %s\n' "$*" >&2; }
+
+need_wrk() {
+    command -v wrk >/dev/null && return
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing wrk"
+        apt-get install -y -qq wrk >/dev/null 2>&1 ||
+            { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+    fi
+    command -v wrk >/dev/null || {
+        echo "wrk is missing: apt-get install wrk (as root)" >&2
+        exit 1
+    }
+}
+
+build() {
+    if [[ ${BENCH_SKIP_BUILD:-0} == 1 && -x $AGENTD && -x $HELLO ]]; then
+        return
+    fi
+    log "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+    (cd "$ROOT" && cargo build --release --quiet --bin agentd --example bare_hello)
+}
+
+# start_agentd NAME [VAR=VALUE...]: start agentd on a free port with its own
+# state dir; sets AG_PID and AG_ADDR.
+start_agentd() {
+    local name=$1 i
+    shift
+    mkdir -p "$WORK/$name"
+    env -u NOTIFY_SOCKET -u WATCHDOG_USEC -u WATCHDOG_PID \
+        AGENTD_LISTEN=127.0.0.1:0 AGENTD_STATE_DIR="$WORK/$name" "$@" \
+        "$AGENTD" serve 2>"$WORK/$name.log" &
+    AG_PID=$!
+    PIDS+=("$AG_PID")
+    AG_ADDR=
+    for i in $(seq 200); do
+        AG_ADDR=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/$name.log" |
+            grep -o 'listening on [0-9.:]*' | head -1 | awk '{print $3}') || true
+        [[ -n $AG_ADDR ]] && return
+        kill -0 "$AG_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "agentd ($name) did not start:" >&2
+    cat "$WORK/$name.log" >&2
+    exit 1
+}
+
+# start_hello: the bare hyper baseline on a free port; sets BH_PID and BH_ADDR.
+start_hello() {
+    local i
+    "$HELLO" 127.0.0.1:0 >"$WORK/hello.out" &
+    BH_PID=$!
+    PIDS+=("$BH_PID")
+    for i in $(seq 200); do
+        BH_ADDR=$(head -1 "$WORK/hello.out")
+        [[ -n $BH_ADDR ]] && return
+        sleep 0.05
+    done
+    echo "bare_hello did not start" >&2
+    exit 1
+}
+
+stop() {
+    stop_pid "$1"
+    forget_pid "$1"
+}
+
+# Gauges of a running process.
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+threads() { awk '/^Threads:/ {print $2}' "/proc/$1/status"; }
+fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 | wc -l; }
+
+# sampler PID OUT: every 0.2 s append "threads rss_kb fds" until killed.
+sampler() {
+    local pid=$1 out=$2
+    while kill -0 "$pid" 2>/dev/null; do
+        echo "$(threads "$pid") $(rss_kb "$pid") $(fds "$pid")" >>"$out" 2>/dev/null || break
+        sleep 0.2
+    done
+}
+
+# wrk_run URL OUT DURATION CONNECTIONS [VAR=VALUE...]: one bounded wrk load;
+# the summary line (see bench/wrk.lua) lands in OUT.
+wrk_run() {
+    local url=$1 out=$2 duration=$3 conns=$4
+    shift 4
+    env "$@" wrk -t"$WRK_THREADS" -c"$conns" -d"$duration" --timeout 5s \
+        -s "$HERE/wrk.lua" "$url" >"$out.full" 2>&1 || true
+    grep '^BENCH ' "$out.full" >"$out" || {
+        echo "wrk failed against $url:" >&2
+        cat "$out.full" >&2
+        exit 1
+    }
+}
+
+# field FILE KEY: value of KEY=... on the BENCH/COLD/WATCHDOG line of FILE.
+field() { grep -o "\b$2=[^ ]*" "$1" | head -1 | cut -d= -f2; }
+
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+verdict() { awk "BEGIN { exit !($1) }" && echo pass || echo FAIL; }
+
+ROWS=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+
+print_table() {
+    local cpu
+    cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+    {
+        echo "Run $(date -u '+%Y-%m-%d %H:%M UTC'), mode $MODE, $(nproc) cores ($cpu)," \
+            "agentd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')," \
+            "wrk -t$WRK_THREADS, $CONNECTIONS connections."
+        echo
+        echo "| measurement | result | target | verdict |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${ROWS[@]}"
+    } | tee "${BENCH_RESULTS:-/dev/null}"
+}
+
+# ---------------------------------------------------------------- quick run
+
+bench_health_vs_hello() {
+    local r hello_sum=0 health_sum=0 h a
+    start_hello
+    start_agentd health
+    local ag_pid=$AG_PID ag_addr=$AG_ADDR
+    sampler "$ag_pid" "$WORK/health.samples" &
+    PIDS+=("$!")
+    local sampler_pid=$!
+    # Alternate the two servers so drift in the machine's load hits both.
+    for r in $(seq "$ROUNDS"); do
+        log "round $r/$ROUNDS: bare hyper hello, then agentd /health ($DURATION each)"
+        wrk_run "http://$BH_ADDR/" "$WORK/out/hello.$r" "$DURATION" "$CONNECTIONS"
+        wrk_run "http://$ag_addr/health" "$WORK/out/health.$r" "$DURATION" "$CONNECTIONS"
+        h=$(field "$WORK/out/hello.$r" ok_rps)
+        a=$(field "$WORK/out/health.$r" ok_rps)
+        log "  hello $h req/s, /health $a req/s (ratio $(calc "$a / $h"))"
+        hello_sum=$(calc "$hello_sum + $h" 1)
+        health_sum=$(calc "$health_sum + $a" 1)
+    done
+    stop "$sampler_pid"
+    local ratio errors max_threads
+    ratio=$(calc "$health_sum / $hello_sum")
+    errors=0
+    for r in $(seq "$ROUNDS"); do
+        errors=$((errors + $(field "$WORK/out/health.$r" status_errors) + $(field "$WORK/out/health.$r" socket_errors)))
+    done
+    row "bare hyper hello, req/s (mean of $ROUNDS × $DURATION)" "$(calc "$hello_sum / $ROUNDS" 0)" "baseline" ""
+    row "agentd \`GET /health\`, req/s" "$(calc "$health_sum / $ROUNDS" 0) ($errors errors; p99 $(field "$WORK/out/health.$ROUNDS" p99_us) µs vs $(field "$WORK/out/hello.$ROUNDS" p99_us) µs)" "" ""
+    row "**/health ÷ hello**" "**$ratio**" "≥ 0.90" "$(verdict "$ratio >= 0.9 && $errors == 0")"
+    max_threads=$(awk 'BEGIN {m=0} $1 > m {m=$1} END {print m}' "$WORK/health.samples")
+    row "agentd threads during $CONNECTIONS-connection load (max)" "$max_threads (idle: $(head -1 "$WORK/health.samples" | awk '{print $1}'); $(nproc) tokio workers)" "workers + a few, ≪ $CONNECTIONS" "$(verdict "$max_threads <= $(nproc) + 8")"
+    stop "$ag_pid"
+    stop "$BH_PID"
+}
+
+bench_chat() {
+    local sync=$1 rps errors max_threads
+    start_agentd "chat-$sync" AGENTD_STORE_SYNCHRONOUS="$sync"
+    sampler "$AG_PID" "$WORK/chat-$sync.samples" &
+    PIDS+=("$!")
+    local sampler_pid=$!
+    log "POST /api/chat, synchronous=$sync ($CHAT_DURATION, $CHAT_CONNECTIONS connections, $CHAT_SESSIONS sessions)"
+    wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/chat-$sync" "$CHAT_DURATION" "$CHAT_CONNECTIONS" \
+        BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS"
+    stop "$sampler_pid"
+    rps=$(field "$WORK/out/chat-$sync" ok_rps)
+    errors=$(($(field "$WORK/out/chat-$sync" status_errors) + $(field "$WORK/out/chat-$sync" socket_errors)))
+    max_threads=$(awk 'BEGIN {m=0} $1 > m {m=$1} END {print m}' "$WORK/chat-$sync.samples")
+    log "  $rps req/s, $errors errors, max $max_threads threads"
+    local target=""
+    local pass=""
+    if [[ $sync == full ]]; then
+        target="≥ 20,000 req/s"
+        pass=$(verdict "$rps >= 20000 && $errors == 0")
+    fi
+    row "\`POST /api/chat\` echo, synchronous=$sync, $CHAT_CONNECTIONS conns: 2xx requests/s (2 rows stored each)" \
+        "$(calc "$rps" 0) req/s = $(calc "$rps * 2" 0) rows/s ($errors errors; p50 $(field "$WORK/out/chat-$sync" p50_us) µs, p99 $(field "$WORK/out/chat-$sync" p99_us) µs; max $max_threads threads)" \
+        "$target" "$pass"
+    if [[ $sync == full ]]; then
+        row "chat (full) ÷ hello" "$(calc "$rps / ($HELLO_RPS + 0)")" "context" ""
+    fi
+    stop "$AG_PID"
+}
+
+bench_idle_rss() {
+    local i rss
+    start_agentd idle
+    for i in $(seq 5); do
+        curl -sf "http://$AG_ADDR/health" >/dev/null
+        curl -sf "http://$AG_ADDR/api/chat" -H 'content-type: application/json' \
+            -d "${CHAT_BODY/SESSION/bench}" >/dev/null
+    done
+    sleep 0.5
+    rss=$(rss_kb "$AG_PID")
+    log "idle RSS ${rss} kB"
+    row "idle RSS (after start + 10 requests)" "$(calc "$rss * 1024 / 1e6" 1) MB ($(threads "$AG_PID") threads, $(fds "$AG_PID") fds)" "< 15 MB" "$(verdict "$rss * 1024 < 15000000")"
+    stop "$AG_PID"
+}
+
+bench_watchdog() {
+    log "watchdog CPU per tick: interval $HEALTH_INTERVAL vs 1h, ${CPU_WINDOW}s window"
+    mkdir -p "$WORK/wd"
+    python3 "$HERE/watchdog_cpu.py" "$AGENTD" "$WORK/wd" "$HEALTH_INTERVAL" "$CPU_WINDOW" \
+        >"$WORK/wd.out" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || {
+        cat "$WORK/wd.out" >&2
+        exit 1
+    }
+    forget_pid "$pid"
+    sed 's/^/   /' "$WORK/wd.out" >&2
+    local us src ticks res ru
+    us=$(field "$WORK/wd.out" us_per_tick)
+    src=$(field "$WORK/wd.out" ticks_source)
+    ticks=$(field "$WORK/wd.out" ticks)
+    res=$(field "$WORK/wd.out" resolution_us)
+    ru=$(field "$WORK/wd.out" rusage_us_per_tick)
+    local note="$ticks ticks from $src" pass
+    [[ $src == computed ]] && note="$ticks ticks computed as window ÷ interval: /health has no watchdog.ticks"
+    pass=$(verdict "$us < 200")
+    if [[ $(field "$WORK/wd.out" watchdog_present) == no ]]; then
+        note="$note; /health has no watchdog block: this build runs no watchdog loop"
+        pass="n/a"
+    fi
+    row "watchdog CPU per tick (interval $HEALTH_INTERVAL, minus a 1h-interval baseline)" \
+        "$us µs ± $res µs ($note; whole-life rusage cross-check $ru µs)" "< 200 µs" "$pass"
+}
+
+bench_cold_start() {
+    local db=$1 label=$2 target=$3
+    local out="$WORK/cold-$label.out"
+    python3 "$HERE/cold_start.py" "$AGENTD" "$WORK/cold-$label" "$START_RUNS" ${db:+"$db"} >"$out" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || {
+        cat "$out" >&2
+        exit 1
+    }
+    forget_pid "$pid"
+    sed 's/^/   /' "$out" >&2
+    local listen ready runs
+    listen=$(field "$out" listen_ms_median)
+    ready=$(field "$out" ready_ms_median)
+    runs=$(field "$out" ready_runs)
+    if [[ $ready == none ]]; then
+        row "cold start, $label: spawn → \`listening on\` (median of $START_RUNS)" \
+            "$listen ms (no READY=1 received: this build does not send it yet)" "< $target ms to READY=1" \
+            "n/a (to listening: $(verdict "$listen < $target"))"
+    else
+        row "cold start, $label: spawn → READY=1 (median of $START_RUNS)" \
+            "$ready ms (max $(field "$out" ready_ms_max); \`listening on\` at $listen ms; $runs runs sent READY=1)" "< $target ms" \
+            "$(verdict "$ready < $target")"
+    fi
+}
+
+quick() {
+    bench_health_vs_hello
+    HELLO_RPS=$(calc "$(for r in $(seq "$ROUNDS"); do field "$WORK/out/hello.$r" ok_rps; done | paste -sd+) / $ROUNDS" 1)
+    bench_chat full
+    bench_chat normal
+    bench_idle_rss
+    bench_watchdog
+    log "cold start, empty state dir ($START_RUNS runs)"
+    bench_cold_start "" "first start, empty state dir" 100
+    log "building a ${DB_MB} MB state.db"
+    local size
+    size=$(python3 "$HERE/fill_db.py" "$WORK/big.db" "$DB_MB")
+    log "  $size"
+    size=$(echo "$size" | awk '{printf "%s rows, %.0f MB", $1, $3 * 1048576 / 1e6}')
+    log "cold start, restart on a state.db of $size ($START_RUNS runs)"
+    bench_cold_start "$WORK/big.db" "restart on state.db of $size" 300
+    print_table
+}
+
+# ---------------------------------------------------------------- soak
+
+soak() {
+    start_agentd soak
+    local per_thread=$((SOAK_CHUNK / WRK_THREADS)) sent=0 chunk=0
+    local deadline=$((SOAK_CHUNK / 500 + 30))s # even at 500 req/s a chunk ends
+    echo "requests rss_kb fds threads" >"$WORK/soak.samples"
+    echo "0 $(rss_kb "$AG_PID") $(fds "$AG_PID") $(threads "$AG_PID")" >>"$WORK/soak.samples"
+    sampler "$AG_PID" "$WORK/soak.load" &
+    PIDS+=("$!")
+    local sampler_pid=$!
+    log "soak: $SOAK_REQUESTS chat requests (2 rows each) in chunks of $SOAK_CHUNK, $SOAK_CONNECTIONS connections"
+    while ((sent < SOAK_REQUESTS)); do
+        chunk=$((chunk + 1))
+        wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/soak.$chunk" "$deadline" "$SOAK_CONNECTIONS" \
+            BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS" BENCH_STOP_AFTER="$per_thread"
+        local n errs
+        n=$(field "$WORK/out/soak.$chunk" requests)
+        errs=$(($(field "$WORK/out/soak.$chunk" status_errors) + $(field "$WORK/out/soak.$chunk" socket_errors)))
+        sent=$((sent + n))
+        local line
+        line="$sent $(rss_kb "$AG_PID") $(fds "$AG_PID") $(threads "$AG_PID")"
+        echo "$line" >>"$WORK/soak.samples"
+        log "  $line  ($(field "$WORK/out/soak.$chunk" rps) req/s, $errs errors)"
+        if ((n == 0)); then
+            echo "no progress in chunk $chunk; stopping" >&2
+            break
+        fi
+    done
+    stop "$sampler_pid"
+    column -t "$WORK/soak.samples" >&2
+    local stats
+    stats=$(awk 'NR == 2 {fr=$2; ff=$3; ft=$4} NR > 1 {
+            if ($2 > mr) mr=$2; if ($3 > mf) mf=$3; if ($4 > mt) mt=$4;
+            lr=$2; lf=$3; lt=$4; lreq=$1 }
+        END { printf "%s %s %s %s %s %s %s %s %s %s", fr, lr, mr, ff, lf, mf, ft, lt, mt, lreq }' \
+        "$WORK/soak.samples")
+    read -r fr lr mr ff lf mf ft lt mt total <<<"$stats"
+    local first_after
+    first_after=$(awk 'NR == 3 {print $2}' "$WORK/soak.samples")
+    row "soak: chat requests sent (2 rows stored each)" "$total ($((total * 2)) messages stored)" "1,000,000 messages" ""
+    row "RSS at start / after first chunk / last / max" "$(calc "$fr*1024/1e6" 1) / $(calc "$first_after*1024/1e6" 1) / $(calc "$lr*1024/1e6" 1) / $(calc "$mr*1024/1e6" 1) MB" "flat after warm-up" "$(verdict "$lr <= $first_after * 1.2 + 2048")"
+    row "fds first / last / max" "$ff / $lf / $mf" "flat" "$(verdict "$lf <= $ff + 2")"
+    row "threads first / last / max" "$ft / $lt / $mt" "flat" "$(verdict "$lt <= $ft + 4")"
+    local load
+    load=$(awk '{ if ($1 > t) t=$1; if ($2 > r) r=$2; if ($3 > f) f=$3 }
+        END { printf "%d threads, %.1f MB RSS, %d fds", t, r * 1024 / 1e6, f }' "$WORK/soak.load")
+    row "max during load (sampled every 0.2 s; fds include the $SOAK_CONNECTIONS connections)" "$load" "bounded" ""
+    stop "$AG_PID"
+    print_table
+}
+
+need_wrk
+build
+command -v python3 >/dev/null || {
+    echo "python3 is needed for the cold-start and watchdog measurements" >&2
+    exit 1
+}
+"$MODE"
