@@ -3,5 +3,6 @@
 
 pub mod classify;
 pub mod history;
+pub mod process;
 pub mod runtime;
 pub mod streamjson;
