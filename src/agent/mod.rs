@@ -5,4 +5,5 @@ pub mod classify;
 pub mod history;
 pub mod process;
 pub mod runtime;
+pub mod runtimes;
 pub mod streamjson;
