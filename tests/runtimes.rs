@@ -531,7 +531,11 @@ fn five_hundred_executions_leak_no_thread_or_descriptor() {
     let stdout = run_isolated("isolated_leak_check", &[]);
     let elapsed = started.elapsed();
     eprintln!("leak check took {elapsed:?}");
-    for line in stdout.lines().filter(|l| l.starts_with("leak-check:")) {
+    // libtest prints the child's line after "test isolated_leak_check ... ".
+    for line in stdout
+        .lines()
+        .filter_map(|l| l.find("leak-check:").map(|i| &l[i..]))
+    {
         eprintln!("{line}");
     }
     assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
