@@ -16,6 +16,7 @@ use crate::agent::history::{History, Message};
 use crate::agent::runtime::Runtime;
 use crate::config::Config;
 use crate::faults::Faults;
+use crate::health::watchdog::HealthState;
 use crate::server::stats::AcceptStats;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, StoreThread};
@@ -51,6 +52,8 @@ pub struct App {
     pub started: Instant,
     pub shutdown: Shutdown,
     pub faults: Faults,
+    /// The watchdog loop's state: verdict, counters, notifier, gauges.
+    pub health: Arc<HealthState>,
     lifecycle: AtomicU8,
 }
 
@@ -75,6 +78,7 @@ impl App {
         config: Config,
         runtime: Arc<dyn Runtime>,
         shutdown: Shutdown,
+        health: HealthState,
         on_slow_step: &dyn Fn(&str),
     ) -> Result<(Arc<App>, StoreThread), StartError> {
         let (store, thread) = Store::open(&config.state_dir, &config.store, on_slow_step)?;
@@ -92,6 +96,7 @@ impl App {
             started: Instant::now(),
             shutdown,
             faults: Faults::default(),
+            health: Arc::new(health),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
             config,
         };

@@ -1,7 +1,15 @@
 //! The `serve` lifecycle: the order of start-up steps, signal handling and the
 //! order of shutdown. Each step's work lives in its own room; this file only
 //! sequences them so the order (and what a failure at each step means) reads
-//! top to bottom.
+//! top to bottom:
+//!
+//! 1. notifier (so even a config error reaches `systemctl status`)
+//! 2. config → logging → RLIMIT_NOFILE
+//! 3. store (migrations extend the start timeout) → history → runtime
+//! 4. listener (inherited by socket activation, or bound)
+//! 5. server + health loop + sentinel; `READY=1` after the first passing tick
+//! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
+//!    SIGHUP → `RELOADING=1`, re-read the config file, `READY=1`
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,9 +17,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::runtime::{Echo, Runtime};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::runtimes;
 use crate::app::{App, Lifecycle};
 use crate::config::{Config, Overrides};
+use crate::health::app_checks::{build_checks, probe_target_for_tcp, probe_target_for_unix};
+use crate::health::gauges::ProcGauges;
+use crate::health::sentinel::{self, SentinelConfig};
+use crate::health::watchdog::{self, HealthState, WatchdogMode};
+use crate::init::activation::{self, Inherited};
+use crate::init::logging::init_logging;
+use crate::init::notify::Notifier;
+use crate::init::rlimit::{raise_nofile, RlimitReport};
 use crate::server::{self, Listener};
 use crate::shutdown::Shutdown;
 
@@ -20,18 +39,36 @@ const EXIT_CONFIG: u8 = 2;
 /// Exit code for a start-up failure after the configuration was valid.
 const EXIT_START: u8 = 1;
 
+/// How much more start-up time to ask systemd for before a slow step
+/// (`EXTEND_TIMEOUT_USEC`).
+const SLOW_STEP_EXTENSION: Duration = Duration::from_secs(60);
+
+/// How long `/proc` gauges are cached for `/health` (a fresh read per request
+/// would cost more than the rest of the answer).
+pub const GAUGE_TTL: Duration = Duration::from_secs(1);
+
 pub fn serve(overrides: Overrides) -> ExitCode {
+    let notifier = Arc::new(Notifier::from_env());
     let config = match Config::from_env(overrides) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agentd: {e}");
+            notifier.status_failed(&format!("failed: {e}"), Some(libc::EINVAL));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(&config.log_filter);
+    let log_target = init_logging(&config.log_filter);
+    tracing::debug!(?log_target, "logging initialised");
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    let rlimit = raise_nofile(config.health.nofile_target);
+    tracing::info!(
+        outcome = ?rlimit.outcome,
+        soft = rlimit.soft,
+        hard = rlimit.hard,
+        "RLIMIT_NOFILE"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("agentd-worker")
@@ -40,55 +77,75 @@ pub fn serve(overrides: Overrides) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
+            notifier.status_failed(&format!("failed: async runtime: {e}"), e.raw_os_error());
             return ExitCode::from(EXIT_START);
         }
     };
-    let code = runtime.block_on(run(config));
+    let code = runtime.block_on(run(config, notifier, rlimit));
     // Tasks still parked (a wedged child reader, say) must not hold the exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     code
 }
 
-async fn run(config: Config) -> ExitCode {
-    let shutdown = Shutdown::new();
-    let agent: Arc<dyn Runtime> = Arc::new(Echo);
-    let listen = config.listen;
-    let (app, store_thread) = match App::start(config, agent, shutdown.clone(), &|step| {
-        tracing::info!("{step}");
-    })
-    .await
-    {
-        Ok(started) => started,
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            return ExitCode::from(EXIT_START);
-        }
+/// Build the health state the loop, `/health` and the sentinel share.
+pub fn health_state(config: &Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> HealthState {
+    HealthState::new(
+        &config.health,
+        notifier,
+        rlimit,
+        Arc::new(ProcGauges::new(GAUGE_TTL)),
+    )
+}
+
+async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> ExitCode {
+    let fail = |msg: String, errno: Option<i32>| {
+        tracing::error!("{msg}");
+        notifier.status_failed(&format!("failed: {msg}"), errno);
+        ExitCode::from(EXIT_START)
     };
-    let listener = match bind(listen).await {
+    let shutdown = Shutdown::new();
+    if let Err(e) = runtimes::check_available(&config.runtime) {
+        tracing::warn!("{e} (requests will fail with 502 until it is installed)");
+    }
+    let agent = runtimes::build_runtime(&config.runtime);
+    let health = health_state(&config, notifier.clone(), rlimit);
+    notifier.status("starting: opening the store");
+    let on_slow_step = |step: &str| {
+        notifier.extend_timeout(SLOW_STEP_EXTENSION);
+        notifier.status(&format!("starting: {step}"));
+        tracing::info!("{step}");
+    };
+    let (app, store_thread) =
+        match App::start(config, agent, shutdown.clone(), health, &on_slow_step).await {
+            Ok(started) => started,
+            Err(e) => return fail(format!("cannot start: {e}"), None),
+        };
+    let listener = match listen(&app.config).await {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(EXIT_START);
-        }
+        Err((msg, errno)) => return fail(msg, errno),
     };
     tracing::info!("listening on {}", listener.describe());
-    spawn_signal_handler(shutdown.clone());
-    app.set_lifecycle(Lifecycle::Running);
+    spawn_signal_handlers(app.clone());
+    let sentinel = spawn_sentinel(&app);
 
-    // Executions get the drain deadline to finish, then are cancelled (their
-    // process groups get SIGINT → SIGTERM → SIGKILL).
-    {
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.triggered().await;
-            app.set_lifecycle(Lifecycle::Stopping);
-            tokio::time::sleep(app.config.drain_timeout).await;
-            app.executor.close_and_cancel_all();
-        });
+    let (serving, first_pass) = start_serving(&app, listener);
+    notifier.status("starting: waiting for the first passing health check");
+    tokio::select! {
+        _ = first_pass => {
+            app.set_lifecycle(Lifecycle::Running);
+            notifier.ready();
+            notifier.status(&watchdog::status_line(&app));
+            tracing::info!(
+                mode = ?app.health.mode,
+                interval_ms = app.health.interval.as_millis() as u64,
+                "ready"
+            );
+        }
+        _ = shutdown.triggered() => {}
     }
-    server::run(listener, app.clone(), shutdown.triggered()).await;
 
+    let _ = serving.server.await;
+    notifier.status("stopping: cancelling executions");
     app.set_lifecycle(Lifecycle::Stopping);
     app.executor.close_and_cancel_all();
     let rt = &app.config.runtime;
@@ -96,48 +153,194 @@ async fn run(config: Config) -> ExitCode {
     if !app.executor.wait_idle(bound).await {
         tracing::warn!("executions still running after {bound:?}; exiting anyway");
     }
+    serving.health_loop.abort();
+    notifier.status("stopping: closing the store");
     if let Err(e) = app.store.close().await {
         tracing::error!("closing the store: {e}");
     }
-    tokio::task::spawn_blocking(move || store_thread.join())
-        .await
-        .ok();
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    if let Some(s) = sentinel {
+        s.stop();
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn bind(addr: SocketAddr) -> Result<Listener, String> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map(Listener::Tcp)
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+/// The tasks that serve a started `App`.
+pub struct Serving {
+    pub server: JoinHandle<()>,
+    pub health_loop: JoinHandle<()>,
 }
 
-fn spawn_signal_handler(shutdown: Shutdown) {
+/// Install the checks (the self-probe targets this listener), start the accept
+/// loop and the health loop. The receiver fires after the first passing tick.
+/// Shared by `serve` and the in-process tests, so both run the same path.
+pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::Receiver<()>) {
+    let probe = match &listener {
+        Listener::Tcp(l) => probe_target_for_tcp(
+            l.local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+        ),
+        Listener::Unix(l) => probe_target_for_unix(
+            l.local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+                .unwrap_or_default(),
+        ),
+    };
+    app.health.install_checks(build_checks(app, probe));
+    // Executions get the drain deadline to finish once shutdown starts, then
+    // are cancelled (their process groups get SIGINT → SIGTERM → SIGKILL).
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.shutdown.triggered().await;
+            app.set_lifecycle(Lifecycle::Stopping);
+            tokio::time::sleep(app.config.drain_timeout).await;
+            app.executor.close_and_cancel_all();
+        });
+    }
+    let (tx, rx) = oneshot::channel();
+    let health_loop = tokio::spawn(watchdog::run(app.clone(), tx));
+    let server = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let shutdown = app.shutdown.clone();
+            server::run(listener, app, shutdown.triggered()).await;
+        })
+    };
+    (
+        Serving {
+            server,
+            health_loop,
+        },
+        rx,
+    )
+}
+
+/// The inherited socket (socket activation), else a freshly bound one.
+async fn listen(config: &Config) -> Result<Listener, (String, Option<i32>)> {
+    match activation::inherited_listeners() {
+        Ok(mut inherited) if !inherited.is_empty() => {
+            if inherited.len() > 1 {
+                tracing::warn!(
+                    count = inherited.len(),
+                    "several sockets inherited; serving the first only"
+                );
+            }
+            let first = inherited.remove(0);
+            tracing::info!(name = first.name(), "using the socket passed by systemd");
+            let listener = match first {
+                Inherited::Tcp { listener, .. } => {
+                    tokio::net::TcpListener::from_std(listener).map(Listener::Tcp)
+                }
+                Inherited::Unix { listener, .. } => {
+                    tokio::net::UnixListener::from_std(listener).map(Listener::Unix)
+                }
+            };
+            listener.map_err(|e| {
+                (
+                    format!("cannot use the inherited socket: {e}"),
+                    e.raw_os_error(),
+                )
+            })
+        }
+        Ok(_) => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map(Listener::Tcp)
+            .map_err(|e| {
+                (
+                    format!("cannot listen on {}: {e}", config.listen),
+                    e.raw_os_error(),
+                )
+            }),
+        Err(e) => Err((format!("socket activation: {e}"), Some(libc::EBADF))),
+    }
+}
+
+fn spawn_signal_handlers(app: Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: shutting down");
+                    break;
+                }
+                _ = hup.recv() => reload(&app).await,
+            }
         }
-        shutdown.trigger();
+        app.health.notifier.stopping();
+        app.health.notifier.status("stopping: draining requests");
+        app.shutdown.trigger();
     });
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// SIGHUP: re-read the configuration and apply what can change while running.
+async fn reload(app: &Arc<App>) {
+    let notifier = &app.health.notifier;
+    notifier.reloading();
+    match app.config.reload(|name| std::env::var(name).ok()) {
+        Ok(next) => {
+            for w in &next.warnings {
+                tracing::warn!("{w}");
+            }
+            app.set_history_limit(next.history_limit).await;
+            tracing::info!(
+                history_limit = next.history_limit,
+                "configuration reloaded (listen address, state dir, limits and \
+                 intervals other than history_limit apply at the next restart)"
+            );
+        }
+        Err(e) => tracing::error!("reload failed, keeping the running configuration: {e}"),
+    }
+    notifier.ready();
+    notifier.status(&watchdog::status_line(app));
+}
+
+/// The sentinel watches the health loop from a plain OS thread.
+fn spawn_sentinel(app: &Arc<App>) -> Option<sentinel::SentinelHandle> {
+    let health = &app.health;
+    let interval = health.interval;
+    let abort_after = match (health.mode, app.config.health.self_abort_after) {
+        (WatchdogMode::KeepaliveFile, n) if n > 0 => Some(interval * n),
+        _ => None,
+    };
+    let config = SentinelConfig {
+        poll: (interval / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        stall_after: interval * 2,
+        abort_after,
+        bundle_dir: app.config.state_dir.join("diagnostics"),
+        keep: app.config.health.diagnostics_keep,
+    };
+    let context = {
+        let app = app.clone();
+        Box::new(move || crate::server::health::diagnostics_context(&app))
+    };
+    match sentinel::spawn(
+        health.heartbeat.clone(),
+        config,
+        context,
+        Box::new(|| std::process::abort()),
+    ) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!("cannot start the sentinel thread: {e}");
+            None
+        }
+    }
 }
 
 /// How long `agentd health` waits for an answer.

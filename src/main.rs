@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,19 @@ enum Command {
         #[arg(long)]
         deep: bool,
     },
+    /// launchd companion: exit 0 when the keepalive file is fresh; otherwise
+    /// exit non-zero and, with --label, restart the job (`launchctl kickstart -k`).
+    KeepaliveCheck {
+        /// The file agentd touches after every passing health tick.
+        #[arg(long, env = "AGENTD_KEEPALIVE_FILE")]
+        file: PathBuf,
+        /// Oldest acceptable age, e.g. 30s or 2m.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        max_age: Duration,
+        /// launchd label of the agentd job to kickstart when stale.
+        #[arg(long)]
+        label: Option<String>,
+    },
     /// Print the version.
     Version,
 }
@@ -53,9 +67,21 @@ fn main() -> ExitCode {
             config_file: config,
         }),
         Command::Health { listen, deep } => agentd::daemon::health_command(&listen, deep),
+        Command::KeepaliveCheck {
+            file,
+            max_age,
+            label,
+        } => {
+            let code = agentd::init::keepalive::keepalive_check_main(&file, max_age, label.as_deref());
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
         Command::Version => {
             println!("agentd {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
     }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    agentd::config::parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m)"))
 }

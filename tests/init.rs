@@ -13,6 +13,7 @@
 #[path = "common/notify.rs"]
 mod notify;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -564,6 +565,122 @@ fn logging_chooses_journald_only_when_its_socket_works() {
     }
 }
 
+/// What tracing-journald really sends for a health record. journald's socket
+/// path is fixed, so the child gets a private mount namespace with an empty
+/// `/run` and binds that path itself. Needs CAP_SYS_ADMIN (root); elsewhere
+/// the test says so and does nothing.
+#[test]
+fn journald_records_carry_unprefixed_uppercase_fields() {
+    let (journal_end, _peer) = UnixStream::pair().unwrap();
+    let stat = nix::sys::stat::fstat(&journal_end).unwrap();
+    let mut command = child_command("journald-fields");
+    command
+        .env("JOURNAL_STREAM", format!("{}:{}", stat.st_dev, stat.st_ino))
+        .stderr(Stdio::from(OwnedFd::from(journal_end)));
+    // SAFETY: only raw syscalls (unshare, mount) between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let null = std::ptr::null();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    null.cast(),
+                ) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/run".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    null.cast(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = match command.output() {
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("journald field test not run: a mount namespace needs CAP_SYS_ADMIN");
+            return;
+        }
+        other => other.expect("run the test binary as a child"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child failed: {stdout}");
+    let fields: BTreeMap<String, String> = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.split_once("CHILD-RESULT: ").map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("no CHILD-RESULT in {stdout}")),
+    )
+    .unwrap();
+    let field = |name: &str| fields.get(name).map(String::as_str);
+    assert_eq!(field("HEALTH_CHECK"), Some("store"), "{fields:#?}");
+    assert_eq!(field("HEALTH_STATUS"), Some("failed"), "{fields:#?}");
+    assert_eq!(field("ELAPSED_MS"), Some("12"), "{fields:#?}");
+    assert_eq!(
+        field("MESSAGE"),
+        Some("store probe timed out"),
+        "{fields:#?}"
+    );
+    assert_eq!(field("PRIORITY"), Some("4"), "warn is journal priority 4");
+    assert_eq!(field("SYSLOG_IDENTIFIER"), Some(logging::SYSLOG_IDENTIFIER));
+    assert!(
+        !fields.keys().any(|k| k.starts_with("F_")),
+        "no field prefix: {fields:#?}"
+    );
+}
+
+fn child_journald_fields() -> String {
+    std::fs::create_dir_all("/run/systemd/journal").unwrap();
+    let journal = UnixDatagram::bind("/run/systemd/journal/socket").unwrap();
+    journal.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+    assert_eq!(logging::init_logging("info"), LogTarget::Journald);
+    tracing::warn!(
+        health_check = "store",
+        health_status = "failed",
+        elapsed_ms = 12,
+        "store probe timed out"
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // The layer's start-up probe is an empty datagram; skip it.
+        let n = journal.recv(&mut buf).expect("a journal record");
+        let fields = parse_journal_native(&buf[..n]);
+        if fields.get("MESSAGE").map(String::as_str) == Some("store probe timed out") {
+            return serde_json::to_string(&fields).unwrap();
+        }
+    }
+}
+
+/// Decode journald's native protocol: `NAME=value\n`, or `NAME\n` followed by
+/// a little-endian u64 length, the value, and `\n`.
+fn parse_journal_native(mut data: &[u8]) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    while !data.is_empty() {
+        let end = data
+            .iter()
+            .position(|&b| b == b'\n' || b == b'=')
+            .expect("field name ends");
+        let name = String::from_utf8_lossy(&data[..end]).into_owned();
+        let rest = &data[end + 1..];
+        let (value, next) = if data[end] == b'=' {
+            let nl = rest.iter().position(|&b| b == b'\n').expect("value ends");
+            (&rest[..nl], &rest[nl + 1..])
+        } else {
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            (&rest[8..8 + len], &rest[8 + len + 1..])
+        };
+        fields.insert(name, String::from_utf8_lossy(value).into_owned());
+        data = next;
+    }
+    fields
+}
+
 fn child_logging() -> String {
     let target = logging::init_logging("info");
     tracing::warn!(
@@ -756,6 +873,7 @@ fn child_process_entry() {
             logging::stderr_is_journal(value.as_deref()).to_string()
         }
         "logging" => child_logging(),
+        "journald-fields" => child_journald_fields(),
         other => panic!("unknown child scenario {other:?}"),
     };
     // The harness has already printed "test child_process_entry ... " on

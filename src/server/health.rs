@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::http::{full, json, ApiError, Body};
 use crate::app::{App, Lifecycle};
+use crate::health::checks::Verdict;
 
 fn has_query_flag<B>(req: &Request<B>, name: &str) -> bool {
     req.uri().query().is_some_and(|q| {
@@ -26,36 +27,133 @@ fn has_query_flag<B>(req: &Request<B>, name: &str) -> bool {
     })
 }
 
+/// Seconds since the epoch for a unix-ms atomic (null when never).
+fn at(ms: u64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        json!(ms as f64 / 1000.0)
+    }
+}
+
+fn checks_json(verdict: Option<&Verdict>) -> Value {
+    let Some(v) = verdict else {
+        return json!({});
+    };
+    let mut out = serde_json::Map::new();
+    for (name, r) in &v.checks {
+        let mut c = json!({"status": r.status, "ms": (r.ms * 100.0).round() / 100.0});
+        if let Some(d) = &r.detail {
+            c["detail"] = json!(d);
+        }
+        out.insert((*name).to_owned(), c);
+    }
+    Value::Object(out)
+}
+
+/// Live gauges: atomics and the cached `/proc` snapshot only.
+fn diagnostics(app: &App) -> Value {
+    let p = app.health.gauges.get();
+    let e = app.executor.gauges();
+    let (size, limit) = app.history_gauges();
+    let alive_tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks() as i64)
+        .unwrap_or(-1);
+    json!({
+        "thread_count": p.thread_count,
+        "tokio_alive_tasks": alive_tasks,
+        "running_executions": e.running,
+        "queued_executions": e.queued,
+        "conversation_history_size": size,
+        "conversation_history_limit": limit,
+        "open_fds": p.open_fds,
+        "fd_soft_limit": p.fd_soft,
+        "fd_hard_limit": p.fd_hard,
+        "rss_bytes": p.rss_bytes,
+        "store_queue": app.store.queued(),
+    })
+}
+
+fn watchdog_json(app: &App) -> Value {
+    let h = &app.health;
+    json!({
+        "mode": h.mode,
+        "interval_ms": h.interval.as_millis() as u64,
+        "deadline_ms": h.deadline.as_millis() as u64,
+        "last_tick_at": at(h.last_tick_ms.load(Relaxed)),
+        "last_ok_at": at(h.last_ok_ms.load(Relaxed)),
+        "consecutive_failures": h.consecutive_failures.load(Relaxed),
+        "pings_sent": h.notifier.pings_sent(),
+        "ticks": h.ticks.load(Relaxed),
+    })
+}
+
+/// What the sentinel adds to a diagnostics bundle: gauges and the last verdict.
+pub fn diagnostics_context(app: &App) -> Value {
+    let last = app.health.last.load_full();
+    json!({
+        "diagnostics": diagnostics(app),
+        "watchdog": watchdog_json(app),
+        "accept_loop": app.stats.snapshot(),
+        "last_verdict": checks_json(last.as_deref()),
+    })
+}
+
 /// `GET /health` (and `?probe=1`, the self-probe's target: 200 whenever the
-/// accept loop and a handler run, whatever the verdict).
+/// accept loop and a handler run, whatever the verdict; `?deep=1` runs the
+/// checks now, single-flight).
 pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     if has_query_flag(req, "probe") {
         return json(StatusCode::OK, &json!({"status": "ok"}));
     }
-    let (size, limit) = app.history_gauges();
-    let status = match app.lifecycle() {
-        Lifecycle::Starting => "starting",
-        Lifecycle::Running => "healthy",
-        Lifecycle::Stopping => "stopping",
+    let deep = has_query_flag(req, "deep");
+    let verdict = if deep {
+        Some(app.health.deep().await)
+    } else {
+        app.health.last.load_full()
+    };
+    let mut detail = None;
+    let status = match (app.lifecycle(), verdict.as_deref()) {
+        (Lifecycle::Stopping, _) => "stopping",
+        (_, Some(v)) if !v.passed() => {
+            detail = v
+                .first_failure()
+                .map(|(name, r)| format!("{name}: {}", r.detail.as_deref().unwrap_or("failed")));
+            "degraded"
+        }
+        (_, _) if !deep && app.health.stale() => {
+            detail = Some("health loop stale".to_owned());
+            "degraded"
+        }
+        (Lifecycle::Starting, _) if !deep => "starting",
+        (_, None) => "starting",
+        (_, Some(_)) => "healthy",
     };
     let code = if status == "healthy" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(
-        code,
-        &json!({
-            "status": status,
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": app.started.elapsed().as_secs_f64(),
-            "accept_loop": app.stats.snapshot(),
-            "diagnostics": {
-                "conversation_history_size": size,
-                "conversation_history_limit": limit,
-            },
-        }),
-    )
+    let r = &app.health.rlimit;
+    let mut body = json!({
+        "status": status,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs_f64(),
+        "accept_loop": app.stats.snapshot(),
+        "diagnostics": diagnostics(app),
+        "watchdog": watchdog_json(app),
+        "rlimit_nofile": {"outcome": r.outcome, "soft": r.soft, "hard": r.hard},
+        "checks": checks_json(verdict.as_deref()),
+    });
+    if let Some(d) = detail {
+        body["detail"] = json!(d);
+    }
+    if deep {
+        if let Some(v) = verdict.as_deref() {
+            body["deep"] = json!({"elapsed_ms": v.elapsed_ms, "runs": app.health.deep.runs()});
+        }
+    }
+    json(code, &body)
 }
 
 /// `GET /metrics`: Prometheus text exposition of the same lock-free gauges.

@@ -13,7 +13,10 @@ use std::time::Duration;
 use agentd::agent::runtime::{Echo, Runtime};
 use agentd::app::{App, Lifecycle};
 use agentd::config::{Config, Overrides};
-use agentd::server::{self, Listener};
+use agentd::daemon;
+use agentd::init::notify::Notifier;
+use agentd::init::rlimit::raise_nofile;
+use agentd::server::Listener;
 use agentd::shutdown::Shutdown;
 use agentd::store::StoreThread;
 use bytes::Bytes;
@@ -175,19 +178,23 @@ impl TestServer {
     pub async fn start_with(config: Config, runtime: Arc<dyn Runtime>) -> TestServer {
         let shutdown = Shutdown::new();
         let listen = config.listen;
-        let (app, store_thread) = App::start(config, runtime, shutdown.clone(), &|_| {})
+        let health = daemon::health_state(
+            &config,
+            Arc::new(Notifier::disabled()),
+            raise_nofile(config.health.nofile_target),
+        );
+        let (app, store_thread) = App::start(config, runtime, shutdown.clone(), health, &|_| {})
             .await
             .expect("app starts");
         let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (serving, first_pass) = daemon::start_serving(&app, Listener::Tcp(listener));
+        tokio::time::timeout(WAIT, first_pass)
+            .await
+            .expect("first health tick passes")
+            .unwrap();
         app.set_lifecycle(Lifecycle::Running);
-        let task = {
-            let app = app.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                server::run(Listener::Tcp(listener), app, shutdown.triggered()).await;
-            })
-        };
+        let task = serving.server;
         TestServer {
             addr,
             app,
