@@ -208,7 +208,7 @@ print_table() {
 # ---------------------------------------------------------------- quick run
 
 bench_health_vs_hello() {
-    local r hello_sum=0 health_sum=0 h a
+    local r hello_sum=0 health_sum=0 probe_sum=0 h a p
     start_hello
     start_agentd health
     local ag_pid=$AG_PID ag_addr=$AG_ADDR
@@ -217,14 +217,19 @@ bench_health_vs_hello() {
     local sampler_pid=$!
     # Alternate the two servers so drift in the machine's load hits both.
     for r in $(seq "$ROUNDS"); do
-        log "round $r/$ROUNDS: bare hyper hello, then agentd /health ($DURATION each)"
+        log "round $r/$ROUNDS: bare hyper hello, agentd /health, agentd /health?probe=1 ($DURATION each)"
         wrk_run "http://$BH_ADDR/" "$WORK/out/hello.$r" "$DURATION" "$CONNECTIONS"
         wrk_run "http://$ag_addr/health" "$WORK/out/health.$r" "$DURATION" "$CONNECTIONS"
+        # Context: the same server path with a tiny body, to split the cost of
+        # the connection machinery from the cost of the /health body.
+        wrk_run "http://$ag_addr/health?probe=1" "$WORK/out/probe.$r" "$DURATION" "$CONNECTIONS"
         h=$(field "$WORK/out/hello.$r" ok_rps)
         a=$(field "$WORK/out/health.$r" ok_rps)
-        log "  hello $h req/s, /health $a req/s (ratio $(calc "$a / $h"))"
+        p=$(field "$WORK/out/probe.$r" ok_rps)
+        log "  hello $h req/s, /health $a req/s (ratio $(calc "$a / $h")), /health?probe=1 $p req/s"
         hello_sum=$(calc "$hello_sum + $h" 1)
         health_sum=$(calc "$health_sum + $a" 1)
+        probe_sum=$(calc "$probe_sum + $p" 1)
     done
     stop "$sampler_pid"
     local ratio errors max_threads
@@ -236,6 +241,7 @@ bench_health_vs_hello() {
     row "bare hyper hello, req/s (mean of $ROUNDS × $DURATION)" "$(calc "$hello_sum / $ROUNDS" 0)" "baseline" ""
     row "agentd \`GET /health\`, req/s" "$(calc "$health_sum / $ROUNDS" 0) ($errors errors; p99 $(field "$WORK/out/health.$ROUNDS" p99_us) µs vs $(field "$WORK/out/hello.$ROUNDS" p99_us) µs)" "" ""
     row "**/health ÷ hello**" "**$ratio**" "≥ 0.90" "$(verdict "$ratio >= 0.9 && $errors == 0")"
+    row "context: \`/health?probe=1\` (same path, 15-byte body) ÷ hello" "$(calc "$probe_sum / $hello_sum") ($(calc "$probe_sum / $ROUNDS" 0) req/s)" "" ""
     max_threads=$(awk 'BEGIN {m=0} $1 > m {m=$1} END {print m}' "$WORK/health.samples")
     row "agentd threads during $CONNECTIONS-connection load (max)" "$max_threads (idle: $(head -1 "$WORK/health.samples" | awk '{print $1}'); $(nproc) tokio workers)" "workers + a few, ≪ $CONNECTIONS" "$(verdict "$max_threads <= $(nproc) + 8")"
     stop "$ag_pid"
