@@ -197,7 +197,8 @@ print_table() {
     {
         echo "Run $(date -u '+%Y-%m-%d %H:%M UTC'), mode $MODE, $(nproc) cores ($cpu)," \
             "agentd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')," \
-            "wrk -t$WRK_THREADS, $CONNECTIONS connections."
+            "wrk -t$WRK_THREADS, $( [[ $MODE == soak ]] && echo "$SOAK_CONNECTIONS connections." ||
+                echo "$CONNECTIONS connections ($CHAT_CONNECTIONS for chat).")"
         echo
         echo "| measurement | result | target | verdict |"
         echo "|---|---|---|---|"
@@ -258,6 +259,9 @@ bench_chat() {
     wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/chat-$sync" "$CHAT_DURATION" "$CHAT_CONNECTIONS" \
         BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS"
     stop "$sampler_pid"
+    sleep 1
+    local rss_after
+    rss_after=$(rss_kb "$AG_PID")
     rps=$(field "$WORK/out/chat-$sync" ok_rps)
     errors=$(($(field "$WORK/out/chat-$sync" status_errors) + $(field "$WORK/out/chat-$sync" socket_errors)))
     max_threads=$(awk 'BEGIN {m=0} $1 > m {m=$1} END {print m}' "$WORK/chat-$sync.samples")
@@ -269,7 +273,7 @@ bench_chat() {
         pass=$(verdict "$rps >= 20000 && $errors == 0")
     fi
     row "\`POST /api/chat\` echo, synchronous=$sync, $CHAT_CONNECTIONS conns: 2xx requests/s (2 rows stored each)" \
-        "$(calc "$rps" 0) req/s = $(calc "$rps * 2" 0) rows/s ($errors errors; p50 $(field "$WORK/out/chat-$sync" p50_us) µs, p99 $(field "$WORK/out/chat-$sync" p99_us) µs; max $max_threads threads)" \
+        "$(calc "$rps" 0) req/s = $(calc "$rps * 2" 0) rows/s ($errors errors; p50 $(field "$WORK/out/chat-$sync" p50_us) µs, p99 $(field "$WORK/out/chat-$sync" p99_us) µs; max $max_threads threads; RSS 1 s after the load $(calc "$rss_after * 1024 / 1e6" 1) MB)" \
         "$target" "$pass"
     if [[ $sync == full ]]; then
         row "chat (full) ÷ hello" "$(calc "$rps / ($HELLO_RPS + 0)")" "context" ""
@@ -372,30 +376,35 @@ quick() {
 
 soak() {
     start_agentd soak
-    local per_thread=$((SOAK_CHUNK / WRK_THREADS)) sent=0 chunk=0
-    local deadline=$((SOAK_CHUNK / 500 + 30))s # even at 500 req/s a chunk ends
+    local sent=0 chunk=0 secs=1 n errs rps line
     echo "requests rss_kb fds threads" >"$WORK/soak.samples"
     echo "0 $(rss_kb "$AG_PID") $(fds "$AG_PID") $(threads "$AG_PID")" >>"$WORK/soak.samples"
     sampler "$AG_PID" "$WORK/soak.load" &
     PIDS+=("$!")
     local sampler_pid=$!
-    log "soak: $SOAK_REQUESTS chat requests (2 rows each) in chunks of $SOAK_CHUNK, $SOAK_CONNECTIONS connections"
+    log "soak: $SOAK_REQUESTS chat requests (2 rows each), a sample every ~$SOAK_CHUNK, $SOAK_CONNECTIONS connections"
+    # wrk is bounded by duration, not by count: each chunk lasts as long as
+    # SOAK_CHUNK requests took at the rate of the chunk before (the first
+    # chunk calibrates), so samples land about every SOAK_CHUNK requests.
     while ((sent < SOAK_REQUESTS)); do
         chunk=$((chunk + 1))
-        wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/soak.$chunk" "$deadline" "$SOAK_CONNECTIONS" \
-            BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS" BENCH_STOP_AFTER="$per_thread"
-        local n errs
+        wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/soak.$chunk" "${secs}s" "$SOAK_CONNECTIONS" \
+            BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS"
         n=$(field "$WORK/out/soak.$chunk" requests)
         errs=$(($(field "$WORK/out/soak.$chunk" status_errors) + $(field "$WORK/out/soak.$chunk" socket_errors)))
+        rps=$(field "$WORK/out/soak.$chunk" ok_rps)
         sent=$((sent + n))
-        local line
+        sleep 0.2 # let the closed connections' sockets go
         line="$sent $(rss_kb "$AG_PID") $(fds "$AG_PID") $(threads "$AG_PID")"
         echo "$line" >>"$WORK/soak.samples"
-        log "  $line  ($(field "$WORK/out/soak.$chunk" rps) req/s, $errs errors)"
+        log "  $line  ($rps req/s, $errs errors)"
         if ((n == 0)); then
             echo "no progress in chunk $chunk; stopping" >&2
             break
         fi
+        local want=$((SOAK_REQUESTS - sent))
+        ((want > SOAK_CHUNK)) && want=$SOAK_CHUNK
+        secs=$(awk -v w="$want" -v r="$rps" 'BEGIN { s = int(w / (r > 1 ? r : 1) + 0.999); print (s < 1 ? 1 : (s > 300 ? 300 : s)) }')
     done
     stop "$sampler_pid"
     column -t "$WORK/soak.samples" >&2

@@ -5,9 +5,6 @@
 --   BENCH_SESSIONS    with BENCH_BODY: spread requests over this many session
 --                     ids by replacing the text SESSION in the body with
 --                     bench-<n> (chats of one session run one at a time)
---   BENCH_STOP_AFTER  responses per wrk thread after which the thread stops
---                     (the soak uses it to send a known number of requests;
---                     -d still bounds the run)
 -- At the end one machine-readable line is printed, starting with "BENCH ".
 
 local body = os.getenv("BENCH_BODY")
@@ -27,17 +24,6 @@ if body and body ~= "" then
     end
   else
     wrk.body = body:gsub("SESSION", "bench")
-  end
-end
-
-local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "")
-if stop_after then
-  local seen = 0
-  function response(status, headers, body)
-    seen = seen + 1
-    if seen >= stop_after then
-      wrk.thread:stop()
-    end
   end
 end
 
