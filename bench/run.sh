@@ -322,8 +322,10 @@ bench_watchdog() {
         note="$note; /health has no watchdog block: this build runs no watchdog loop"
         pass="n/a"
     fi
+    local by
+    by=$(sed -n 's/^BYTHREAD //p' "$WORK/wd.out")
     row "watchdog CPU per tick (interval $HEALTH_INTERVAL, minus a 1h-interval baseline)" \
-        "$us µs ± $res µs ($note; whole-life rusage cross-check $ru µs)" "< 200 µs" "$pass"
+        "$us µs ± $res µs ($note; whole-life rusage cross-check $ru µs; by thread: ${by:-n/a})" "< 200 µs" "$pass"
 }
 
 bench_cold_start() {

@@ -76,6 +76,22 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime, stime
 
 
+def thread_cpu_ns(pid):
+    """CPU nanoseconds per thread name (schedstat), for a breakdown. Threads
+    that exit inside the window drop out, so this is a guide, not the total."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0) + ns
+    return out
+
+
 def health_ticks(addr):
     """The watchdog tick count from `/health`, None without one; also notes
     whether `/health` has a `watchdog` block at all."""
@@ -106,8 +122,10 @@ def main():
         ticks0 = health_ticks(subj_addr)
         health_ticks(base_addr)  # same request cost on both sides
         s0, b0 = cpu_ticks(subj.pid), cpu_ticks(base.pid)
+        t_s0, t_b0 = thread_cpu_ns(subj.pid), thread_cpu_ns(base.pid)
         time.sleep(window)
         s1, b1 = cpu_ticks(subj.pid), cpu_ticks(base.pid)
+        t_s1, t_b1 = thread_cpu_ns(subj.pid), thread_cpu_ns(base.pid)
         ticks1 = health_ticks(subj_addr)
         health_ticks(base_addr)
         elapsed = time.monotonic() - t0
@@ -144,6 +162,13 @@ def main():
     print(f"window {elapsed:.1f} s, interval {interval}, ticks {ticks} ({source})")
     print(f"subject  CPU {subj_us / 1000:.1f} ms in window, {rus['subject'] * 1000:.1f} ms whole life")
     print(f"baseline CPU {base_us / 1000:.1f} ms in window, {rus['baseline'] * 1000:.1f} ms whole life")
+    if ticks > 0:
+        parts = []
+        for name in sorted(set(t_s1) | set(t_b1)):
+            extra = (t_s1.get(name, 0) - t_s0.get(name, 0)) - (t_b1.get(name, 0) - t_b0.get(name, 0))
+            parts.append(f"{name} {extra / 1000 / ticks:.0f}")
+        print("by thread, µs per tick over baseline: " + ", ".join(parts))
+        print("BYTHREAD " + "; ".join(parts))
     print(f"WATCHDOG us_per_tick={per_tick:.1f} resolution_us={resolution:.1f} ticks={ticks} "
           f"ticks_source={source} watchdog_present={'yes' if watchdog_present else 'no'} rusage_us_per_tick={ru_per_tick:.1f} "
           f"subject_window_ms={subj_us / 1000:.1f} baseline_window_ms={base_us / 1000:.1f}")
