@@ -276,6 +276,11 @@ bench_chat() {
         "$(calc "$rps" 0) req/s = $(calc "$rps * 2" 0) rows/s ($errors errors; p50 $(field "$WORK/out/chat-$sync" p50_us) µs, p99 $(field "$WORK/out/chat-$sync" p99_us) µs; max $max_threads threads; RSS 1 s after the load $(calc "$rss_after * 1024 / 1e6" 1) MB)" \
         "$target" "$pass"
     if [[ $sync == full ]]; then
+        python3 "$HERE/fsync_latency.py" "$WORK" >"$WORK/fsync.out"
+        local fsync_us
+        fsync_us=$(field "$WORK/fsync.out" median_us)
+        row "context: fsync of a 4 KiB append on the state dir's filesystem (median)" \
+            "$fsync_us µs, so at most $(calc "1e6 / $fsync_us" 0) commits/s at synchronous=full: $(calc "$rps / (1e6 / $fsync_us)" 1)+ requests per commit" "" ""
         row "chat (full) ÷ hello" "$(calc "$rps / ($HELLO_RPS + 0)")" "context" ""
     fi
     stop "$AG_PID"
