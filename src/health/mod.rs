@@ -15,4 +15,5 @@
 //!
 //! Nothing in this room talks to systemd; only the watchdog loop does.
 
+pub mod checks;
 pub mod gauges;
