@@ -17,3 +17,4 @@
 
 pub mod checks;
 pub mod gauges;
+pub mod probe;
