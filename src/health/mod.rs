@@ -18,3 +18,4 @@
 pub mod checks;
 pub mod gauges;
 pub mod probe;
+pub mod single_flight;
