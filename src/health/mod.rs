@@ -15,7 +15,9 @@
 //!
 //! Nothing in this room talks to systemd; only the watchdog loop does.
 
+pub mod bundle;
 pub mod checks;
 pub mod gauges;
 pub mod probe;
+pub mod sentinel;
 pub mod single_flight;
