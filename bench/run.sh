@@ -54,6 +54,7 @@ CHAT_BODY='{"message":"hello from the benchmark","session_id":"SESSION"}'
 
 # ---------------------------------------------------------------- plumbing
 
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/agentd-bench.XXXXXX")
 mkdir -p "$WORK/out"
 PIDS=()
@@ -199,6 +200,7 @@ print_table() {
             "agentd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')," \
             "wrk -t$WRK_THREADS, $( [[ $MODE == soak ]] && echo "$SOAK_CONNECTIONS connections." ||
                 echo "$CONNECTIONS connections ($CHAT_CONNECTIONS for chat).")"
+        echo "Load average (1/5/15 min) at start: $LOAD_AT_START; at end: $(cut -d' ' -f1-3 /proc/loadavg)."
         echo
         echo "| measurement | result | target | verdict |"
         echo "|---|---|---|---|"
