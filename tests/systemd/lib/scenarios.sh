@@ -1,0 +1,338 @@
+# shellcheck shell=bash
+# The scenarios of the systemd end-to-end suite. Each one leaves agentd
+# stopped and the container as install_agentd left it, so any subset runs in
+# any order. Results for the final table go to the ROW_* / SUMMARY variables.
+
+FAULT_KINDS=(block-runtime deadlock-state stall-accept hang-store exhaust-fds stall-executor)
+# The health check each fault must be reported by (HEALTH_CHECK= in the journal).
+declare -A EXPECT_CHECK=(
+  [block-runtime]=health_loop
+  [deadlock-state]=state_lock
+  [stall-accept]=self_probe
+  [hang-store]=store
+  [exhaust-fds]="resources self_probe"
+  [stall-executor]=executor
+)
+MESSAGES=${E2E_MESSAGES:-50}
+WATCHDOG_SEC=3
+# The performance bar: fault to new READY=1 within WatchdogSec + 2 s.
+RESTART_BAR=$((WATCHDOG_SEC + 2))
+
+declare -A ROW_DETECTED ROW_CHECK ROW_RESTART ROW_MESSAGES
+SUMMARY=()
+
+# health_records CURSOR CHECK: agentd's structured records for CHECK, one line
+# each: HEALTH_CHECK HEALTH_STATUS ELAPSED_MS MESSAGE.
+health_records() {
+  journal_since "$1" -o json "HEALTH_CHECK=$2" | "$PY" -c '
+import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    print("HEALTH_CHECK=%s HEALTH_STATUS=%s ELAPSED_MS=%s | %s" % (
+        e.get("HEALTH_CHECK"), e.get("HEALTH_STATUS"), e.get("ELAPSED_MS"), e.get("MESSAGE")))
+'
+}
+
+scenario_security() {
+  section "unit files: verify and systemd-analyze security"
+  local out score
+  check "systemd-analyze verify agentd.service agentd.socket" \
+    C systemd-analyze verify /etc/systemd/system/agentd.service /etc/systemd/system/agentd.socket
+  out=$(C systemd-analyze security --no-pager "$UNIT" 2>&1)
+  printf '%s\n' "$out" | grep -E '^✗' | sed 's/^/    /'
+  score=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+  log "systemd-analyze security $UNIT: exposure ${score:-?}"
+  check "exposure ${score:-?} <= 2.0" le "${score:-99}" 2.0
+  SUMMARY+=("security exposure (systemd-analyze security, in the container): ${score:-?}")
+}
+
+scenario_fault() {
+  local kind=$1
+  local session=fault-$kind acked=$W/acked-$kind
+  section "fault: $kind"
+  ROW_DETECTED[$kind]=no ROW_CHECK[$kind]=- ROW_RESTART[$kind]=- ROW_MESSAGES[$kind]=-
+  stop_agentd
+  local t0=$EPOCHREALTIME
+  if ! start_agentd; then
+    fail "$kind: systemctl start agentd"
+    C systemctl status --no-pager "$UNIT" | sed 's/^/    /'
+    return
+  fi
+  local state n0 pid0
+  state=$(prop ActiveState)
+  check "$kind: systemctl start returned in $(since "$t0") s, after READY=1 (ActiveState=$state)" \
+    [ "$state" = active ]
+  n0=$(prop NRestarts)
+  pid0=$(prop MainPID)
+
+  local out nacked
+  out=$(cli chat --n "$MESSAGES" --session "$session" --out "$acked")
+  nacked=$(jget acked <<<"$out")
+  check "$kind: $nacked of $MESSAGES chat messages acknowledged" [ "$nacked" = "$MESSAGES" ]
+
+  local cur probe_pid=
+  cur=$(cursor)
+  if [ "$kind" = stall-accept ]; then
+    # Without socket activation a restart refuses connections; measured here
+    # for comparison with the socket scenario.
+    cli probe --seconds 9 --timeout 12 >"$W/probe-nosocket.json" &
+    probe_pid=$!
+    sleep 0.5
+  fi
+  out=$(cli inject "$kind")
+  local t_inj
+  t_inj=$(jget t_us <<<"$out")
+  check "$kind: POST /debug/fault/$kind answered 200" [ "$(jget status <<<"$out")" = 200 ]
+
+  # Wait for the watchdog restart, noting the STATUS= agentd showed meanwhile.
+  local degraded= st restarted=no t_wait=$EPOCHREALTIME
+  while le "$(since "$t_wait")" $((WATCHDOG_SEC + 17)); do
+    st=$(prop StatusText)
+    [[ -z "$degraded" && "$st" == degraded* ]] && degraded=$st
+    if restarted_since "$n0" "$pid0"; then
+      restarted=yes
+      break
+    fi
+    sleep 0.1
+  done
+  [ -n "$probe_pid" ] && wait "$probe_pid"
+  [ -n "$degraded" ] && log "STATUS= while wedged: $degraded"
+
+  local n1 t_ready restart_s=-
+  n1=$(prop NRestarts)
+  check "$kind: NRestarts went from $n0 to $n1 (by one)" [ "$n1" = $((n0 + 1)) ]
+  check "$kind: a new process reached READY=1 (MainPID $pid0 -> $(prop MainPID), ActiveState=$(prop ActiveState))" \
+    [ "$restarted" = yes ]
+  if [ "$restarted" = yes ]; then
+    t_ready=$(prop ActiveEnterTimestampMonotonic)
+    restart_s=$(us_diff_s "$t_inj" "$t_ready")
+    log "fault injected -> new READY=1: $restart_s s"
+    if le "$restart_s" "$RESTART_BAR"; then
+      ok "$kind: restart time $restart_s s <= WatchdogSec + 2 s"
+    else
+      log "  note: restart time $restart_s s is above the bar of $RESTART_BAR s (reported, not asserted)"
+    fi
+  fi
+
+  local journal
+  journal=$(journal_since "$cur")
+  printf '%s\n' "$journal" | grep -E 'Watchdog timeout|ABRT|Scheduled restart|HEALTH|degraded|stalled' |
+    head -n 12 | sed 's/^/    /'
+  local wd=no abrt=no
+  grep -q 'Watchdog timeout' <<<"$journal" && wd=yes
+  grep -Eq 'SIGABRT|status=6/ABRT' <<<"$journal" && abrt=yes
+  check "$kind: journal shows 'Watchdog timeout'" [ "$wd" = yes ]
+  check "$kind: journal shows SIGABRT" [ "$abrt" = yes ]
+
+  local c recs seen=
+  for c in ${EXPECT_CHECK[$kind]}; do
+    recs=$(health_records "$cur" "$c")
+    if [ -n "$recs" ]; then
+      seen=${seen:+$seen,}$c
+      printf '%s\n' "$recs" | head -n 3 | sed 's/^/    /'
+    fi
+  done
+  check "$kind: journalctl -u agentd HEALTH_CHECK=${EXPECT_CHECK[$kind]// / or } finds a record" [ -n "$seen" ]
+  if [ -z "$seen" ]; then
+    local any
+    any=$(journal_since "$cur" -o json | "$PY" -c '
+import json, sys
+print(" ".join(sorted({json.loads(l).get("HEALTH_CHECK") or "" for l in sys.stdin} - {""})))')
+    log "  HEALTH_CHECK values present instead: ${any:-none}"
+  fi
+  if [ "$kind" = block-runtime ]; then
+    local bundles
+    bundles=$(C sh -c "ls $STATE_DIR/diagnostics 2>/dev/null | wc -l")
+    check "$kind: diagnostics bundle written under \$STATE_DIRECTORY/diagnostics ($bundles files)" \
+      [ "${bundles:-0}" -gt 0 ]
+  fi
+
+  local status_line
+  status_line=$(C systemctl status --no-pager "$UNIT" | grep -m1 'Status:' || true)
+  log "systemctl status: ${status_line# *}"
+  check "$kind: systemctl status shows agentd's STATUS= line" [ -n "$status_line" ]
+
+  out=$(cli verify --session "$session" --acked "$acked")
+  local found
+  found=$(jget found <<<"$out")
+  check "$kind: acknowledged messages after the restart: $found of $nacked" [ "$found" = "$nacked" ]
+  if [ -n "$probe_pid" ]; then
+    log "without agentd.socket, during the restart: $(cat "$W/probe-nosocket.json")"
+    SUMMARY+=("without agentd.socket, a client looping during a stall-accept restart: $(cat "$W/probe-nosocket.json")")
+  fi
+
+  [ "$wd" = yes ] && [ "$restarted" = yes ] && ROW_DETECTED[$kind]=yes
+  ROW_CHECK[$kind]=${seen:-none}
+  ROW_RESTART[$kind]=$restart_s
+  ROW_MESSAGES[$kind]="$nacked / ${found:-0}"
+  stop_agentd
+}
+
+scenario_faults() {
+  local k
+  for k in ${E2E_FAULTS:-${FAULT_KINDS[*]}}; do scenario_fault "$k"; done
+}
+
+scenario_idle() {
+  local idle=${E2E_IDLE_SECONDS:-12} load=${E2E_LOAD_SECONDS:-18}
+  section "no false positives: WatchdogSec=$WATCHDOG_SEC, ${idle} s idle + ${load} s under load"
+  stop_agentd
+  start_agentd || {
+    fail "idle: systemctl start agentd"
+    return
+  }
+  local n0 pid0 cur
+  n0=$(prop NRestarts)
+  pid0=$(prop MainPID)
+  cur=$(cursor)
+  sleep "$idle"
+  local wrk_pid=
+  if command -v wrk >/dev/null; then
+    N wrk -t1 -c4 -d"${load}s" --timeout 5s http://127.0.0.1:8420/health >"$W/wrk.txt" 2>&1 &
+    wrk_pid=$!
+  else
+    echo "wrk not installed: load from the chat loop only" >"$W/wrk.txt"
+  fi
+  cli chatload --seconds "$load" --max-requests 50000 >"$W/chatload.json"
+  [ -n "$wrk_pid" ] && wait "$wrk_pid"
+  local rps chats
+  rps=$(awk '/Requests\/sec/ {print $2}' "$W/wrk.txt")
+  chats=$(jget ok <"$W/chatload.json")
+  log "load: wrk /health ${rps:-?} req/s; chat loop ${chats:-?} messages ($(cat "$W/chatload.json"))"
+  check "idle+load: NRestarts stayed $n0 (now $(prop NRestarts))" [ "$(prop NRestarts)" = "$n0" ]
+  check "idle+load: MainPID unchanged ($pid0)" [ "$(prop MainPID)" = "$pid0" ]
+  check "idle+load: no 'Watchdog timeout' in the journal" \
+    bash -c "! grep -q 'Watchdog timeout' <<<\"\$1\"" _ "$(journal_since "$cur")"
+  local st
+  st=$(prop StatusText)
+  log "STATUS= now: $st"
+  SUMMARY+=("no restart over $((idle + load)) s with WatchdogSec=$WATCHDOG_SEC (idle, then wrk /health ${rps:-?} req/s + ${chats:-?} chats)")
+  stop_agentd
+}
+
+scenario_reload() {
+  section "systemctl reload re-reads the config without a restart"
+  stop_agentd
+  set_config 'history_limit = 1000'
+  start_agentd || {
+    fail "reload: systemctl start agentd"
+    return
+  }
+  local pid0 n0 v cur
+  pid0=$(prop MainPID)
+  n0=$(prop NRestarts)
+  v=$(cli get /health --field diagnostics.conversation_history_limit | jget value)
+  check "reload: history limit before is 1000 ($v)" [ "$v" = 1000 ]
+  set_config 'history_limit = 321'
+  cur=$(cursor)
+  check "reload: systemctl reload agentd" C timeout 30 systemctl reload "$UNIT"
+  reloaded_limit() { [ "$(cli get /health --field diagnostics.conversation_history_limit | jget value)" = 321 ]; }
+  check "reload: /health diagnostics.conversation_history_limit became 321" wait_for 5 reloaded_limit
+  check "reload: MainPID unchanged ($pid0 -> $(prop MainPID))" [ "$(prop MainPID)" = "$pid0" ]
+  check "reload: NRestarts unchanged ($n0 -> $(prop NRestarts))" [ "$(prop NRestarts)" = "$n0" ]
+  check "reload: unit active after the reload ($(prop ActiveState)/$(prop SubState))" \
+    [ "$(prop ActiveState)" = active ]
+  journal_since "$cur" | grep -Ei 'reload' | head -n 4 | sed 's/^/    /'
+  SUMMARY+=("systemctl reload: history_limit 1000 -> 321 with MainPID and NRestarts unchanged")
+  set_config ''
+  stop_agentd
+}
+
+scenario_stop() {
+  section "systemctl stop during running executions"
+  stop_agentd
+  set_config 'runtime = "command"
+runtime_cmd = ["/usr/local/bin/agent-sleep"]'
+  start_agentd || {
+    fail "stop: systemctl start agentd"
+    set_config ''
+    return
+  }
+  local i out ids=()
+  for i in 1 2; do
+    out=$(cli task --prompt x)
+    check "stop: POST /api/task async -> $(jget status <<<"$out")" [ "$(jget status <<<"$out")" = 202 ]
+    ids+=("$(jget execution_id <<<"$out")")
+  done
+  has_children() { [ -n "$(agent_children)" ]; }
+  check "stop: agent processes are running" wait_for 5 has_children
+  agent_children | sed 's/^/    /'
+  cli get /api/executions/running | head -c 400 | sed 's/^/    /'
+  echo
+  local cur t0 dur limit_us
+  cur=$(cursor)
+  t0=$EPOCHREALTIME
+  check "stop: systemctl stop agentd returned" C timeout 60 systemctl stop "$UNIT"
+  dur=$(since "$t0")
+  limit_us=$(prop TimeoutStopUSec)
+  log "systemctl stop took $dur s (TimeoutStopSec=$limit_us)"
+  check "stop: within TimeoutStopSec ($dur s < 30 s)" le "$dur" 29.9
+  check "stop: Result=success ($(prop Result))" [ "$(prop Result)" = success ]
+  check "stop: agentd exited 0 (ExecMainStatus=$(prop ExecMainStatus))" [ "$(prop ExecMainStatus)" = 0 ]
+  check "stop: no agent process left" [ -z "$(agent_children)" ]
+  check "stop: systemd did not need SIGKILL" \
+    bash -c "! grep -Eq 'SIGKILL|timed out' <<<\"\$1\"" _ "$(journal_since "$cur")"
+  journal_since "$cur" | tail -n 6 | sed 's/^/    /'
+  SUMMARY+=("systemctl stop with 2 running executions: $dur s, exit 0, no agent process left")
+  set_config ''
+}
+
+scenario_socket() {
+  section "socket activation: no connection refused across a watchdog restart"
+  stop_agentd
+  C sh -c 'install -m 0644 /run/e2e/systemd/socket-activation.conf /etc/systemd/system/agentd.service.d/ &&
+    systemctl daemon-reload'
+  check "socket: systemctl start agentd.socket" C systemctl start agentd.socket
+  start_agentd || fail "socket: systemctl start agentd (with agentd.socket)"
+  C ss -ltnp 2>/dev/null | grep 8420 | sed 's/^/    /'
+  local n0 pid0
+  n0=$(prop NRestarts)
+  pid0=$(prop MainPID)
+  C journalctl --no-pager -q -u "$UNIT" -n 50 | grep -i 'listening' | tail -n 1 | sed 's/^/    /'
+  cli probe --seconds 12 --timeout 14 >"$W/probe-socket.json" &
+  local probe_pid=$! out restarted=no
+  sleep 1
+  out=$(cli inject stall-accept)
+  check "socket: stall-accept injected ($(jget status <<<"$out"))" [ "$(jget status <<<"$out")" = 200 ]
+  wait_for 20 restarted_since "$n0" "$pid0" && restarted=yes
+  wait "$probe_pid"
+  local refused
+  refused=$(jget refused <"$W/probe-socket.json")
+  log "client during the wedge and restart: $(cat "$W/probe-socket.json")"
+  check "socket: agentd was restarted by the watchdog (NRestarts $n0 -> $(prop NRestarts))" [ "$restarted" = yes ]
+  check "socket: zero connection-refused errors ($refused)" [ "$refused" = 0 ]
+  check "socket: agentd.socket stayed active ($(prop ActiveState agentd.socket))" \
+    [ "$(prop ActiveState agentd.socket)" = active ]
+  SUMMARY+=("with agentd.socket, a client looping during a stall-accept restart: $(cat "$W/probe-socket.json")")
+  C timeout 60 systemctl stop "$UNIT" agentd.socket
+  C sh -c 'rm -f /etc/systemd/system/agentd.service.d/socket-activation.conf && systemctl daemon-reload'
+}
+
+scenario_coldstart() {
+  section "cold start to READY=1 with a 100 MB state.db"
+  stop_agentd
+  local out
+  out=$(cli make-db "$W/payload/state-100mb.db" --mb "${E2E_DB_MB:-100}")
+  log "built state.db: $out"
+  start_agentd && stop_agentd # creates the state directory for the dynamic user
+  C sh -euc "rm -f $STATE_DIR/state.db*; cp /run/e2e/state-100mb.db $STATE_DIR/state.db
+    chown --reference=$STATE_DIR $STATE_DIR/state.db; chmod 0600 $STATE_DIR/state.db"
+  local i t_exec t_ready ms times=()
+  for i in 1 2 3; do
+    stop_agentd
+    if ! start_agentd; then
+      fail "coldstart: systemctl start agentd with the 100 MB state.db"
+      return
+    fi
+    t_exec=$(prop ExecMainStartTimestampMonotonic)
+    t_ready=$(prop ActiveEnterTimestampMonotonic)
+    ms=$(awk -v a="$t_exec" -v b="$t_ready" 'BEGIN { printf "%.0f", (b - a) / 1000 }')
+    times+=("$ms")
+  done
+  log "exec -> READY=1 with a $(du -h "$W/payload/state-100mb.db" | cut -f1) state.db: ${times[*]} ms (target < 300 ms)"
+  local size
+  size=$(cli get /health --field diagnostics.conversation_history_size | jget value)
+  check "coldstart: history reloaded from state.db ($size messages in memory)" [ "${size:-0}" -gt 0 ]
+  SUMMARY+=("cold start, exec to READY=1, 100 MB state.db (3 starts): ${times[*]} ms (target < 300 ms)")
+  stop_agentd
+}
