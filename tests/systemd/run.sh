@@ -87,7 +87,8 @@ fi
 mkdir -p "$W/payload/systemd"
 cp "$BIN" "$W/payload/agentd"
 cp "$ROOT"/systemd/agentd.service "$ROOT"/systemd/agentd.socket \
-  "$ROOT"/systemd/socket-activation.conf "$ROOT"/systemd/agentd.toml "$W/payload/systemd/"
+  "$ROOT"/systemd/socket-activation.conf "$ROOT"/systemd/claude-code.conf \
+  "$ROOT"/systemd/agentd.toml "$W/payload/systemd/"
 cp "$HERE/units/watchdog-test.conf" "$HERE/units/agent-sleep" "$W/payload/"
 
 # ---- boot

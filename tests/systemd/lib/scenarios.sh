@@ -44,6 +44,15 @@ scenario_security() {
   log "systemd-analyze security $UNIT: exposure ${score:-?}"
   check "exposure ${score:-?} <= 2.0" le "${score:-99}" 2.0
   SUMMARY+=("security exposure (systemd-analyze security, in the container): ${score:-?}")
+
+  # For the docs: what the Claude Code drop-in costs (the unit is not started).
+  C sh -c 'install -m 0644 /run/e2e/systemd/claude-code.conf /etc/systemd/system/agentd.service.d/ &&
+    systemctl daemon-reload'
+  score=$(C systemd-analyze security --no-pager "$UNIT" 2>&1 |
+    sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\) \([A-Z]*\).*/\1 \2/p')
+  C sh -c 'rm -f /etc/systemd/system/agentd.service.d/claude-code.conf && systemctl daemon-reload'
+  log "with systemd/claude-code.conf: exposure ${score:-?}"
+  SUMMARY+=("security exposure with the claude-code.conf drop-in: ${score:-?}")
 }
 
 scenario_fault() {
