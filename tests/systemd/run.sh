@@ -99,7 +99,10 @@ log "booted in $(since "$t0") s: $(C systemctl --version | head -n1), state $(C 
 install_agentd
 log "installed /usr/bin/agentd ($("$BIN" version)) and the unit files; drop-in: $(grep -v '^#' "$HERE/units/watchdog-test.conf" | tr '\n' ' ')"
 
-for s in "${scenarios[@]}"; do "scenario_$s"; done
+for s in "${scenarios[@]}"; do
+  # A scenario records its own failed checks; an unexpected error ends only it.
+  "scenario_$s" || fail "scenario $s stopped early (status $?)"
+done
 
 # ---- report
 section "results"

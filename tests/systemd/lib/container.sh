@@ -19,6 +19,7 @@ CT_CGROUP=agentd-e2e-$CT_NAME
 CT_PAYLOAD= # host dir, read-only at /run/e2e inside the container
 CT_NSPAWN_PID=
 CT_LEADER=
+CT_LEADER_PIDNS= # the PID namespace CT_LEADER was found in, re-checked by C and N
 CT_CGDIRS=()
 
 ct_cgroup_dirs() {
@@ -52,6 +53,7 @@ ct_boot() {
       if [ "$(cat "/proc/$c/comm" 2>/dev/null)" = systemd ] &&
         [ "$(readlink "/proc/$c/ns/pid")" != "$(readlink /proc/self/ns/pid)" ]; then
         CT_LEADER=$c
+        CT_LEADER_PIDNS=$(readlink "/proc/$c/ns/pid")
       fi
     done
     [ -n "$CT_LEADER" ] && break
@@ -74,9 +76,17 @@ ct_boot() {
   esac
 }
 
+# ct_alive: nspawn still runs and CT_LEADER is still the container's PID 1
+# (same PID namespace as when it was found), so nsenter cannot hit another
+# process that reused the PID.
+ct_alive() {
+  [ -n "$CT_LEADER" ] && kill -0 "$CT_NSPAWN_PID" 2>/dev/null &&
+    [ "$(readlink "/proc/$CT_LEADER/ns/pid" 2>/dev/null)" = "$CT_LEADER_PIDNS" ]
+}
+
 # C CMD...: run a command inside the container (all its namespaces).
 C() {
-  [ -n "$CT_LEADER" ] && kill -0 "$CT_NSPAWN_PID" 2>/dev/null || {
+  ct_alive || {
     echo "C: no container" >&2
     return 97
   }
@@ -86,7 +96,7 @@ C() {
 # N CMD...: run a host command in the container's network namespace only
 # (clients reach the container's loopback; files stay the host's).
 N() {
-  [ -n "$CT_LEADER" ] && kill -0 "$CT_NSPAWN_PID" 2>/dev/null || {
+  ct_alive || {
     echo "N: no container" >&2
     return 97
   }
@@ -98,7 +108,7 @@ N() {
 ct_teardown() {
   local i d
   if [ -n "$CT_NSPAWN_PID" ] && kill -0 "$CT_NSPAWN_PID" 2>/dev/null; then
-    if [ -n "$CT_LEADER" ]; then
+    if ct_alive; then
       nsenter -t "$CT_LEADER" -a systemctl poweroff --no-block >/dev/null 2>&1 || true
     fi
     for i in $(seq 150); do
