@@ -1,0 +1,445 @@
+//! Line-by-line parser for an agent's stdout: stream-json events (Claude Code,
+//! Gemini CLI) or plain text, mixed freely.
+//!
+//! It is fed raw byte chunks as they arrive and keeps only bounded state: the
+//! text it will answer with (capped) and the line being assembled (capped). It
+//! does not read pipes, broadcast output or decide what an outcome means: those
+//! are `process` and `classify`.
+//!
+//! Rules:
+//! * A line that is a JSON object with a string `type` is an event. Assistant
+//!   text is accumulated (Claude: `{"type":"assistant","message":{"content":
+//!   [{"type":"text","text":..}]}}`; Gemini: `{"type":"message","role":
+//!   "assistant","content":..,"delta":true}`, or a bare `text` field). The last
+//!   `{"type":"result"}` line becomes the `ResultLine`. Other event types (tool
+//!   calls, init, ...) are not part of the answer and are dropped.
+//! * Every other line is plain output and is kept verbatim, newline included.
+//! * A line longer than the line cap cannot be an event we could hold in memory,
+//!   so it is treated as plain text from that point on.
+//! * Lines keep being parsed after the text cap is reached: the `result` line
+//!   of a chatty agent comes last and must still be seen.
+
+use serde_json::Value;
+
+use crate::agent::runtime::ResultLine;
+
+/// Smallest line cap. A result line carries the whole final answer plus its
+/// metadata (cost, `is_error`); it must stay parseable even when the text cap
+/// is configured small, or an error result would pass for plain text.
+pub const MIN_LINE_CAP: usize = 256 * 1024;
+
+/// What the parser learned from one execution's stdout.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParsedOutput {
+    /// Assistant text and plain lines, at most the text cap in bytes.
+    pub text: String,
+    /// The last `{"type":"result"}` line, if any.
+    pub result: Option<ResultLine>,
+    /// True when any text was dropped because of the cap.
+    pub truncated: bool,
+    /// True when at least one stream-json event was seen.
+    pub saw_events: bool,
+}
+
+/// Incremental parser; see the module doc for the rules.
+#[derive(Debug)]
+pub struct StreamParser {
+    /// Answer text as bytes: plain chunks may end mid-character, so UTF-8 is
+    /// decoded once, at `finish`.
+    text: Vec<u8>,
+    /// Most bytes `text` may hold.
+    text_cap: usize,
+    /// The line being assembled (without its newline).
+    line: Vec<u8>,
+    /// Most bytes `line` may hold before the line is declared plain text: the
+    /// text cap (a longer line could not be kept anyway) but at least
+    /// `MIN_LINE_CAP`. Memory per execution is bounded by the sum of both caps.
+    line_cap: usize,
+    /// Inside an over-long line: bytes go straight to `text` until a newline.
+    overlong: bool,
+    truncated: bool,
+    result: Option<ResultLine>,
+    saw_events: bool,
+}
+
+impl StreamParser {
+    /// A parser that keeps at most `text_cap` bytes of answer text.
+    pub fn new(text_cap: usize) -> Self {
+        Self::with_caps(text_cap, text_cap.max(MIN_LINE_CAP))
+    }
+
+    fn with_caps(text_cap: usize, line_cap: usize) -> Self {
+        StreamParser {
+            text: Vec::new(),
+            text_cap,
+            line: Vec::new(),
+            line_cap: line_cap.max(1),
+            overlong: false,
+            truncated: false,
+            result: None,
+            saw_events: false,
+        }
+    }
+
+    /// Feed the next chunk of stdout; chunks may split lines anywhere.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            let newline = chunk.iter().position(|&b| b == b'\n');
+            let (segment, rest) = match newline {
+                Some(i) => (&chunk[..i], &chunk[i + 1..]),
+                None => (chunk, &chunk[chunk.len()..]),
+            };
+            if self.overlong {
+                self.push_text(segment);
+                if newline.is_some() {
+                    self.push_text(b"\n");
+                    self.overlong = false;
+                }
+            } else if self.line.len() + segment.len() > self.line_cap {
+                // Too long to be an event we hold: from here on it is plain text.
+                let held = std::mem::take(&mut self.line);
+                self.push_text(&held);
+                self.push_text(segment);
+                if newline.is_some() {
+                    self.push_text(b"\n");
+                } else {
+                    self.overlong = true;
+                }
+            } else {
+                self.line.extend_from_slice(segment);
+                if newline.is_some() {
+                    let line = std::mem::take(&mut self.line);
+                    self.line_end(&line, true);
+                    // Reuse the allocation for the next line.
+                    self.line = line;
+                    self.line.clear();
+                }
+            }
+            chunk = rest;
+        }
+    }
+
+    /// End of stdout: a last line without a newline still counts.
+    pub fn finish(mut self) -> ParsedOutput {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.line_end(&line, false);
+        }
+        let mut text = String::from_utf8_lossy(&self.text).into_owned();
+        // The cap may have cut a character in half; the lossy decode turned it
+        // into U+FFFD, which is fine, but never exceed the cap by doing so.
+        if text.len() > self.text_cap {
+            let mut end = self.text_cap;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        ParsedOutput {
+            text,
+            result: self.result,
+            truncated: self.truncated,
+            saw_events: self.saw_events,
+        }
+    }
+
+    fn line_end(&mut self, line: &[u8], had_newline: bool) {
+        let trimmed = trim_ascii(line);
+        if trimmed.first() == Some(&b'{') {
+            if let Ok(event @ Value::Object(_)) = serde_json::from_slice::<Value>(trimmed) {
+                if let Some(kind) = event.get("type").and_then(Value::as_str) {
+                    self.saw_events = true;
+                    self.event(kind, &event);
+                    return;
+                }
+            }
+        }
+        self.separate();
+        self.push_text(line);
+        if had_newline {
+            self.push_text(b"\n");
+        }
+    }
+
+    fn event(&mut self, kind: &str, event: &Value) {
+        match kind {
+            "assistant" => {
+                let text = event
+                    .get("message")
+                    .map(message_text)
+                    .filter(|t| !t.is_empty())
+                    .unwrap_or_else(|| message_text(event));
+                self.push_message(&text, false);
+            }
+            "message" => {
+                // Gemini CLI: user messages are echoed back; only the
+                // assistant's count. A message without a role is assumed to be
+                // the assistant's (lenient towards look-alike CLIs).
+                let role = event.get("role").and_then(Value::as_str);
+                if matches!(role, None | Some("assistant") | Some("model")) {
+                    let delta = event.get("delta").and_then(Value::as_bool) == Some(true);
+                    self.push_message(&message_text(event), delta);
+                }
+            }
+            "text" => {
+                self.push_message(&message_text(event), true);
+            }
+            "result" => self.result = Some(result_line(event)),
+            _ => {}
+        }
+    }
+
+    /// Whole messages are separated by a newline; streamed deltas are glued.
+    fn push_message(&mut self, text: &str, delta: bool) {
+        if text.is_empty() {
+            return;
+        }
+        if !delta {
+            self.separate();
+        }
+        self.push_text(text.as_bytes());
+    }
+
+    /// Start a new line unless the text is empty or already at one.
+    fn separate(&mut self) {
+        if !self.text.is_empty() && self.text.last() != Some(&b'\n') {
+            self.push_text(b"\n");
+        }
+    }
+
+    fn push_text(&mut self, bytes: &[u8]) {
+        let room = self.text_cap.saturating_sub(self.text.len());
+        if bytes.len() > room {
+            self.truncated = true;
+        }
+        self.text.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+/// Text of a message-like object: `content` as a string or as an array of
+/// `{"type":"text","text":..}` blocks, else a `text` field.
+fn message_text(value: &Value) -> String {
+    match value.get("content") {
+        Some(Value::String(s)) => return s.clone(),
+        Some(Value::Array(blocks)) => {
+            let mut out = String::new();
+            for block in blocks {
+                let is_text = matches!(
+                    block.get("type").and_then(Value::as_str),
+                    None | Some("text")
+                );
+                if let (true, Some(t)) = (is_text, block.get("text").and_then(Value::as_str)) {
+                    out.push_str(t);
+                }
+            }
+            if !out.is_empty() {
+                return out;
+            }
+        }
+        _ => {}
+    }
+    value
+        .get("text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Claude: `result`, `total_cost_usd` (older: `cost_usd`), `duration_ms`,
+/// `is_error`. Gemini: `status: "error"`, `error.message`,
+/// `stats.duration_ms`. Both are accepted.
+fn result_line(event: &Value) -> ResultLine {
+    let str_field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let error_message = event.get("error").and_then(|e| match e {
+        Value::String(s) => Some(s.clone()),
+        other => str_field(other, "message"),
+    });
+    let text = str_field(event, "result")
+        .or_else(|| str_field(event, "response"))
+        .filter(|t| !t.is_empty())
+        .or(error_message.clone())
+        .unwrap_or_default();
+    let is_error = event.get("is_error").and_then(Value::as_bool) == Some(true)
+        || event.get("status").and_then(Value::as_str) == Some("error")
+        || event
+            .get("subtype")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.starts_with("error"))
+        || error_message.is_some();
+    let cost_usd = event
+        .get("total_cost_usd")
+        .or_else(|| event.get("cost_usd"))
+        .and_then(Value::as_f64);
+    let duration_ms = event
+        .get("duration_ms")
+        .or_else(|| event.get("stats").and_then(|s| s.get("duration_ms")))
+        .and_then(Value::as_u64);
+    ResultLine {
+        text,
+        cost_usd,
+        duration_ms,
+        is_error,
+    }
+}
+
+fn trim_ascii(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if first.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = s {
+        if last.is_ascii_whitespace() {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(input: &str, cap: usize) -> ParsedOutput {
+        let mut p = StreamParser::new(cap);
+        p.feed(input.as_bytes());
+        p.finish()
+    }
+
+    #[test]
+    fn plain_text_is_kept_verbatim() {
+        let out = parse("hello\nworld", 1024);
+        assert_eq!(out.text, "hello\nworld");
+        assert_eq!(out.result, None);
+        assert!(!out.saw_events && !out.truncated);
+    }
+
+    #[test]
+    fn claude_assistant_text_and_result_line() {
+        let input = concat!(
+            r#"{"type":"system","subtype":"init","session_id":"x"}"#,
+            "\n",
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Hi "},{"type":"tool_use","name":"Bash"},{"type":"text","text":"there"}]}}"#,
+            "\n",
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"Done."}]}}"#,
+            "\n",
+            r#"{"type":"result","subtype":"success","is_error":false,"result":"Done.","total_cost_usd":0.25,"duration_ms":1200}"#,
+            "\n"
+        );
+        let out = parse(input, 1024);
+        assert_eq!(out.text, "Hi there\nDone.");
+        assert_eq!(
+            out.result,
+            Some(ResultLine {
+                text: "Done.".into(),
+                cost_usd: Some(0.25),
+                duration_ms: Some(1200),
+                is_error: false,
+            })
+        );
+        assert!(out.saw_events);
+    }
+
+    #[test]
+    fn gemini_deltas_are_glued_and_user_messages_skipped() {
+        let input = concat!(
+            r#"{"type":"init","session_id":"s","model":"m"}"#,
+            "\n",
+            r#"{"type":"message","role":"user","content":"question"}"#,
+            "\n",
+            r#"{"type":"message","role":"assistant","content":"Hel","delta":true}"#,
+            "\n",
+            r#"{"type":"message","role":"assistant","content":"lo","delta":true}"#,
+            "\n",
+            r#"{"type":"result","status":"success","stats":{"duration_ms":77}}"#,
+        );
+        let out = parse(input, 1024);
+        assert_eq!(out.text, "Hello");
+        let result = out.result.unwrap();
+        assert_eq!(result.duration_ms, Some(77));
+        assert!(!result.is_error);
+    }
+
+    #[test]
+    fn gemini_error_result_is_an_error_with_its_message() {
+        let out = parse(
+            r#"{"type":"result","status":"error","error":{"type":"api","message":"429 Too Many Requests"}}"#,
+            1024,
+        );
+        let result = out.result.unwrap();
+        assert!(result.is_error);
+        assert_eq!(result.text, "429 Too Many Requests");
+    }
+
+    #[test]
+    fn cost_usd_is_accepted_when_total_cost_is_absent() {
+        let out = parse(r#"{"type":"result","result":"x","cost_usd":0.5}"#, 1024);
+        assert_eq!(out.result.unwrap().cost_usd, Some(0.5));
+    }
+
+    #[test]
+    fn non_event_json_and_garbage_lines_are_plain_text() {
+        let out = parse("{\"no_type\":1}\n{broken\n[1,2]\n", 1024);
+        assert_eq!(out.text, "{\"no_type\":1}\n{broken\n[1,2]\n");
+        assert!(!out.saw_events);
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_reassembled() {
+        let line = r#"{"type":"assistant","message":{"content":[{"type":"text","text":"héllo"}]}}"#;
+        let bytes = format!("{line}\nplain\n");
+        let mut p = StreamParser::new(1024);
+        // One byte at a time, splitting the multi-byte character too.
+        for b in bytes.as_bytes() {
+            p.feed(std::slice::from_ref(b));
+        }
+        let out = p.finish();
+        assert_eq!(out.text, "héllo\nplain\n");
+    }
+
+    #[test]
+    fn text_is_capped_and_reported_truncated() {
+        let out = parse(&"abcdefghij\n".repeat(10), 25);
+        assert_eq!(out.text.len(), 25);
+        assert!(out.truncated);
+    }
+
+    #[test]
+    fn cap_never_splits_a_character() {
+        let out = parse("ééééé", 3);
+        assert!(out.text.len() <= 3, "{:?}", out.text);
+        assert!(out.truncated);
+    }
+
+    #[test]
+    fn result_line_after_the_cap_is_still_seen() {
+        let mut input = "x".repeat(100);
+        input.push('\n');
+        input.push_str(r#"{"type":"result","result":"final"}"#);
+        let out = parse(&input, 16);
+        assert!(out.truncated);
+        assert_eq!(out.result.unwrap().text, "final");
+    }
+
+    #[test]
+    fn overlong_line_becomes_plain_text_and_parsing_resumes() {
+        let mut p = StreamParser::with_caps(64, 64);
+        let long = format!(
+            "{{\"type\":\"assistant\",\"text\":\"{}\"}}",
+            "y".repeat(200)
+        );
+        p.feed(long.as_bytes());
+        p.feed(b"\n");
+        p.feed(br#"{"type":"result","result":"ok"}"#);
+        p.feed(b"\n");
+        let out = p.finish();
+        assert!(out.truncated);
+        assert!(out.text.starts_with("{\"type\":\"assistant\""));
+        assert_eq!(out.text.len(), 64);
+        assert_eq!(out.result.unwrap().text, "ok");
+    }
+}
