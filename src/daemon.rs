@@ -325,9 +325,24 @@ fn spawn_sentinel(app: &Arc<App>) -> Option<sentinel::SentinelHandle> {
         bundle_dir: app.config.state_dir.join("diagnostics"),
         keep: app.config.health.diagnostics_keep,
     };
+    // Called once per incident, from the sentinel thread: say it where a person
+    // looks (STATUS=, one structured journal record), then hand over the
+    // context for the bundle. Saying is not petting: no WATCHDOG=1 here.
     let context = {
         let app = app.clone();
-        Box::new(move || crate::server::health::diagnostics_context(&app))
+        Box::new(move || {
+            let stalled_ms = app.health.heartbeat.since_last().as_millis() as u64;
+            app.health.notifier.status(&format!(
+                "degraded: health_loop: no tick for {stalled_ms} ms (runtime wedged?)"
+            ));
+            tracing::error!(
+                health_check = "health_loop",
+                health_status = "stalled",
+                elapsed_ms = stalled_ms,
+                "health loop stalled for {stalled_ms} ms; writing a diagnostics bundle"
+            );
+            crate::server::health::diagnostics_context(&app)
+        })
     };
     match sentinel::spawn(
         health.heartbeat.clone(),

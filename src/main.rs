@@ -72,7 +72,8 @@ fn main() -> ExitCode {
             max_age,
             label,
         } => {
-            let code = agentd::init::keepalive::keepalive_check_main(&file, max_age, label.as_deref());
+            let code =
+                agentd::init::keepalive::keepalive_check_main(&file, max_age, label.as_deref());
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Command::Version => {
@@ -83,5 +84,6 @@ fn main() -> ExitCode {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    agentd::config::parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m)"))
+    agentd::config::parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?} (e.g. 30s, 500ms, 2m)"))
 }

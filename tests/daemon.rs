@@ -135,7 +135,12 @@ fn graceful_shutdown_loses_no_acknowledged_message() {
         let mut c = Conn::open(addr).await.unwrap();
         loop {
             let h = c.get("/health").await.json();
-            if h["accept_loop"]["requests_total"].as_u64().unwrap() > 400 {
+            // 200 chats acknowledged (two messages each) before the signal.
+            if h["diagnostics"]["conversation_history_size"]
+                .as_u64()
+                .unwrap()
+                > 400
+            {
                 break;
             }
         }

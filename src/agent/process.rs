@@ -36,18 +36,10 @@ use crate::agent::runtime::{ExecutionContext, RunEnd, RunOutcome, RunRequest};
 use crate::agent::streamjson::StreamParser;
 use crate::config::RuntimeConfig;
 
-/// Variables that belong to agentd's own supervisor and must not leak into a
-/// child: with `NOTIFY_SOCKET` a child could ping systemd's watchdog for us (or
-/// claim READY), and the `LISTEN_*` variables would make it believe it owns
-/// agentd's listening socket.
-pub const SCRUBBED_ENV: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-];
+/// Variables through which the supervisor talks to agentd; a child must not
+/// see them (it could pet the watchdog or take the listener). One list, kept
+/// by the init room.
+pub use crate::init::SUPERVISOR_ENV_VARS as SCRUBBED_ENV;
 
 /// Set in every child so an agent (or a hook it runs) can name its execution.
 pub const EXECUTION_ID_ENV: &str = "AGENTD_EXECUTION_ID";

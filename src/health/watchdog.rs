@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
-use super::checks::{run_checks, CheckStatus, Verdict};
+use super::checks::{run_checks, Check, CheckStatus, Verdict};
 use super::gauges::ProcGauges;
 use super::sentinel::Heartbeat;
 use super::single_flight::SingleFlight;
-use super::Check;
+
 use crate::app::App;
 use crate::config::HealthConfig;
 use crate::init::keepalive;
@@ -176,8 +176,11 @@ async fn tick(app: &Arc<App>, failing: &mut BTreeSet<&'static str>) -> bool {
     if passed {
         health.last_ok_ms.store(now_unix_ms(), Relaxed);
         health.consecutive_failures.store(0, Relaxed);
-        // The only WATCHDOG=1 in the program.
-        health.notifier.watchdog_ping();
+        // The only WATCHDOG=1 in the program, and only when systemd's watchdog
+        // is meant for this process (WATCHDOG_USEC set, WATCHDOG_PID ours).
+        if matches!(health.mode, WatchdogMode::Systemd | WatchdogMode::Both) {
+            health.notifier.watchdog_ping();
+        }
         if let Some(path) = &health.keepalive_file {
             if let Err(e) = keepalive::touch(path) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot touch the keepalive file");
@@ -192,7 +195,8 @@ async fn tick(app: &Arc<App>, failing: &mut BTreeSet<&'static str>) -> bool {
                 .notifier
                 .status(&format!("degraded: {name}: {detail}"));
         }
-        if health.trigger_after.is_some_and(|limit| n >= limit) {
+        let systemd = matches!(health.mode, WatchdogMode::Systemd | WatchdogMode::Both);
+        if systemd && health.trigger_after.is_some_and(|limit| n >= limit) {
             tracing::error!(consecutive_failures = n, "sending WATCHDOG=trigger");
             health.notifier.watchdog_trigger();
         }

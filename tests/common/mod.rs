@@ -2,6 +2,8 @@
 //! binary as a child process) and speak HTTP to it over real sockets.
 #![allow(dead_code)]
 
+pub mod notify;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,370 @@
+//! Deep health checks: the `Check` type, the runner that runs them all
+//! concurrently under one deadline and folds the results into a `Verdict`, and
+//! the two checks that need nothing but the process itself (runtime lag and
+//! resources).
+//!
+//! Not for: deciding what to do with a verdict (the watchdog loop does that),
+//! or checks that belong to another room (state lock, store, executor); those
+//! rooms build their `Check`s with [`Check::new`].
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+
+use super::gauges::{ProcGauges, UNREADABLE};
+
+/// How long `run_checks` waits beyond the deadline for tasks to report.
+/// A check normally ends at its own deadline (its timeout drops it); this
+/// margin only matters for a check that blocks its worker thread, where the
+/// per-task timeout cannot fire. Large enough to absorb scheduling jitter on a
+/// busy two-core machine, small against watchdog intervals of seconds.
+pub const COLLECT_MARGIN: Duration = Duration::from_millis(50);
+
+/// Share of RLIMIT_NOFILE (soft) that open fds may reach before `resources`
+/// fails: leaves room to still accept, log and write a diagnostics bundle.
+pub const FD_LIMIT_PERCENT: i64 = 90;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Failed,
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckResult {
+    pub status: CheckStatus,
+    /// Wall time the check took (up to the deadline for a timeout).
+    pub ms: f64,
+    /// What the check saw (`lag 0.2 ms`) or why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `Ok(detail)` passes, `Err(why)` fails.
+pub type CheckFuture = Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send>>;
+
+/// One named health check. Cloning is cheap; every run calls the function for
+/// a new future.
+#[derive(Clone)]
+pub struct Check {
+    pub name: &'static str,
+    run: Arc<dyn Fn() -> CheckFuture + Send + Sync>,
+}
+
+impl std::fmt::Debug for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Check").field("name", &self.name).finish()
+    }
+}
+
+impl Check {
+    pub fn new<F, Fut>(name: &'static str, f: F) -> Check
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
+    {
+        Check {
+            name,
+            run: Arc::new(move || Box::pin(f()) as CheckFuture),
+        }
+    }
+}
+
+/// The outcome of one run of all checks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// When the run started.
+    #[serde(serialize_with = "unix_seconds")]
+    pub at: SystemTime,
+    pub elapsed_ms: f64,
+    pub checks: BTreeMap<&'static str, CheckResult>,
+}
+
+impl Verdict {
+    /// True when every check is `Ok` (an empty run passes).
+    pub fn passed(&self) -> bool {
+        self.checks.values().all(|r| r.status == CheckStatus::Ok)
+    }
+
+    /// The first check, by name, that did not pass.
+    pub fn first_failure(&self) -> Option<(&'static str, &CheckResult)> {
+        self.checks
+            .iter()
+            .find(|(_, r)| r.status != CheckStatus::Ok)
+            .map(|(name, r)| (*name, r))
+    }
+}
+
+fn unix_seconds<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    s.serialize_f64(secs)
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn timeout_result(deadline: Duration) -> CheckResult {
+    CheckResult {
+        status: CheckStatus::Timeout,
+        ms: millis(deadline),
+        detail: Some(format!("no answer within {} ms", deadline.as_millis())),
+    }
+}
+
+/// Runs every check concurrently, each as its own task under `deadline`, and
+/// returns within `deadline + COLLECT_MARGIN` whatever the checks do.
+///
+/// One task per check means a slow check cannot hide another's result, and a
+/// check past its deadline is dropped by its timeout (its task ends). A check
+/// that blocks its thread instead of awaiting cannot be interrupted; it is
+/// reported as `Timeout` when the margin runs out and its task is aborted, which
+/// takes effect whenever it next yields.
+pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
+    let at = SystemTime::now();
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut names = BTreeMap::new();
+    for check in checks {
+        let check = check.clone();
+        let handle = tasks.spawn(async move {
+            let begun = Instant::now();
+            let outcome = tokio::time::timeout(deadline, (check.run)()).await;
+            let ms = millis(begun.elapsed());
+            match outcome {
+                Ok(Ok(detail)) => CheckResult {
+                    status: CheckStatus::Ok,
+                    ms,
+                    detail,
+                },
+                Ok(Err(why)) => CheckResult {
+                    status: CheckStatus::Failed,
+                    ms,
+                    detail: Some(why),
+                },
+                Err(_) => timeout_result(deadline),
+            }
+        });
+        names.insert(handle.id(), check.name);
+    }
+
+    let mut results = BTreeMap::new();
+    let collect = async {
+        while let Some(joined) = tasks.join_next_with_id().await {
+            match joined {
+                Ok((id, result)) => {
+                    results.insert(names[&id], result);
+                }
+                Err(err) => {
+                    let why = if err.is_panic() {
+                        "check panicked"
+                    } else {
+                        "check was cancelled"
+                    };
+                    results.insert(
+                        names[&err.id()],
+                        CheckResult {
+                            status: CheckStatus::Failed,
+                            ms: millis(started.elapsed()),
+                            detail: Some(why.into()),
+                        },
+                    );
+                }
+            }
+        }
+    };
+    // Only a check that blocks its thread gets here; see the doc above.
+    let _ = tokio::time::timeout(deadline + COLLECT_MARGIN, collect).await;
+    tasks.abort_all();
+    for name in names.values() {
+        results
+            .entry(*name)
+            .or_insert_with(|| timeout_result(deadline));
+    }
+    Verdict {
+        at,
+        elapsed_ms: millis(started.elapsed()),
+        checks: results,
+    }
+}
+
+/// `runtime_lag`: schedules a task on the runtime that runs the check and
+/// measures the delay until it runs. See [`runtime_lag_check_on`].
+pub fn runtime_lag_check(max_lag: Duration) -> Check {
+    Check::new("runtime_lag", move || {
+        lag_probe(Handle::try_current().ok(), max_lag)
+    })
+}
+
+/// `runtime_lag` for a given runtime: spawns a task on `runtime` and measures
+/// the delay until it runs; fails when it does not run within `max_lag`.
+///
+/// Use this when the health loop runs on a runtime of its own: a wedged
+/// server runtime then shows up as a failed check, not as a loop that cannot
+/// run its checks at all.
+pub fn runtime_lag_check_on(runtime: Handle, max_lag: Duration) -> Check {
+    Check::new("runtime_lag", move || {
+        lag_probe(Some(runtime.clone()), max_lag)
+    })
+}
+
+async fn lag_probe(runtime: Option<Handle>, max_lag: Duration) -> Result<Option<String>, String> {
+    let runtime = runtime.ok_or("not running inside a tokio runtime")?;
+    let queued = Instant::now();
+    let mut probe = runtime.spawn(async move { queued.elapsed() });
+    // Waiting at most `max_lag` makes the check fail as soon as the answer is
+    // known, instead of running into the runner's deadline.
+    match tokio::time::timeout(max_lag, &mut probe).await {
+        Ok(Ok(lag)) if lag <= max_lag => Ok(Some(format!("lag {:.2} ms", millis(lag)))),
+        Ok(Ok(lag)) => Err(format!(
+            "lag {:.2} ms over {} ms",
+            millis(lag),
+            max_lag.as_millis()
+        )),
+        Ok(Err(err)) => Err(format!("lag probe task failed: {err}")),
+        Err(_) => {
+            // Still queued behind whatever blocks the runtime; it would only
+            // measure a number nobody reads.
+            probe.abort();
+            Err(format!(
+                "lag over {} ms: a spawned task did not run",
+                max_lag.as_millis()
+            ))
+        }
+    }
+}
+
+/// `resources`: open fds below [`FD_LIMIT_PERCENT`] of the soft limit and
+/// fewer than `max_threads` threads, from a fresh reading (which also refreshes
+/// the `/health` cache). An unreadable gauge fails: with a full fd table the
+/// kernel refuses to open `/proc/self/fd`, so "cannot read" is itself the
+/// symptom.
+pub fn resources_check(max_threads: usize, gauges: Arc<ProcGauges>) -> Check {
+    let max_threads = i64::try_from(max_threads).unwrap_or(i64::MAX);
+    Check::new("resources", move || {
+        let snapshot = gauges.refresh();
+        async move {
+            let fds = snapshot.open_fds;
+            let soft = snapshot.fd_soft;
+            let threads = snapshot.thread_count;
+            if fds == UNREADABLE {
+                return Err("cannot list open fds (fd table full?)".into());
+            }
+            if threads == UNREADABLE {
+                return Err("cannot read thread count".into());
+            }
+            let summary = format!("fds {fds}/{soft}, threads {threads}/{max_threads}");
+            // soft == UNREADABLE: no limit known, so no fd bound to enforce.
+            if soft != UNREADABLE
+                && fds.saturating_mul(100) >= soft.saturating_mul(FD_LIMIT_PERCENT)
+            {
+                return Err(format!(
+                    "open fds at or above {FD_LIMIT_PERCENT}% of the soft limit: {summary}"
+                ));
+            }
+            if threads >= max_threads {
+                return Err(format!("thread count at or above max_threads: {summary}"));
+            }
+            Ok(Some(summary))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(statuses: &[(&'static str, CheckStatus)]) -> Verdict {
+        Verdict {
+            at: SystemTime::now(),
+            elapsed_ms: 1.0,
+            checks: statuses
+                .iter()
+                .map(|(name, status)| {
+                    (
+                        *name,
+                        CheckResult {
+                            status: *status,
+                            ms: 1.0,
+                            detail: None,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn verdict_passes_only_when_every_check_is_ok() {
+        assert!(verdict(&[]).passed());
+        assert!(verdict(&[("a", CheckStatus::Ok), ("b", CheckStatus::Ok)]).passed());
+        let v = verdict(&[
+            ("a", CheckStatus::Ok),
+            ("c", CheckStatus::Failed),
+            ("b", CheckStatus::Timeout),
+        ]);
+        assert!(!v.passed());
+        assert_eq!(v.first_failure().map(|(n, _)| n), Some("b"));
+    }
+
+    #[test]
+    fn verdict_serializes_status_words_and_unix_time() {
+        let v = verdict(&[("a", CheckStatus::Ok), ("b", CheckStatus::Timeout)]);
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["checks"]["a"]["status"], "ok");
+        assert_eq!(json["checks"]["b"]["status"], "timeout");
+        assert!(json["checks"]["a"].get("detail").is_none());
+        let at = json["at"].as_f64().unwrap();
+        assert!(at > 1.6e9, "{at}");
+    }
+
+    #[tokio::test]
+    async fn panicking_check_fails_without_hiding_others() {
+        let checks = [
+            Check::new("boom", || async { panic!("check bug") }),
+            Check::new("fine", || async { Ok(None) }),
+        ];
+        let v = run_checks(&checks, Duration::from_secs(1)).await;
+        assert_eq!(v.checks["boom"].status, CheckStatus::Failed);
+        assert_eq!(v.checks["boom"].detail.as_deref(), Some("check panicked"));
+        assert_eq!(v.checks["fine"].status, CheckStatus::Ok);
+    }
+
+    #[tokio::test]
+    async fn resources_check_fails_when_threads_reach_the_bound() {
+        let gauges = Arc::new(ProcGauges::new(Duration::from_secs(60)));
+        let v = run_checks(
+            &[resources_check(1, gauges.clone())],
+            Duration::from_secs(1),
+        )
+        .await;
+        let r = &v.checks["resources"];
+        assert_eq!(r.status, CheckStatus::Failed);
+        assert!(
+            r.detail.as_deref().unwrap().contains("max_threads"),
+            "{r:?}"
+        );
+        // A fresh reading also refreshed the cache /health reads.
+        assert!(gauges.refreshes() >= 1);
+
+        let v = run_checks(&[resources_check(1 << 20, gauges)], Duration::from_secs(1)).await;
+        let r = &v.checks["resources"];
+        assert_eq!(r.status, CheckStatus::Ok, "{r:?}");
+        let detail = r.detail.as_deref().unwrap();
+        assert!(
+            detail.starts_with("fds ") && detail.contains(", threads "),
+            "{detail}"
+        );
+    }
+}
