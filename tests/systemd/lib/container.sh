@@ -15,7 +15,7 @@
 # with the container), the network is private (loopback only).
 
 CT_NAME=${CT_NAME:-agentd-e2e-$$}
-CT_CGROUP=agentd-e2e-$CT_NAME
+CT_CGROUP=$CT_NAME
 CT_PAYLOAD= # host dir, read-only at /run/e2e inside the container
 CT_NSPAWN_PID=
 CT_LEADER=
