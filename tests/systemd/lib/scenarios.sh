@@ -301,7 +301,7 @@ scenario_socket() {
   local n0 pid0
   n0=$(prop NRestarts)
   pid0=$(prop MainPID)
-  C journalctl --no-pager -q -u "$UNIT" -n 50 | grep -i 'listening' | tail -n 1 | sed 's/^/    /'
+  C journalctl --no-pager -q -u "$UNIT" -n 50 | grep -Ei 'listening|socket passed' | tail -n 2 | sed 's/^/    /'
   cli probe --seconds 12 --timeout 14 >"$W/probe-socket.json" &
   local probe_pid=$! out restarted=no
   sleep 1
