@@ -4,6 +4,7 @@
 
 UNIT=agentd.service
 # Where the dynamic user's state directory really lives (DynamicUser=yes).
+# shellcheck disable=SC2034 # used by scenarios.sh
 STATE_DIR=/var/lib/private/agentd
 CONFIG=/etc/agentd/agentd.toml
 

@@ -37,7 +37,7 @@ ct_cgroup_dirs() {
 # ct_boot PAYLOAD_DIR LOG: boot the container; sets CT_LEADER.
 ct_boot() {
   CT_PAYLOAD=$1
-  local log=$2 d i c st
+  local log=$2 d c st
   ct_cgroup_dirs
   for d in "${CT_CGDIRS[@]}"; do mkdir -p "$d"; done
   # The sh moves itself into the dedicated cgroup(s), then execs nspawn (same PID).
@@ -48,7 +48,7 @@ ct_boot() {
       --overlay=/usr::/usr --bind-ro="$CT_PAYLOAD":/run/e2e \
       -- systemd.firstboot=off >"$log" 2>&1 </dev/null &
   CT_NSPAWN_PID=$!
-  for i in $(seq 200); do
+  for _ in $(seq 200); do
     for c in $(pgrep -P "$CT_NSPAWN_PID" || true); do
       if [ "$(cat "/proc/$c/comm" 2>/dev/null)" = systemd ] &&
         [ "$(readlink "/proc/$c/ns/pid")" != "$(readlink /proc/self/ns/pid)" ]; then
@@ -64,7 +64,7 @@ ct_boot() {
     cat "$log" >&2
     return 1
   fi
-  for i in $(seq 300); do
+  for _ in $(seq 300); do
     st=$(C systemctl is-system-running 2>/dev/null || true)
     case "$st" in running | degraded) break ;; esac
     sleep 0.1
@@ -106,18 +106,18 @@ N() {
 # ct_teardown: power off, wait for nspawn, remove the cgroups. Idempotent and
 # safe to call when the boot failed half way.
 ct_teardown() {
-  local i d
+  local d
   if [ -n "$CT_NSPAWN_PID" ] && kill -0 "$CT_NSPAWN_PID" 2>/dev/null; then
     if ct_alive; then
       nsenter -t "$CT_LEADER" -a systemctl poweroff --no-block >/dev/null 2>&1 || true
     fi
-    for i in $(seq 150); do
+    for _ in $(seq 150); do
       kill -0 "$CT_NSPAWN_PID" 2>/dev/null || break
       sleep 0.1
     done
     # nspawn turns SIGTERM into an orderly shutdown of the container.
     kill -0 "$CT_NSPAWN_PID" 2>/dev/null && kill -TERM "$CT_NSPAWN_PID" 2>/dev/null
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
       kill -0 "$CT_NSPAWN_PID" 2>/dev/null || break
       sleep 0.1
     done
@@ -128,7 +128,7 @@ ct_teardown() {
   local pid
   for d in "${CT_CGDIRS[@]}"; do
     [ -d "$d" ] || continue
-    for pid in $(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null); do
+    find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r pid; do
       kill -KILL "$pid" 2>/dev/null
     done
   done

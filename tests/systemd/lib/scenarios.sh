@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # ROW_* are read by run.sh
 # The scenarios of the systemd end-to-end suite. Each one leaves agentd
 # stopped and the container as install_agentd left it, so any subset runs in
 # any order. Results for the final table go to the ROW_* / SUMMARY variables.
@@ -98,7 +98,7 @@ scenario_fault() {
   check "$kind: POST /debug/fault/$kind answered 200" [ "$(jget status <<<"$out")" = 200 ]
 
   # Wait for the watchdog restart, noting the STATUS= agentd showed meanwhile.
-  local degraded= st restarted=no t_wait=$EPOCHREALTIME
+  local degraded='' st restarted=no t_wait=$EPOCHREALTIME
   while le "$(since "$t_wait")" $((WATCHDOG_SEC + 17)); do
     st=$(prop StatusText)
     [[ -z "$degraded" && "$st" == degraded* ]] && degraded=$st
@@ -239,6 +239,7 @@ scenario_reload() {
   set_config 'history_limit = 321'
   cur=$(cursor)
   check "reload: systemctl reload agentd" C timeout 30 systemctl reload "$UNIT"
+  # shellcheck disable=SC2317 # called through wait_for
   reloaded_limit() { [ "$(cli get /health --field diagnostics.conversation_history_limit | jget value)" = 321 ]; }
   check "reload: /health diagnostics.conversation_history_limit became 321" wait_for 5 reloaded_limit
   check "reload: MainPID unchanged ($pid0 -> $(prop MainPID))" [ "$(prop MainPID)" = "$pid0" ]
@@ -261,12 +262,12 @@ runtime_cmd = ["/usr/local/bin/agent-sleep"]'
     set_config ''
     return
   }
-  local i out ids=()
-  for i in 1 2; do
+  local out
+  for _ in 1 2; do
     out=$(cli task --prompt x)
     check "stop: POST /api/task async -> $(jget status <<<"$out")" [ "$(jget status <<<"$out")" = 202 ]
-    ids+=("$(jget execution_id <<<"$out")")
   done
+  # shellcheck disable=SC2317 # called through wait_for
   has_children() { [ -n "$(agent_children)" ]; }
   check "stop: agent processes are running" wait_for 5 has_children
   agent_children | sed 's/^/    /'
@@ -330,8 +331,8 @@ scenario_coldstart() {
   start_agentd && stop_agentd # creates the state directory for the dynamic user
   C sh -euc "rm -f $STATE_DIR/state.db*; cp /run/e2e/state-100mb.db $STATE_DIR/state.db
     chown --reference=$STATE_DIR $STATE_DIR/state.db; chmod 0600 $STATE_DIR/state.db"
-  local i t_exec t_ready ms times=()
-  for i in 1 2 3 4 5; do
+  local t_exec t_ready ms times=()
+  for _ in 1 2 3 4 5; do
     stop_agentd
     if ! start_agentd; then
       fail "coldstart: systemctl start agentd with the 100 MB state.db"
