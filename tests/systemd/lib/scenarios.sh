@@ -288,6 +288,39 @@ runtime_cmd = ["/usr/local/bin/agent-sleep"]'
     bash -c "! grep -Eq 'SIGKILL|timed out' <<<\"\$1\"" _ "$(journal_since "$cur")"
   journal_since "$cur" | tail -n 6 | sed 's/^/    /'
   SUMMARY+=("systemctl stop with 2 running executions: $dur s, exit 0, no agent process left")
+
+  # KillMode=control-group signals the agents too; with SIGTERM to agentd
+  # alone, agentd must stop its agents itself (SIGINT, grace, SIGTERM, ...).
+  section "SIGTERM to agentd alone: agentd stops its own agents"
+  start_agentd || {
+    fail "stop: systemctl start agentd"
+    set_config ''
+    return
+  }
+  local inv signals stalled
+  inv=$(prop InvocationID)
+  out=$(cli task --prompt x)
+  check "stop: POST /api/task async -> $(jget status <<<"$out")" [ "$(jget status <<<"$out")" = 202 ]
+  check "stop: agent process is running" wait_for 5 has_children
+  t0=$EPOCHREALTIME
+  C systemctl kill --kill-who=main --signal=SIGTERM "$UNIT"
+  # shellcheck disable=SC2317 # called through wait_for
+  stopped() { case "$(prop ActiveState)" in inactive | failed) return 0 ;; esac; return 1; }
+  check "stop: agentd exited after SIGTERM" wait_for 40 stopped
+  dur=$(since "$t0")
+  signals=$(C journalctl --no-pager -q -o cat -u "$UNIT" "_SYSTEMD_INVOCATION_ID=$inv" SYSLOG_IDENTIFIER=agent-sleep |
+    grep -Eo 'SIGINT|SIGTERM' | paste -sd' ')
+  log "agentd exited $dur s after SIGTERM; the agent received: ${signals:-no catchable signal}"
+  check "stop: agentd sent its agent SIGINT first (got: ${signals:-none})" [ "${signals%% *}" = SIGINT ]
+  local result
+  result="$(prop Result)/$(prop ExecMainStatus)"
+  check "stop: Result=success, exit status 0 ($result)" [ "$result" = success/0 ]
+  check "stop: no agent process left" [ -z "$(agent_children)" ]
+  stalled=$(C journalctl --no-pager -q -u "$UNIT" "_SYSTEMD_INVOCATION_ID=$inv" HEALTH_CHECK=health_loop | wc -l)
+  if [ "$stalled" -gt 0 ]; then
+    log "  note: during this orderly stop the sentinel logged $stalled 'health loop stalled' records"
+  fi
+  SUMMARY+=("SIGTERM to agentd alone with a running agent: exit 0 after $dur s; agent got: ${signals:-none}; sentinel stall records during the stop: $stalled")
   set_config ''
 }
 
