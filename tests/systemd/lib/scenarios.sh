@@ -387,3 +387,28 @@ scenario_coldstart() {
   SUMMARY+=("cold start, exec to READY=1, 100 MB state.db (${#times[@]} starts): ${times[*]} ms (target < 300 ms)")
   stop_agentd
 }
+
+scenario_badconfig() {
+  section "an invalid config fails the start once, with no restart loop"
+  stop_agentd
+  set_config 'history_limit = 100
+max_concurrent = "lots"'
+  local cur
+  cur=$(cursor)
+  if start_agentd 2>/dev/null; then
+    fail "badconfig: systemctl start succeeded with an invalid config"
+  else
+    ok "badconfig: systemctl start failed"
+  fi
+  sleep 1.5 # longer than RestartSec=: a restart would have happened by now
+  local st
+  st="$(prop Result)/$(prop ExecMainStatus)/$(prop NRestarts)"
+  check "badconfig: Result=exit-code, exit status 2, no restart ($st)" [ "$st" = exit-code/2/0 ]
+  local status_text
+  status_text=$(prop StatusText)
+  check "badconfig: STATUS= names the setting" grep -q max_concurrent <<<"$status_text"
+  journal_since "$cur" | grep -E 'agentd\[|exit' | head -n 4 | sed 's/^/    /'
+  SUMMARY+=("invalid config: start fails with exit status 2, no restart loop; STATUS=$status_text")
+  set_config ''
+  C systemctl reset-failed "$UNIT"
+}
