@@ -128,9 +128,10 @@ fn timeout_result(deadline: Duration) -> CheckResult {
 ///
 /// One task per check means a slow check cannot hide another's result, and a
 /// check past its deadline is dropped by its timeout (its task ends). A check
-/// that blocks its thread instead of awaiting cannot be interrupted; it is
-/// reported as `Timeout` when the margin runs out and its task is aborted, which
-/// takes effect whenever it next yields.
+/// that blocks its thread instead of awaiting cannot be interrupted; as long
+/// as the runner itself runs on another thread (a multi-thread runtime, or a
+/// runtime of its own), that check is reported as `Timeout` when the margin
+/// runs out and its task is aborted, which takes effect when it next yields.
 pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
     let at = SystemTime::now();
     let started = Instant::now();

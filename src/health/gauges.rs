@@ -205,7 +205,7 @@ fn for_each_fd(mut visit: impl FnMut(i32) -> bool) -> Option<()> {
             let Some(fd) = name.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
                 continue; // "." and ".."
             };
-            if !visit(fd) {
+            if fd != own && !visit(fd) {
                 break;
             }
         }
@@ -364,12 +364,18 @@ mod tests {
     }
 
     #[test]
-    fn threads_lists_the_named_current_thread() {
+    fn threads_lists_a_named_thread() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::Builder::new()
             .name("gauge-probe".into())
-            .spawn(move || rx.recv().ok())
+            .spawn(move || {
+                // The new thread names itself; only list it once it runs.
+                started_tx.send(()).unwrap();
+                rx.recv().ok()
+            })
             .unwrap();
+        started.recv().unwrap();
         let list = threads();
         let _ = tx.send(());
         worker.join().unwrap();

@@ -56,7 +56,7 @@ pub fn self_probe_check(target: ProbeTarget, path_and_query: &'static str) -> Ch
                     request(stream, "localhost", path_and_query).await?
                 }
             };
-            if true {
+            if status == StatusCode::OK {
                 Ok(Some("HTTP 200".into()))
             } else {
                 Err(format!("HTTP {}", status.as_u16()))

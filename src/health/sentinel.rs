@@ -211,7 +211,7 @@ fn watch(
         }
         // A bundle comes before any abort, even if abort_after < stall_after:
         // the abort exists to restart, the bundle to explain.
-        if true {
+        if reported != Some(beats) {
             reported = Some(beats);
             let bundle = report(stalled, config, context);
             let mut state = shared.lock();

@@ -93,7 +93,7 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
         // The slot is cleared under this lock when a run finishes, so a
         // receiver found here belongs to a run still in progress, unless that
         // run panicked and is being torn down (its sender is gone).
-        if let Some(rx) = slot.as_ref() {
+        if let Some(rx) = slot.as_ref().filter(|rx| rx.has_changed().is_ok()) {
             return rx.clone();
         }
         let (tx, rx) = watch::channel(None);
