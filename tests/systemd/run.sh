@@ -6,7 +6,7 @@
 # acknowledged message lost, no false positives under load, reload, stop,
 # socket activation, the sandbox's exposure score and the cold-start time.
 #
-#   sudo bash tests/systemd/run.sh                 # everything (about 3 minutes)
+#   sudo bash tests/systemd/run.sh                 # everything (about 100 s)
 #   sudo bash tests/systemd/run.sh faults socket   # some scenarios
 #   E2E_FAULTS="hang-store" sudo -E bash tests/systemd/run.sh faults
 #
