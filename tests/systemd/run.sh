@@ -19,6 +19,7 @@
 # when missing and apt-get exists). The container has a private network: all
 # traffic stays on its loopback. Teardown (power-off, cgroup removal) runs on
 # every exit path.
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

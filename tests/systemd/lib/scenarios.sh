@@ -45,7 +45,8 @@ scenario_security() {
   score=$(printf '%s\n' "$out" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
   log "systemd-analyze security $UNIT: exposure ${score:-?}"
   check "exposure ${score:-?} <= 2.0" le "${score:-99}" 2.0
-  SUMMARY+=("security exposure (systemd-analyze security, in the container): ${score:-?}")
+  SUMMARY+=("security exposure (systemd-analyze security, in the container): ${score:-?} $(printf '%s\n' "$out" |
+    sed -n 's/.*Overall exposure level for [^:]*: [0-9.]* \([A-Z]*\).*/\1/p')")
 
   # For the docs: what the Claude Code drop-in costs (the unit is not started).
   C sh -c 'install -m 0644 /run/e2e/systemd/claude-code.conf /etc/systemd/system/agentd.service.d/ &&
