@@ -159,6 +159,14 @@ print(" ".join(sorted({json.loads(l).get("HEALTH_CHECK") or "" for l in sys.stdi
     bundles=$(C sh -c "ls $STATE_DIR/diagnostics 2>/dev/null | wc -l")
     check "$kind: diagnostics bundle written under \$STATE_DIRECTORY/diagnostics ($bundles files)" \
       [ "${bundles:-0}" -gt 0 ]
+    C sh -c "cat \"\$(ls -d $STATE_DIR/diagnostics/*.json | tail -n 1)\"" 2>/dev/null | "$PY" -c '
+import json, sys
+b = json.load(sys.stdin)
+threads = b.get("threads") or []
+print("    bundle: reason=%r stalled_ms=%s threads=%d (%s) fds=%d" % (
+    b.get("reason"), b.get("stalled_ms"), len(threads),
+    ", ".join(sorted({"%s:%s" % (t.get("name"), t.get("state")) for t in threads if isinstance(t, dict)}))[:200],
+    len(b.get("fds") or [])))' || log "  (bundle unreadable)"
   fi
 
   local status_line
