@@ -34,6 +34,13 @@ const RETENTION_SWEEP_EVERY: u64 = 1024;
 /// `sqlite3` shell); our own thread never contends with itself.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest a caller waits for the store thread's answer once its request is
+/// queued. A hung database turns into errors (and a failing `store` check, so
+/// the watchdog restarts agentd) instead of requests that never end. A request
+/// that timed out may still commit later: it was not acknowledged, so nothing
+/// acknowledged is lost.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sessions listed by `session_counts`; the totals still count all of them.
 pub const MAX_SESSIONS_LISTED: usize = 1000;
 
@@ -63,6 +70,8 @@ pub enum StoreError {
     Busy(Duration),
     #[error("the store has stopped")]
     Stopped,
+    #[error("the store did not answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -192,7 +201,10 @@ impl Store {
             Err(_) => return Err(StoreError::Busy(self.enqueue_timeout)),
         };
         permit.send(make(reply));
-        rx.await.map_err(|_| StoreError::Stopped)?
+        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            Ok(answer) => answer.map_err(|_| StoreError::Stopped)?,
+            Err(_) => Err(StoreError::NoAnswer(REPLY_TIMEOUT)),
+        }
     }
 
     /// Durably append messages; returns after they are committed.

@@ -6,14 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
 
 use common::notify::{has_line, NotifyReceiver};
 use common::Daemon;
 
 /// `WATCHDOG_USEC` used by these tests: interval 0.5 s, deadline 0.25 s.
 const WATCHDOG_USEC: &str = "1500000";
-const INTERVAL: Duration = Duration::from_millis(500);
 
 fn is_ping(m: &str) -> bool {
     has_line(m, "WATCHDOG=1")
@@ -38,10 +36,6 @@ fn start(receiver: &NotifyReceiver, dir: &Path, extra: &[(&str, &str)]) -> Daemo
         d.log_text()
     );
     d
-}
-
-fn mtime(p: &Path) -> SystemTime {
-    std::fs::metadata(p).unwrap().modified().unwrap()
 }
 
 #[test]
@@ -181,6 +175,13 @@ fn a_startup_failure_reports_status_failed() {
 #[cfg(feature = "fault-injection")]
 mod faults {
     use super::*;
+    use std::time::{Duration, Instant, SystemTime};
+
+    const INTERVAL: Duration = Duration::from_millis(500);
+
+    fn mtime(p: &Path) -> SystemTime {
+        std::fs::metadata(p).unwrap().modified().unwrap()
+    }
 
     /// Inject `kind`, then prove: pings stop within two intervals, the
     /// keepalive file stops advancing, and (unless the loop itself is wedged)

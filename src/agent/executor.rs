@@ -30,6 +30,9 @@ pub enum Phase {
 }
 
 /// What a finished execution produced.
+// One value per execution, stored once behind its mutex: the size difference
+// between variants costs nothing, boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Finish {
     /// It ran; the outcome and its classification.

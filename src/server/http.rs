@@ -123,7 +123,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Busy(_) | StoreError::Stopped => ApiError::Unavailable(e.to_string()),
+            StoreError::Busy(_) | StoreError::Stopped | StoreError::NoAnswer(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

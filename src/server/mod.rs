@@ -48,6 +48,11 @@ const REJECT_BUDGET: Duration = Duration::from_millis(500);
 /// turn the accept loop into a busy spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// At most one accept-error warning per this period; the rest are counted
+/// (`accept_errors` in `/health`) and logged at debug, so an fd storm cannot
+/// flood the journal.
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Body of the over-limit answer, written by hand: no hyper connection (and no
 /// allocation per byte) is spent on a connection we will not serve.
 const OVER_LIMIT_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -102,6 +107,7 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
         .loopback_listener
         .store(listener.is_loopback(), Relaxed);
     let mut shutdown = pin!(shutdown);
+    let mut last_accept_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -116,8 +122,13 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
         let conn = match accepted {
             Ok(conn) => conn,
             Err(e) => {
-                app.stats.accept_errors.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "accept failed; backing off");
+                let total = app.stats.accept_errors.fetch_add(1, Relaxed) + 1;
+                if last_accept_warning.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_EVERY) {
+                    last_accept_warning = Some(Instant::now());
+                    tracing::warn!(error = %e, accept_errors_total = total, "accept failed; backing off");
+                } else {
+                    tracing::debug!(error = %e, "accept failed; backing off");
+                }
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 continue;
             }

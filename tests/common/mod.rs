@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentd::agent::runtime::{Echo, Runtime};
+use agentd::agent::runtime::Runtime;
 use agentd::app::{App, Lifecycle};
 use agentd::config::{Config, Overrides};
 use agentd::daemon;
@@ -174,7 +174,9 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(vars: &[(&str, &str)], state_dir: &Path) -> TestServer {
-        Self::start_with(config(vars, state_dir), Arc::new(Echo)).await
+        let config = config(vars, state_dir);
+        let runtime = agentd::agent::runtimes::build_runtime(&config.runtime);
+        Self::start_with(config, runtime).await
     }
 
     pub async fn start_with(config: Config, runtime: Arc<dyn Runtime>) -> TestServer {

@@ -1,0 +1,408 @@
+//! Tasks, chats and executions over HTTP with real child processes: the
+//! classification table end to end, the executor's bounds and ordering,
+//! termination, streaming, and a flat resource count over 1,000 tasks.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{get, post_json, request, Conn, Daemon, TestServer};
+use serde_json::{json, Value};
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Settings for the `command` runtime running `cmd`, with short grace periods.
+fn command_runtime(cmd: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AGENTD_RUNTIME", "command".into()),
+        ("AGENTD_RUNTIME_CMD", cmd.into()),
+        ("AGENTD_KILL_GRACE", "200ms".into()),
+        ("AGENTD_PIPE_DRAIN", "100ms".into()),
+    ]
+}
+
+async fn start(vars: &[(&'static str, String)], dir: &std::path::Path) -> TestServer {
+    let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    TestServer::start(&v, dir).await
+}
+
+/// Pids whose process group is `pgid` (scanning `/proc`).
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the `(comm)`: state ppid pgrp ...
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields.get(2).and_then(|p| p.parse::<u32>().ok()) == Some(pgid) && fields[0] != "Z" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn chat_with_cat_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&command_runtime("cat"), dir.path()).await;
+    let r = post_json(
+        server.addr,
+        "/api/chat",
+        &json!({"message": "through a real child"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["response"], "through a real child");
+    let h = get(server.addr, "/api/chat/history").await.json();
+    assert_eq!(h["messages"][1]["content"], "through a real child");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_classification_row_over_http() {
+    let rows: Vec<(&str, u16, &str, Option<&str>)> = vec![
+        ("stream-json.sh", 200, "success", None),
+        ("plain-text.sh", 200, "success", None),
+        ("empty-result.sh", 200, "success", None),
+        ("silent.sh", 502, "failed", Some("empty_result")),
+        ("fail-stderr.sh", 500, "failed", Some("nonzero_exit")),
+        ("rate-limited.sh", 429, "failed", Some("rate_limited")),
+        (
+            "/nonexistent/agent-cli",
+            502,
+            "failed",
+            Some("runtime_unavailable"),
+        ),
+    ];
+    for (cmd, status, word, code) in rows {
+        let dir = tempfile::tempdir().unwrap();
+        let path = if cmd.starts_with('/') {
+            cmd.to_owned()
+        } else {
+            fixture(cmd)
+        };
+        let server = start(&command_runtime(&path), dir.path()).await;
+        let r = post_json(server.addr, "/api/task", &json!({"prompt": "go"})).await;
+        let body = r.json();
+        assert_eq!(r.status, status, "{cmd}: {body}");
+        assert_eq!(body["status"], word, "{cmd}: {body}");
+        assert_eq!(body["error"]["code"].as_str(), code, "{cmd}: {body}");
+        if cmd == "empty-result.sh" {
+            assert_eq!(body["response"], "(task completed with no direct output)");
+        }
+        if cmd == "fail-stderr.sh" {
+            assert_eq!(body["metadata"]["exit_code"], 3);
+            assert!(body["stderr_tail"]
+                .as_str()
+                .unwrap()
+                .contains("cannot reach the model"));
+        }
+        if cmd.starts_with('/') {
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("agent-cli"),
+                "{body}"
+            );
+        }
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn timeout_gives_504_and_kills_the_whole_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&command_runtime(&fixture("stubborn.sh")), dir.path()).await;
+    let r = post_json(
+        server.addr,
+        "/api/task",
+        &json!({"prompt": "x", "timeout_s": 0.5, "async": true}),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    // Poll the execution until it is finished (bounded).
+    let mut conn = Conn::open(server.addr).await.unwrap();
+    let mut pid = None;
+    let finished = loop {
+        let e = conn.get(&format!("/api/executions/{id}")).await.json();
+        if pid.is_none() {
+            pid = e["pid"].as_u64();
+        }
+        if e["finished_at"].is_number() {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(finished["status"], "timeout", "{finished}");
+    assert_eq!(finished["http_status"], 504);
+    let pgid = pid.expect("the child had a pid") as u32;
+    assert!(
+        group_members(pgid).is_empty(),
+        "group {pgid} survived: {:?}",
+        group_members(pgid)
+    );
+    drop(conn);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn terminate_cancels_a_running_task_and_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&command_runtime(&fixture("sleepy.sh")), dir.path()).await;
+    let r = post_json(
+        server.addr,
+        "/api/task",
+        &json!({"prompt": "x", "async": true}),
+    )
+    .await;
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    // Wait until it runs and has a pid.
+    let mut conn = Conn::open(server.addr).await.unwrap();
+    let pid = loop {
+        let running = conn.get("/api/executions/running").await.json();
+        if let Some(e) = running["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["execution_id"] == id.as_str())
+        {
+            if let Some(pid) = e["pid"].as_u64() {
+                assert_eq!(e["kind"], "task");
+                break pid as u32;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let t = conn
+        .send(
+            "POST",
+            &format!("/api/executions/{id}/terminate"),
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(t.json()["status"], "cancelled");
+    assert!(group_members(pid).is_empty(), "group {pid} survived");
+    let unknown = conn
+        .send("POST", "/api/executions/nope/terminate", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+    drop(conn);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn full_executor_answers_429_and_cancelled_queued_work_answers_409() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = command_runtime(&fixture("sleepy.sh"));
+    vars.push(("AGENTD_MAX_CONCURRENT", "1".into()));
+    vars.push(("AGENTD_MAX_QUEUE", "1".into()));
+    let server = start(&vars, dir.path()).await;
+    let a = server.addr;
+    let first = post_json(a, "/api/task", &json!({"prompt": "1", "async": true}))
+        .await
+        .json();
+    // The second waits for the only slot: a synchronous request.
+    let waiting =
+        tokio::spawn(async move { post_json(a, "/api/task", &json!({"prompt": "2"})).await });
+    let mut conn = Conn::open(a).await.unwrap();
+    loop {
+        if conn.get("/api/executions/running").await.json()["queued"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let third = post_json(a, "/api/task", &json!({"prompt": "3"})).await;
+    assert_eq!(third.status, 429, "{}", third.text());
+    assert_eq!(third.headers["retry-after"], "1");
+    // Cancel the queued one: its waiting request gets 409.
+    let queued_id = server
+        .app
+        .executor
+        .active()
+        .into_iter()
+        .find(|e| e.phase() == agentd::agent::executor::Phase::Queued)
+        .unwrap()
+        .id
+        .clone();
+    conn.send(
+        "POST",
+        &format!("/api/executions/{queued_id}/terminate"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json()["status"], "cancelled");
+    let id = first["execution_id"].as_str().unwrap();
+    conn.send(
+        "POST",
+        &format!("/api/executions/{id}/terminate"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn chats_of_one_session_run_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = command_runtime("cat");
+    vars.push(("AGENTD_MAX_CONCURRENT", "4".into()));
+    let server = start(&vars, dir.path()).await;
+    let a = server.addr;
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(async move {
+                // Stagger submissions so arrival order is defined.
+                tokio::time::sleep(Duration::from_millis(i * 15)).await;
+                post_json(
+                    a,
+                    "/api/chat",
+                    &json!({"message": format!("n{i}"), "session_id": "ordered"}),
+                )
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let h = get(a, "/api/chat/history?session_id=ordered").await.json();
+    let users: Vec<&str> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn stream_sends_output_then_end() {
+    let dir = tempfile::tempdir().unwrap();
+    // Output starts after the subscriber joined: a stream carries output from
+    // subscription on (the `end` event carries the whole result).
+    let server = start(
+        &command_runtime("sh -c 'sleep 0.3; echo late-output; sleep 30'"),
+        dir.path(),
+    )
+    .await;
+    let r = post_json(
+        server.addr,
+        "/api/task",
+        &json!({"prompt": "x", "async": true, "timeout_s": 1.5}),
+    )
+    .await;
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    let s = request(
+        server.addr,
+        "GET",
+        &format!("/api/executions/{id}/stream"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(s.status, 200);
+    assert_eq!(s.headers["content-type"], "text/event-stream");
+    let text = s.text();
+    assert!(text.contains("data: late-output"), "{text}");
+    let end = text
+        .split("event: end\ndata: ")
+        .nth(1)
+        .expect("an end event");
+    let end: Value = serde_json::from_str(end.trim()).unwrap();
+    assert_eq!(end["status"], "timeout");
+    let missing = request(
+        server.addr,
+        "GET",
+        "/api/executions/none/stream",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    server.stop().await;
+}
+
+/// 1,000 sequential tasks whose agent leaves a grandchild holding its stdout:
+/// threads, open fds and child processes of the server end where they began.
+#[test]
+fn thousand_grandchild_tasks_leave_counts_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = format!("{} 0.2", fixture("grandchild.sh"));
+    let d = Daemon::start(
+        &[
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", &cmd),
+            ("AGENTD_PIPE_DRAIN", "20ms"),
+            ("AGENTD_KILL_GRACE", "200ms"),
+            ("AGENTD_HEALTH_INTERVAL", "1h"),
+        ],
+        dir.path(),
+    );
+    let pid = d.pid();
+    let count = |what: &str| -> usize {
+        match what {
+            "threads" => std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .count(),
+            "fds" => d.open_fds(),
+            _ => std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
+                        let after = &s[s.rfind(')').unwrap() + 2..];
+                        after.split_whitespace().nth(1) == Some(&pid.to_string())
+                    })
+                })
+                .count(),
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = rt.block_on(Conn::open(d.addr)).unwrap();
+    let body = serde_json::to_vec(&json!({"prompt": "p"})).unwrap();
+    let run = |conn: &mut Conn| {
+        let r = rt
+            .block_on(conn.send("POST", "/api/task", &[], body.clone()))
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    run(&mut conn);
+    let before = (count("threads"), count("fds"), count("children"));
+    for _ in 0..1000 {
+        run(&mut conn);
+    }
+    let after = (count("threads"), count("fds"), count("children"));
+    eprintln!("threads, fds, children: before {before:?}, after {after:?}");
+    assert_eq!(after.1, before.1, "open fds");
+    assert_eq!(after.2, 0, "no child process left");
+    // tokio's blocking pool may keep an idle thread it had before; never more.
+    assert!(after.0 <= before.0, "threads grew: {before:?} -> {after:?}");
+}
