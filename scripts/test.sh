@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (with
-# the fault-injection feature the wedge tests need).
+# the fault-injection feature the wedge tests need), then, as root, the
+# end-to-end suite under a real systemd booted in systemd-nspawn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+echo "== cargo clippy (default features, then all features)"
 cargo clippy --locked --all-targets -- -D warnings
 cargo clippy --locked --all-targets --all-features -- -D warnings
 echo "== cargo test"
-cargo test --locked --all-features
+cargo test --locked --all-features --lib --bins --tests 2>&1 | tee "$log"
+read -r passed failed < <(awk '/^test result:/ {
+  for (i = 2; i <= NF; i++) { if ($i ~ /^passed;/) p += $(i-1); if ($i ~ /^failed;/) f += $(i-1) }
+} END { print p + 0, f + 0 }' "$log")
+
+echo "== systemd end-to-end (real systemd in systemd-nspawn)"
+if [ "$(id -u)" = 0 ]; then
+  bash tests/systemd/run.sh 2>&1 | tee "$log"
+  read -r checks e2e_failed < <(grep -oE 'checks: [0-9]+, failed: [0-9]+' "$log" | tail -n1 | tr -dc '0-9 \n' | awk '{print $1, $2}')
+  passed=$((passed + checks - e2e_failed))
+  failed=$((failed + e2e_failed))
+else
+  echo "skipped: needs root (sudo bash tests/systemd/run.sh)"
+fi
+echo
+echo "total: $passed passed, $failed failed"

@@ -67,7 +67,10 @@ pub fn serve(overrides: Overrides) -> ExitCode {
         outcome = ?rlimit.outcome,
         soft = rlimit.soft,
         hard = rlimit.hard,
-        "RLIMIT_NOFILE"
+        "RLIMIT_NOFILE {:?}: soft {}, hard {}",
+        rlimit.outcome,
+        rlimit.soft,
+        rlimit.hard
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -126,7 +129,15 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     };
     tracing::info!("listening on {}", listener.describe());
     spawn_signal_handlers(app.clone());
-    let sentinel = spawn_sentinel(&app);
+    // The health loop ends when shutdown starts, so the sentinel must too: a
+    // drain that waits out an agent's grace period is not a stall.
+    if let Some(sentinel) = spawn_sentinel(&app) {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.triggered().await;
+            let _ = tokio::task::spawn_blocking(move || sentinel.stop()).await;
+        });
+    }
 
     let (serving, first_pass) = start_serving(&app, listener);
     notifier.status("starting: waiting for the first passing health check");
@@ -135,10 +146,11 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
             app.set_lifecycle(Lifecycle::Running);
             notifier.ready();
             notifier.status(&watchdog::status_line(&app));
+            let (mode, interval_ms) = (app.health.mode, app.health.interval.as_millis() as u64);
             tracing::info!(
-                mode = ?app.health.mode,
-                interval_ms = app.health.interval.as_millis() as u64,
-                "ready"
+                ?mode,
+                interval_ms,
+                "ready: watchdog mode {mode:?}, health tick every {interval_ms} ms"
             );
         }
         _ = shutdown.triggered() => {}
@@ -159,9 +171,6 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
         tracing::error!("closing the store: {e}");
     }
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    if let Some(s) = sentinel {
-        s.stop();
-    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -138,6 +138,52 @@ fn sighup_reloads_the_config_file_without_a_restart() {
     assert_eq!(d.wait(), Some(0));
 }
 
+/// SIGTERM while an agent ignores SIGINT/SIGTERM: the stop waits out two
+/// grace periods (longer than the sentinel's stall threshold), and that is not
+/// reported as a stalled loop.
+#[test]
+fn an_orderly_stop_is_not_reported_as_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = NotifyReceiver::path();
+    let stubborn = format!("{}/tests/fixtures/stubborn.sh", env!("CARGO_MANIFEST_DIR"));
+    let mut d = start(
+        &rx,
+        dir.path(),
+        &[
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", &stubborn),
+            ("AGENTD_KILL_GRACE", "1s"),
+            ("AGENTD_DRAIN_TIMEOUT", "0"),
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let r = common::post_json(
+            d.addr,
+            "/api/task",
+            &serde_json::json!({"prompt": "x", "async": true}),
+        )
+        .await;
+        assert_eq!(r.status, 202);
+        let mut conn = common::Conn::open(d.addr).await.unwrap();
+        while conn.get("/api/executions/running").await.json()["executions"][0]["pid"].is_null() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let stopping = std::time::Instant::now();
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait(), Some(0));
+    assert!(
+        stopping.elapsed() >= std::time::Duration::from_secs(2),
+        "both grace periods ran"
+    );
+    let bundles = std::fs::read_dir(dir.path().join("diagnostics"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(bundles, 0, "no diagnostics bundle for an orderly stop");
+    assert!(!d.log_text().contains("health_loop"), "{}", d.log_text());
+}
+
 #[test]
 fn a_startup_failure_reports_status_failed() {
     let dir = tempfile::tempdir().unwrap();
