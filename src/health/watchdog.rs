@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::checks::{run_checks, Check, CheckStatus, Verdict};
 use super::gauges::ProcGauges;
@@ -41,6 +42,52 @@ pub enum WatchdogMode {
     Off,
 }
 
+/// A verdict as `/health` serves it: the checks are rendered to JSON once per
+/// tick, not once per request, so `/health` stays as cheap as a bare answer.
+pub struct Published {
+    pub verdict: Verdict,
+    pub checks_json: Box<RawValue>,
+}
+
+impl Published {
+    pub fn new(verdict: Verdict) -> Published {
+        let checks_json = render_checks(&verdict);
+        Published {
+            verdict,
+            checks_json,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CheckJson<'a> {
+    status: CheckStatus,
+    /// Rounded to 0.01 ms: finer digits are noise.
+    ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+/// `{"<check>": {"status", "ms", "detail"?}, ...}`
+pub fn render_checks(verdict: &Verdict) -> Box<RawValue> {
+    let map: std::collections::BTreeMap<&str, CheckJson<'_>> = verdict
+        .checks
+        .iter()
+        .map(|(name, r)| {
+            (
+                *name,
+                CheckJson {
+                    status: r.status,
+                    ms: (r.ms * 100.0).round() / 100.0,
+                    detail: r.detail.as_deref(),
+                },
+            )
+        })
+        .collect();
+    serde_json::value::to_raw_value(&map)
+        .unwrap_or_else(|_| RawValue::from_string("{}".to_owned()).expect("valid JSON"))
+}
+
 /// Fraction of the systemd watchdog timeout used as the tick interval: one
 /// failed (or late) tick is tolerated, two are not.
 const WATCHDOG_DIVISOR: u32 = 3;
@@ -59,8 +106,8 @@ pub struct HealthState {
     pub heartbeat: Arc<Heartbeat>,
     keepalive_file: Option<PathBuf>,
     trigger_after: Option<u32>,
-    /// The last tick's verdict.
-    pub last: ArcSwapOption<Verdict>,
+    /// The last tick's verdict, with its checks already rendered for `/health`.
+    pub last: ArcSwapOption<Published>,
     pub last_tick_ms: AtomicU64,
     pub last_ok_ms: AtomicU64,
     pub consecutive_failures: AtomicU32,
@@ -145,6 +192,7 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     let health = app.health.clone();
     let mut first_pass = Some(first_pass);
     let mut failing: BTreeSet<&'static str> = BTreeSet::new();
+    let mut status = StatusLine::default();
     let mut ticker = tokio::time::interval(health.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -152,7 +200,7 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
             _ = ticker.tick() => {}
             _ = app.shutdown.triggered() => return,
         }
-        let passed = tick(&app, &mut failing).await;
+        let passed = tick(&app, &mut failing, &mut status).await;
         if passed {
             if let Some(tx) = first_pass.take() {
                 let _ = tx.send(());
@@ -162,7 +210,11 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
 }
 
 /// One tick. Returns whether every check passed.
-async fn tick(app: &Arc<App>, failing: &mut BTreeSet<&'static str>) -> bool {
+async fn tick(
+    app: &Arc<App>,
+    failing: &mut BTreeSet<&'static str>,
+    status: &mut StatusLine,
+) -> bool {
     let health = &app.health;
     let started = Instant::now();
     let verdict = run_checks(health.checks(), health.deadline).await;
@@ -186,14 +238,12 @@ async fn tick(app: &Arc<App>, failing: &mut BTreeSet<&'static str>) -> bool {
                 tracing::warn!(path = %path.display(), error = %e, "cannot touch the keepalive file");
             }
         }
-        health.notifier.status(&status_line(app));
+        status.set(&health.notifier, status_line(app));
     } else {
         let n = health.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if let Some((name, result)) = verdict.first_failure() {
             let detail = result.detail.as_deref().unwrap_or("failed");
-            health
-                .notifier
-                .status(&format!("degraded: {name}: {detail}"));
+            status.set(&health.notifier, format!("degraded: {name}: {detail}"));
         }
         let systemd = matches!(health.mode, WatchdogMode::Systemd | WatchdogMode::Both);
         if systemd && health.trigger_after.is_some_and(|limit| n >= limit) {
@@ -201,8 +251,30 @@ async fn tick(app: &Arc<App>, failing: &mut BTreeSet<&'static str>) -> bool {
             health.notifier.watchdog_trigger();
         }
     }
-    health.last.store(Some(Arc::new(verdict)));
+    health.last.store(Some(Arc::new(Published::new(verdict))));
     passed
+}
+
+/// Ticks between re-sends of an unchanged `STATUS=` line: others (the
+/// sentinel, a reload) may have written a different line meanwhile.
+const STATUS_RESEND_TICKS: u32 = 30;
+
+/// The last `STATUS=` text sent, so an unchanged line is not sent every tick.
+#[derive(Default)]
+struct StatusLine {
+    text: String,
+    unchanged_ticks: u32,
+}
+
+impl StatusLine {
+    fn set(&mut self, notifier: &Notifier, text: String) {
+        self.unchanged_ticks += 1;
+        if text != self.text || self.unchanged_ticks >= STATUS_RESEND_TICKS {
+            notifier.status(&text);
+            self.text = text;
+            self.unchanged_ticks = 0;
+        }
+    }
 }
 
 /// One structured record per transition of a check (failing or recovered),

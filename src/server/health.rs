@@ -7,13 +7,18 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::http::{full, json, ApiError, Body};
 use crate::app::{App, Lifecycle};
-use crate::health::checks::Verdict;
+use crate::health::watchdog::{Published, WatchdogMode};
+use crate::init::rlimit::RlimitOutcome;
+use crate::server::stats::AcceptSnapshot;
 
 fn has_query_flag<B>(req: &Request<B>, name: &str) -> bool {
     req.uri().query().is_some_and(|q| {
@@ -27,65 +32,103 @@ fn has_query_flag<B>(req: &Request<B>, name: &str) -> bool {
     })
 }
 
-/// Seconds since the epoch for a unix-ms atomic (null when never).
-fn at(ms: u64) -> Value {
-    if ms == 0 {
-        Value::Null
-    } else {
-        json!(ms as f64 / 1000.0)
-    }
-}
-
-fn checks_json(verdict: Option<&Verdict>) -> Value {
-    let Some(v) = verdict else {
-        return json!({});
-    };
-    let mut out = serde_json::Map::new();
-    for (name, r) in &v.checks {
-        let mut c = json!({"status": r.status, "ms": (r.ms * 100.0).round() / 100.0});
-        if let Some(d) = &r.detail {
-            c["detail"] = json!(d);
-        }
-        out.insert((*name).to_owned(), c);
-    }
-    Value::Object(out)
+/// Seconds since the epoch for a unix-ms atomic (`None` → null: never).
+fn at(ms: u64) -> Option<f64> {
+    (ms != 0).then(|| ms as f64 / 1000.0)
 }
 
 /// Live gauges: atomics and the cached `/proc` snapshot only.
-fn diagnostics(app: &App) -> Value {
+#[derive(Serialize)]
+pub struct Diagnostics {
+    thread_count: i64,
+    tokio_alive_tasks: i64,
+    running_executions: usize,
+    queued_executions: usize,
+    conversation_history_size: usize,
+    conversation_history_limit: usize,
+    open_fds: i64,
+    fd_soft_limit: i64,
+    fd_hard_limit: i64,
+    rss_bytes: i64,
+    store_queue: usize,
+}
+
+fn diagnostics(app: &App) -> Diagnostics {
     let p = app.health.gauges.get();
     let e = app.executor.gauges();
     let (size, limit) = app.history_gauges();
-    let alive_tasks = tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_alive_tasks() as i64)
-        .unwrap_or(-1);
-    json!({
-        "thread_count": p.thread_count,
-        "tokio_alive_tasks": alive_tasks,
-        "running_executions": e.running,
-        "queued_executions": e.queued,
-        "conversation_history_size": size,
-        "conversation_history_limit": limit,
-        "open_fds": p.open_fds,
-        "fd_soft_limit": p.fd_soft,
-        "fd_hard_limit": p.fd_hard,
-        "rss_bytes": p.rss_bytes,
-        "store_queue": app.store.queued(),
-    })
+    Diagnostics {
+        thread_count: p.thread_count,
+        tokio_alive_tasks: tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_alive_tasks() as i64)
+            .unwrap_or(-1),
+        running_executions: e.running,
+        queued_executions: e.queued,
+        conversation_history_size: size,
+        conversation_history_limit: limit,
+        open_fds: p.open_fds,
+        fd_soft_limit: p.fd_soft,
+        fd_hard_limit: p.fd_hard,
+        rss_bytes: p.rss_bytes,
+        store_queue: app.store.queued(),
+    }
 }
 
-fn watchdog_json(app: &App) -> Value {
+#[derive(Serialize)]
+pub struct WatchdogReport {
+    mode: WatchdogMode,
+    interval_ms: u64,
+    deadline_ms: u64,
+    last_tick_at: Option<f64>,
+    last_ok_at: Option<f64>,
+    consecutive_failures: u32,
+    pings_sent: u64,
+    ticks: u64,
+}
+
+fn watchdog_report(app: &App) -> WatchdogReport {
     let h = &app.health;
-    json!({
-        "mode": h.mode,
-        "interval_ms": h.interval.as_millis() as u64,
-        "deadline_ms": h.deadline.as_millis() as u64,
-        "last_tick_at": at(h.last_tick_ms.load(Relaxed)),
-        "last_ok_at": at(h.last_ok_ms.load(Relaxed)),
-        "consecutive_failures": h.consecutive_failures.load(Relaxed),
-        "pings_sent": h.notifier.pings_sent(),
-        "ticks": h.ticks.load(Relaxed),
-    })
+    WatchdogReport {
+        mode: h.mode,
+        interval_ms: h.interval.as_millis() as u64,
+        deadline_ms: h.deadline.as_millis() as u64,
+        last_tick_at: at(h.last_tick_ms.load(Relaxed)),
+        last_ok_at: at(h.last_ok_ms.load(Relaxed)),
+        consecutive_failures: h.consecutive_failures.load(Relaxed),
+        pings_sent: h.notifier.pings_sent(),
+        ticks: h.ticks.load(Relaxed),
+    }
+}
+
+#[derive(Serialize)]
+struct RlimitJson {
+    outcome: RlimitOutcome,
+    soft: i64,
+    hard: i64,
+}
+
+#[derive(Serialize)]
+struct DeepJson {
+    elapsed_ms: f64,
+    runs: u64,
+}
+
+/// The `/health` body, serialized straight from borrowed values (no JSON
+/// tree is built per request; the checks arrive pre-rendered).
+#[derive(Serialize)]
+struct HealthBody<'a> {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    version: &'static str,
+    uptime_seconds: f64,
+    accept_loop: AcceptSnapshot,
+    diagnostics: Diagnostics,
+    watchdog: WatchdogReport,
+    rlimit_nofile: RlimitJson,
+    checks: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deep: Option<DeepJson>,
 }
 
 /// What the sentinel adds to a diagnostics bundle: gauges and the last verdict.
@@ -93,9 +136,9 @@ pub fn diagnostics_context(app: &App) -> Value {
     let last = app.health.last.load_full();
     json!({
         "diagnostics": diagnostics(app),
-        "watchdog": watchdog_json(app),
+        "watchdog": watchdog_report(app),
         "accept_loop": app.stats.snapshot(),
-        "last_verdict": checks_json(last.as_deref()),
+        "last_verdict": last.as_ref().map(|p| &p.checks_json),
     })
 }
 
@@ -104,16 +147,24 @@ pub fn diagnostics_context(app: &App) -> Value {
 /// checks now, single-flight).
 pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     if has_query_flag(req, "probe") {
-        return json(StatusCode::OK, &json!({"status": "ok"}));
+        let mut resp = Response::new(full(Bytes::from_static(b"{\"status\":\"ok\"}")));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return resp;
     }
     let deep = has_query_flag(req, "deep");
-    let verdict = if deep {
-        Some(app.health.deep().await)
+    let published = if deep {
+        Some(Arc::new(Published::new(
+            app.health.deep().await.as_ref().clone(),
+        )))
     } else {
         app.health.last.load_full()
     };
+    let verdict = published.as_ref().map(|p| &p.verdict);
     let mut detail = None;
-    let status = match (app.lifecycle(), verdict.as_deref()) {
+    let status = match (app.lifecycle(), verdict) {
         (Lifecycle::Stopping, _) => "stopping",
         (_, Some(v)) if !v.passed() => {
             detail = v
@@ -135,24 +186,29 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let r = &app.health.rlimit;
-    let mut body = json!({
-        "status": status,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs_f64(),
-        "accept_loop": app.stats.snapshot(),
-        "diagnostics": diagnostics(app),
-        "watchdog": watchdog_json(app),
-        "rlimit_nofile": {"outcome": r.outcome, "soft": r.soft, "hard": r.hard},
-        "checks": checks_json(verdict.as_deref()),
-    });
-    if let Some(d) = detail {
-        body["detail"] = json!(d);
-    }
-    if deep {
-        if let Some(v) = verdict.as_deref() {
-            body["deep"] = json!({"elapsed_ms": v.elapsed_ms, "runs": app.health.deep.runs()});
-        }
-    }
+    let empty = RawValue::from_string("{}".to_owned()).expect("valid JSON");
+    let body = HealthBody {
+        status,
+        detail,
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: app.started.elapsed().as_secs_f64(),
+        accept_loop: app.stats.snapshot(),
+        diagnostics: diagnostics(app),
+        watchdog: watchdog_report(app),
+        rlimit_nofile: RlimitJson {
+            outcome: r.outcome,
+            soft: r.soft,
+            hard: r.hard,
+        },
+        checks: published
+            .as_ref()
+            .map(|p| &*p.checks_json)
+            .unwrap_or(&empty),
+        deep: deep.then(|| DeepJson {
+            elapsed_ms: verdict.map(|v| v.elapsed_ms).unwrap_or(0.0),
+            runs: app.health.deep.runs(),
+        }),
+    };
     json(code, &body)
 }
 
