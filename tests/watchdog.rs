@@ -229,6 +229,14 @@ mod faults {
         std::fs::metadata(p).unwrap().modified().unwrap()
     }
 
+    /// `POST /debug/fault/{kind}`; returns the HTTP status.
+    async fn inject(addr: std::net::SocketAddr, kind: &str) -> u16 {
+        let path = format!("/debug/fault/{kind}");
+        common::request(addr, "POST", &path, &[], bytes::Bytes::new())
+            .await
+            .status
+    }
+
     /// Inject `kind`, then prove: pings stop within two intervals, the
     /// keepalive file stops advancing, and (unless the loop itself is wedged)
     /// `STATUS=degraded: <check>` names the check.
@@ -241,14 +249,7 @@ mod faults {
         let d = start(&rx, dir.path(), &[("AGENTD_NOFILE_TARGET", "1024")]);
         assert!(rx.wait_for_count(is_ping, 3, common::WAIT));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let r = rt.block_on(common::request(
-            d.addr,
-            "POST",
-            &format!("/debug/fault/{kind}"),
-            &[],
-            bytes::Bytes::new(),
-        ));
-        assert_eq!(r.status, 200, "{kind}: {}", r.text());
+        assert_eq!(rt.block_on(inject(d.addr, kind)), 200, "{kind}");
         let injected = Instant::now();
         if let Some(check) = expect_check {
             let want = format!("STATUS=degraded: {check}");
@@ -372,14 +373,7 @@ mod faults {
         let rx = NotifyReceiver::path();
         let d = start(&rx, dir.path(), &[("AGENTD_WATCHDOG_TRIGGER_AFTER", "2")]);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let r = rt.block_on(common::request(
-            d.addr,
-            "POST",
-            "/debug/fault/hang-store",
-            &[],
-            bytes::Bytes::new(),
-        ));
-        assert_eq!(r.status, 200);
+        assert_eq!(rt.block_on(inject(d.addr, "hang-store")), 200);
         assert!(
             rx.wait_for(|m| has_line(m, "WATCHDOG=trigger"), common::WAIT)
                 .is_some(),
@@ -393,14 +387,7 @@ mod faults {
         let dir = tempfile::tempdir().unwrap();
         let d = Daemon::start(&[], dir.path());
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let r = rt.block_on(common::request(
-            d.addr,
-            "POST",
-            "/debug/fault/hang-store",
-            &[],
-            bytes::Bytes::new(),
-        ));
-        assert_eq!(r.status, 404);
+        assert_eq!(rt.block_on(inject(d.addr, "hang-store")), 404);
     }
 
     /// 100 concurrent `?deep=1` requests share one run. The state lock is held
@@ -413,15 +400,7 @@ mod faults {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let addr = d.addr;
         rt.block_on(async move {
-            let r = common::request(
-                addr,
-                "POST",
-                "/debug/fault/deadlock-state",
-                &[],
-                bytes::Bytes::new(),
-            )
-            .await;
-            assert_eq!(r.status, 200);
+            assert_eq!(inject(addr, "deadlock-state").await, 200);
             let tasks: Vec<_> = (0..100)
                 .map(|_| tokio::spawn(async move { common::get(addr, "/health?deep=1").await }))
                 .collect();
