@@ -350,6 +350,54 @@ async fn stream_sends_output_then_end() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn stream_subscribers_are_capped_and_finished_executions_are_a_bounded_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = command_runtime(&fixture("sleepy.sh"));
+    vars.push(("AGENTD_MAX_SUBSCRIBERS", "1".into()));
+    vars.push(("AGENTD_FINISHED_RETAINED", "2".into()));
+    let server = start(&vars, dir.path()).await;
+    let a = server.addr;
+    let r = post_json(
+        a,
+        "/api/task",
+        &json!({"prompt": "x", "async": true, "timeout_s": 2}),
+    )
+    .await;
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    // The first subscriber holds the only slot while the task runs.
+    let path = format!("/api/executions/{id}/stream");
+    let first = tokio::spawn({
+        let path = path.clone();
+        async move { request(a, "GET", &path, &[], Bytes::new()).await }
+    });
+    loop {
+        if server
+            .app
+            .executor
+            .get(&id)
+            .unwrap()
+            .subscribers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = request(a, "GET", &path, &[], Bytes::new()).await;
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert_eq!(first.await.unwrap().status, 200);
+
+    // Two more finished executions push the first out of the ring of 2.
+    for _ in 0..2 {
+        let r = post_json(a, "/api/task", &json!({"prompt": "x", "timeout_s": 0.2})).await;
+        assert_eq!(r.status, 504);
+    }
+    assert_eq!(get(a, &format!("/api/executions/{id}")).await.status, 404);
+    server.stop().await;
+}
+
 /// 1,000 sequential tasks whose agent leaves a grandchild holding its stdout:
 /// threads, open fds and child processes of the server end where they began.
 #[test]

@@ -390,6 +390,42 @@ mod faults {
         assert_eq!(rt.block_on(inject(d.addr, "hang-store")), 404);
     }
 
+    /// launchd mode (keepalive file, no systemd watchdog): when the loop stalls
+    /// for AGENTD_SELF_ABORT_AFTER intervals, the sentinel aborts the process so
+    /// KeepAlive restarts it, after writing a diagnostics bundle.
+    #[test]
+    fn keepalive_mode_aborts_a_wedged_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let keepalive = dir.path().join("keepalive");
+        let mut d = Daemon::start(
+            &[
+                ("AGENTD_FAULT_INJECTION", "1"),
+                ("AGENTD_KEEPALIVE_FILE", keepalive.to_str().unwrap()),
+                ("AGENTD_HEALTH_INTERVAL", "200ms"),
+                ("AGENTD_SELF_ABORT_AFTER", "3"),
+            ],
+            dir.path(),
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let h = rt.block_on(common::get(d.addr, "/health")).json();
+        assert_eq!(h["watchdog"]["mode"], "keepalive-file");
+        assert!(keepalive.exists());
+        assert_eq!(rt.block_on(inject(d.addr, "block-runtime")), 200);
+        // Bounded by Daemon::wait; SIGABRT is signal 6 (no exit code).
+        let status = d.wait_status();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "{status:?}\n{}",
+            d.log_text()
+        );
+        let bundles = std::fs::read_dir(dir.path().join("diagnostics"))
+            .unwrap()
+            .count();
+        assert!(bundles >= 1, "a bundle was written before the abort");
+    }
+
     /// 100 concurrent `?deep=1` requests share one run. The state lock is held
     /// so each run lasts its full deadline, long enough for all 100 to join.
     #[test]

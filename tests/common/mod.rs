@@ -240,7 +240,10 @@ impl Daemon {
     /// wait for its "listening on" line.
     pub fn start(vars: &[(&str, &str)], state_dir: &Path) -> Daemon {
         let mut cmd = Command::new(agentd_bin());
+        // Run inside the temp state dir: a core dump (the abort tests) or any
+        // stray file lands there, never in the source tree.
         cmd.arg("serve")
+            .current_dir(state_dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("AGENTD_LISTEN", "127.0.0.1:0")
@@ -285,14 +288,19 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
-    /// Wait (bounded) for the process to exit; returns its exit code. The wait
-    /// runs on a thread so the bound is a channel timeout, not a polling loop.
+    /// Wait (bounded) for the process to exit; returns its exit code.
     pub fn wait(&mut self) -> Option<i32> {
+        self.wait_status().code()
+    }
+
+    /// Wait (bounded) for the process to exit. The wait runs on a thread so
+    /// the bound is a channel timeout, not a polling loop.
+    pub fn wait_status(&mut self) -> std::process::ExitStatus {
         let pid = self.pid();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut child = std::mem::replace(&mut self.child, placeholder_child());
         std::thread::spawn(move || {
-            let _ = tx.send(child.wait().map(|s| s.code()));
+            let _ = tx.send(child.wait());
         });
         match rx.recv_timeout(WAIT) {
             Ok(r) => r.expect("wait"),
