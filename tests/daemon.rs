@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{agentd_bin, Conn, Daemon};
+use common::{agentd_bin, user_messages, Conn, Daemon};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
@@ -160,13 +160,7 @@ fn graceful_shutdown_loses_no_acknowledged_message() {
     let stored = rt
         .block_on(common::get(d2.addr, "/api/chat/history?limit=10000"))
         .json();
-    let users: std::collections::HashSet<&str> = stored["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "user")
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
+    let users: std::collections::HashSet<&str> = user_messages(&stored).into_iter().collect();
     let lost: Vec<_> = acked
         .iter()
         .filter(|m| !users.contains(m.as_str()))

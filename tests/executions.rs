@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{get, post_json, request, Conn, Daemon, TestServer};
+use common::{get, post_json, procs, request, user_messages, Conn, Daemon, TestServer};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> String {
@@ -32,26 +32,6 @@ fn command_runtime(cmd: &str) -> Vec<(&'static str, String)> {
 async fn start(vars: &[(&'static str, String)], dir: &std::path::Path) -> TestServer {
     let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     TestServer::start(&v, dir).await
-}
-
-/// Pids whose process group is `pgid` (scanning `/proc`).
-fn group_members(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the `(comm)`: state ppid pgrp ...
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        if fields.get(2).and_then(|p| p.parse::<u32>().ok()) == Some(pgid) && fields[0] != "Z" {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 #[tokio::test]
@@ -152,9 +132,9 @@ async fn timeout_gives_504_and_kills_the_whole_group() {
     assert_eq!(finished["http_status"], 504);
     let pgid = pid.expect("the child had a pid") as u32;
     assert!(
-        group_members(pgid).is_empty(),
+        procs::live_group_members(pgid).is_empty(),
         "group {pgid} survived: {:?}",
-        group_members(pgid)
+        procs::live_group_members(pgid)
     );
     drop(conn);
     server.stop().await;
@@ -199,7 +179,10 @@ async fn terminate_cancels_a_running_task_and_its_group() {
         .unwrap();
     assert_eq!(t.status, 200);
     assert_eq!(t.json()["status"], "cancelled");
-    assert!(group_members(pid).is_empty(), "group {pid} survived");
+    assert!(
+        procs::live_group_members(pid).is_empty(),
+        "group {pid} survived"
+    );
     let unknown = conn
         .send("POST", "/api/executions/nope/terminate", &[], Bytes::new())
         .await
@@ -292,13 +275,7 @@ async fn chats_of_one_session_run_in_order() {
         assert_eq!(t.await.unwrap().status, 200);
     }
     let h = get(a, "/api/chat/history?session_id=ordered").await.json();
-    let users: Vec<&str> = h["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "user")
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
+    let users = user_messages(&h);
     assert_eq!(users, ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7"]);
     server.stop().await;
 }
@@ -421,16 +398,7 @@ fn thousand_grandchild_tasks_leave_counts_flat() {
                 .unwrap()
                 .count(),
             "fds" => d.open_fds(),
-            _ => std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter(|e| {
-                    std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-                        let after = &s[s.rfind(')').unwrap() + 2..];
-                        after.split_whitespace().nth(1) == Some(&pid.to_string())
-                    })
-                })
-                .count(),
+            _ => procs::children(pid).len(),
         }
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -11,6 +11,9 @@
 //! marker those `isolated_*` entries return at once (they are the child halves,
 //! not tests on their own), and the parent asserts the child half really ran.
 
+#[path = "common/procs.rs"]
+mod procs;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,33 +91,6 @@ async fn run(
     (outcome, ctx, started.elapsed())
 }
 
-/// Live (non-zombie) processes whose process group is `pgid`, from
-/// `/proc/*/stat`. Zombies are dead: they only wait for whoever inherited them
-/// to reap them.
-fn live_group_members(pgid: u32) -> Vec<u32> {
-    let mut members = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        // The process may be gone between listing and reading.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // `comm` is in parentheses and may contain spaces: fields resume after
-        // the last ')': state, ppid, pgrp, ...
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (state, pgrp) = (fields[0], fields[2].parse::<u32>().unwrap_or(0));
-        if pgrp == pgid && state != "Z" && state != "X" {
-            members.push(pid);
-        }
-    }
-    members
-}
-
 /// SIGKILL is delivered asynchronously: a member signalled just before `run`
 /// returned may need a moment to finish dying. A survivor (these fixtures sleep
 /// for 60 s) still fails this after the bounded wait.
@@ -122,7 +98,7 @@ async fn assert_group_gone(pgid: u32) {
     assert_ne!(pgid, 0, "the pid was never recorded");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let members = live_group_members(pgid);
+        let members = procs::live_group_members(pgid);
         if members.is_empty() {
             return;
         }

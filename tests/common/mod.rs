@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod notify;
+pub mod procs;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -149,6 +150,18 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -
         serde_json::to_vec(body).unwrap(),
     )
     .await
+}
+
+/// The contents of the user messages in a `GET /api/chat/history` body,
+/// oldest first.
+pub fn user_messages(history: &serde_json::Value) -> Vec<&str> {
+    history["messages"]
+        .as_array()
+        .expect("a messages array")
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().expect("text content"))
+        .collect()
 }
 
 /// Build a config from explicit variables only (never the test process's env).
