@@ -397,8 +397,13 @@ mod faults {
     fn keepalive_mode_aborts_a_wedged_process() {
         let dir = tempfile::tempdir().unwrap();
         let keepalive = dir.path().join("keepalive");
+        // A notify socket but no WATCHDOG_USEC: the mode stays keepalive-file,
+        // and READY=1 says the first tick passed (and touched the file).
+        let rx = NotifyReceiver::path();
+        let socket = rx.env_value();
         let mut d = Daemon::start(
             &[
+                ("NOTIFY_SOCKET", socket.as_str()),
                 ("AGENTD_FAULT_INJECTION", "1"),
                 ("AGENTD_KEEPALIVE_FILE", keepalive.to_str().unwrap()),
                 ("AGENTD_HEALTH_INTERVAL", "200ms"),
@@ -406,6 +411,9 @@ mod faults {
             ],
             dir.path(),
         );
+        assert!(rx
+            .wait_for(|m| has_line(m, "READY=1"), common::WAIT)
+            .is_some());
         let rt = tokio::runtime::Runtime::new().unwrap();
         let h = rt.block_on(common::get(d.addr, "/health")).json();
         assert_eq!(h["watchdog"]["mode"], "keepalive-file");
