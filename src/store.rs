@@ -12,6 +12,8 @@
 //! Not here: the in-memory history cache (`agent::history`), HTTP mapping.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -131,6 +133,16 @@ pub struct Store {
     tx: mpsc::Sender<Request>,
     enqueue_timeout: Duration,
     path: PathBuf,
+    /// Counted by the store thread, read lock-free by `/metrics`.
+    commits: Arc<CommitCounts>,
+}
+
+/// Append transactions and rows committed since start: group commit shows as
+/// many rows per commit.
+#[derive(Debug, Default)]
+pub struct CommitCounts {
+    pub commits: AtomicU64,
+    pub rows: AtomicU64,
 }
 
 /// Owns the thread; `join` after `close` at shutdown.
@@ -161,7 +173,9 @@ impl Store {
             reason: format!("migration failed: {e}"),
         })?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let commits = Arc::new(CommitCounts::default());
         let worker = Worker {
+            commits: commits.clone(),
             conn,
             max_batch: config.max_batch.max(1),
             retention: config.retention_messages,
@@ -179,6 +193,7 @@ impl Store {
                 tx,
                 enqueue_timeout: config.enqueue_timeout,
                 path,
+                commits,
             },
             StoreThread(Some(handle)),
         ))
@@ -186,6 +201,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Append transactions and rows committed so far, lock-free.
+    pub fn commits(&self) -> &CommitCounts {
+        &self.commits
     }
 
     /// Requests waiting for the store thread right now.
@@ -304,6 +324,7 @@ fn migrate(conn: &Connection, on_slow_step: &dyn Fn(&str)) -> rusqlite::Result<(
 
 struct Worker {
     conn: Connection,
+    commits: Arc<CommitCounts>,
     max_batch: usize,
     retention: u64,
     since_sweep: u64,
@@ -383,6 +404,8 @@ impl Worker {
         let result = self.insert(&batch);
         match result {
             Ok(()) => {
+                self.commits.commits.fetch_add(1, Relaxed);
+                self.commits.rows.fetch_add(rows, Relaxed);
                 for (_, reply) in batch {
                     let _ = reply.send(Ok(()));
                 }

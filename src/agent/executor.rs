@@ -134,6 +134,46 @@ pub struct ExecutorGauges {
     pub last_started_ms: u64,
 }
 
+/// Outcomes an execution can end with, as counted by [`CompletionCounts`]:
+/// the `status` of its classification, or `cancelled` when it never started.
+pub const OUTCOMES: [&str; 4] = ["success", "failed", "timeout", "cancelled"];
+
+/// Kinds counted by [`CompletionCounts`], in the order of its rows.
+pub const KINDS: [ExecutionKind; 2] = [ExecutionKind::Chat, ExecutionKind::Task];
+
+/// Finished executions by kind and outcome: a fixed table of atomics, so
+/// `/metrics` reads it without a lock and counting costs one `fetch_add`.
+#[derive(Debug, Default)]
+pub struct CompletionCounts {
+    table: [[AtomicU64; OUTCOMES.len()]; KINDS.len()],
+}
+
+impl CompletionCounts {
+    fn record(&self, kind: ExecutionKind, finish: &Finish) {
+        let status = match finish {
+            Finish::Ran { classified, .. } => classified.status,
+            Finish::CancelledBeforeStart => "cancelled",
+        };
+        let row = KINDS.iter().position(|k| *k == kind);
+        // `classify` only produces the statuses in OUTCOMES; anything else
+        // would be a new classification row, counted as failed until listed.
+        let col = OUTCOMES.iter().position(|o| *o == status).unwrap_or(1);
+        if let Some(row) = row {
+            self.table[row][col].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Executions of `kind` that ended with `outcome` (one of [`OUTCOMES`]).
+    pub fn get(&self, kind: ExecutionKind, outcome: &str) -> u64 {
+        let row = KINDS.iter().position(|k| *k == kind);
+        let col = OUTCOMES.iter().position(|o| *o == outcome);
+        match (row, col) {
+            (Some(r), Some(c)) => self.table[r][c].load(Relaxed),
+            _ => 0,
+        }
+    }
+}
+
 /// The newest execution of each session; the next chat of that session waits
 /// for its `done` receiver before it may start.
 struct SessionTail {
@@ -167,6 +207,8 @@ pub struct Executor {
     idle: tokio::sync::Notify,
     /// Signalled whenever an execution starts (for the `executor` check).
     started: tokio::sync::Notify,
+    /// Finished executions by kind and outcome (for `/metrics`).
+    completions: CompletionCounts,
 }
 
 /// What a caller wants run.
@@ -199,6 +241,7 @@ impl Executor {
             stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             idle: tokio::sync::Notify::new(),
             started: tokio::sync::Notify::new(),
+            completions: CompletionCounts::default(),
         })
     }
 
@@ -208,6 +251,11 @@ impl Executor {
 
     pub fn config(&self) -> &ExecutorConfig {
         &self.config
+    }
+
+    /// Finished executions by kind and outcome, lock-free.
+    pub fn completions(&self) -> &CompletionCounts {
+        &self.completions
     }
 
     pub fn gauges(&self) -> ExecutorGauges {
@@ -344,6 +392,7 @@ impl Executor {
     }
 
     fn complete(&self, exec: &Arc<Execution>, finish: Finish) {
+        self.completions.record(exec.kind, &finish);
         *exec.finish.lock().unwrap() = Some(finish);
         *exec.finished_at.lock().unwrap() = Some(unix_now());
         {

@@ -112,6 +112,8 @@ pub struct HealthState {
     pub last_ok_ms: AtomicU64,
     pub consecutive_failures: AtomicU32,
     pub ticks: AtomicU64,
+    /// Ticks where a check failed (no ping was sent), since start.
+    pub failed_ticks: AtomicU64,
     /// The checks, installed once the listener (the self-probe's target) is
     /// known.
     checks: OnceLock<Vec<Check>>,
@@ -152,6 +154,7 @@ impl HealthState {
             last_ok_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ticks: AtomicU64::new(0),
+            failed_ticks: AtomicU64::new(0),
             checks: OnceLock::new(),
             deep: SingleFlight::new(),
         }
@@ -241,6 +244,7 @@ async fn tick(
         status.set(&health.notifier, status_line(app));
     } else {
         let n = health.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        health.failed_ticks.fetch_add(1, Relaxed);
         if let Some((name, result)) = verdict.first_failure() {
             let detail = result.detail.as_deref().unwrap_or("failed");
             status.set(&health.notifier, format!("degraded: {name}: {detail}"));

@@ -1,9 +1,8 @@
-//! `GET /health`, `GET /metrics` and the fault-injection endpoint.
+//! `GET /health` and the fault-injection endpoint (`/metrics` is `metrics`).
 //!
 //! `/health` is cheap by rule: it takes no lock that handlers take and never
 //! touches the database. Everything it reports is an atomic or a snapshot.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::http::{full, json, ApiError, Body};
 use crate::app::{App, Lifecycle};
+use crate::health::checks::Verdict;
 use crate::health::watchdog::{Published, WatchdogMode};
 use crate::init::rlimit::RlimitOutcome;
 use crate::server::stats::AcceptSnapshot;
@@ -142,6 +142,33 @@ pub fn diagnostics_context(app: &App) -> Value {
     })
 }
 
+/// The `status` word of `/health` (and its `detail`) for a verdict: shared
+/// with `/metrics` so both always agree.
+pub fn verdict_status(
+    app: &App,
+    verdict: Option<&Verdict>,
+    deep: bool,
+) -> (&'static str, Option<String>) {
+    let mut detail = None;
+    let status = match (app.lifecycle(), verdict) {
+        (Lifecycle::Stopping, _) => "stopping",
+        (_, Some(v)) if !v.passed() => {
+            detail = v
+                .first_failure()
+                .map(|(name, r)| format!("{name}: {}", r.detail.as_deref().unwrap_or("failed")));
+            "degraded"
+        }
+        (_, _) if !deep && app.health.stale() => {
+            detail = Some("health loop stale".to_owned());
+            "degraded"
+        }
+        (Lifecycle::Starting, _) if !deep => "starting",
+        (_, None) => "starting",
+        (_, Some(_)) => "healthy",
+    };
+    (status, detail)
+}
+
 /// `GET /health` (and `?probe=1`, the self-probe's target: 200 whenever the
 /// accept loop and a handler run, whatever the verdict; `?deep=1` runs the
 /// checks now, single-flight).
@@ -163,23 +190,7 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
         app.health.last.load_full()
     };
     let verdict = published.as_ref().map(|p| &p.verdict);
-    let mut detail = None;
-    let status = match (app.lifecycle(), verdict) {
-        (Lifecycle::Stopping, _) => "stopping",
-        (_, Some(v)) if !v.passed() => {
-            detail = v
-                .first_failure()
-                .map(|(name, r)| format!("{name}: {}", r.detail.as_deref().unwrap_or("failed")));
-            "degraded"
-        }
-        (_, _) if !deep && app.health.stale() => {
-            detail = Some("health loop stale".to_owned());
-            "degraded"
-        }
-        (Lifecycle::Starting, _) if !deep => "starting",
-        (_, None) => "starting",
-        (_, Some(_)) => "healthy",
-    };
+    let (status, detail) = verdict_status(app, verdict, deep);
     let code = if status == "healthy" {
         StatusCode::OK
     } else {
@@ -210,79 +221,6 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
         }),
     };
     json(code, &body)
-}
-
-/// `GET /metrics`: Prometheus text exposition of the same lock-free gauges.
-pub fn metrics(app: &Arc<App>) -> Response<Body> {
-    let s = &app.stats;
-    let (size, limit) = app.history_gauges();
-    let mut out = String::with_capacity(1024);
-    let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    gauge(
-        "agentd_uptime_seconds",
-        "gauge",
-        "Seconds since start.",
-        app.started.elapsed().as_secs_f64(),
-    );
-    gauge(
-        "agentd_connections_total",
-        "counter",
-        "Connections accepted.",
-        s.connections_total.load(Relaxed) as f64,
-    );
-    gauge(
-        "agentd_connections_open",
-        "gauge",
-        "Connections being served.",
-        s.connections_open.load(Relaxed) as f64,
-    );
-    gauge(
-        "agentd_connections_rejected_total",
-        "counter",
-        "Connections refused at the connection limit.",
-        s.connections_rejected.load(Relaxed) as f64,
-    );
-    gauge(
-        "agentd_requests_total",
-        "counter",
-        "HTTP requests completed.",
-        s.requests_total.load(Relaxed) as f64,
-    );
-    gauge(
-        "agentd_accept_errors_total",
-        "counter",
-        "accept() errors.",
-        s.accept_errors.load(Relaxed) as f64,
-    );
-    gauge(
-        "agentd_history_size",
-        "gauge",
-        "Messages in the in-memory history.",
-        size as f64,
-    );
-    gauge(
-        "agentd_history_limit",
-        "gauge",
-        "Limit of the in-memory history.",
-        limit as f64,
-    );
-    gauge(
-        "agentd_store_queue",
-        "gauge",
-        "Requests waiting for the store thread.",
-        app.store.queued() as f64,
-    );
-    let mut resp = Response::new(full(out));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    resp
 }
 
 /// `POST /debug/fault/{kind}`: 404 unless built with `fault-injection`.

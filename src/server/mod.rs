@@ -9,14 +9,17 @@
 //!
 //! `run` takes its listener and its shutdown future as arguments, so tests bind
 //! port 0 and pass a future they control. Routing and handlers live in
-//! `router`, `api` and `health`.
+//! `router`, `api`, `health`, `metrics` (Prometheus) and `status` (the
+//! page for people).
 
 pub mod api;
 pub mod executions;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod router;
 pub mod stats;
+pub mod status;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use super::http::{ApiError, Body};
-use super::{api, executions, health};
+use super::{api, executions, health, metrics, status};
 use crate::app::App;
 
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -27,8 +27,14 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
     } else if path == "/metrics" {
         match *req.method() {
-            Method::GET => Ok(health::metrics(app)),
+            Method::GET => Ok(metrics::metrics(app)),
             _ => Err(not_allowed(&req, "GET")),
+        }
+    } else if path == "/status" {
+        // Outside the token gate on purpose: see `status`.
+        match *req.method() {
+            Method::GET | Method::HEAD => Ok(status::page()),
+            _ => Err(not_allowed(&req, "GET, HEAD")),
         }
     } else if path.starts_with("/debug/fault/") {
         health::fault(app, req).await
