@@ -11,8 +11,7 @@
 //! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
 //!    SIGHUP → `RELOADING=1`, re-read the config file, `READY=1`
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -365,49 +364,4 @@ fn spawn_sentinel(app: &Arc<App>) -> Option<sentinel::SentinelHandle> {
             None
         }
     }
-}
-
-/// How long `agentd health` waits for an answer.
-const HEALTH_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `agentd health`: print the server's `/health` body; exit 0 when it answers
-/// 200, 1 when it answers otherwise, 2 when it cannot be reached.
-pub fn health_command(listen: &str, deep: bool) -> ExitCode {
-    let path = if deep { "/health?deep=1" } else { "/health" };
-    match http_get(listen, path) {
-        Ok((status, body)) => {
-            println!("{body}");
-            if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("agentd: cannot reach {listen}: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = addr.parse().map_err(|e| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
-    })?;
-    let mut stream = TcpStream::connect_timeout(&addr, HEALTH_COMMAND_TIMEOUT)?;
-    stream.set_read_timeout(Some(HEALTH_COMMAND_TIMEOUT))?;
-    stream.set_write_timeout(Some(HEALTH_COMMAND_TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.take(16 << 20).read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer")
-        })?;
-    Ok((status, body.to_owned()))
 }

@@ -11,6 +11,8 @@
 //! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
 //! * `init`     — the init-system boundary: sd_notify, socket activation,
 //!   keepalive file, RLIMIT_NOFILE, journald detection.
+//! * `report`   — `agentd health`: asks `/health` and prints a report for
+//!   people, with exit codes for scripts.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
 //! * `app`      — the shared application state handlers receive.
 //! * `daemon`   — the `serve` lifecycle: start-up order, signals, shutdown order.
@@ -23,6 +25,7 @@ pub mod daemon;
 pub mod faults;
 pub mod health;
 pub mod init;
+pub mod report;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -28,14 +28,30 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Ask a running server for its health; exit 0 only when it is healthy.
+    /// Ask a running server for its health and print a report for people.
+    ///
+    /// Exit status: 0 healthy, 1 the server answered but is not healthy
+    /// (degraded, starting, stopping), 2 no usable answer (not reachable,
+    /// timeout, not agentd). Fit for a Docker HEALTHCHECK or cron.
     Health {
-        /// Server address.
-        #[arg(long, env = "AGENTD_LISTEN", default_value = "127.0.0.1:8420")]
-        listen: String,
+        /// Server URL: http://HOST:PORT, HOST:PORT or unix:/PATH (a socket-activated Unix socket). Default: the `listen` setting, loaded as `serve` loads it.
+        #[arg(long)]
+        url: Option<String>,
+        /// Listen address as for `serve --listen`, when --url is not given [env: AGENTD_LISTEN].
+        #[arg(long)]
+        listen: Option<String>,
+        /// The TOML config file `serve` reads, for its `listen` address [env: AGENTD_CONFIG].
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Run the deep checks now (`/health?deep=1`).
         #[arg(long)]
         deep: bool,
+        /// Print the raw `/health` JSON body instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this long, e.g. 5s or 500ms.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// launchd companion: exit 0 when the keepalive file is fresh; otherwise
     /// exit non-zero and, with --label, restart the job (`launchctl kickstart -k`).
@@ -66,7 +82,26 @@ fn main() -> ExitCode {
             state_dir,
             config_file: config,
         }),
-        Command::Health { listen, deep } => agentd::daemon::health_command(&listen, deep),
+        Command::Health {
+            url,
+            listen,
+            config,
+            deep,
+            json,
+            timeout,
+        } => {
+            let outcome = agentd::report::run(&agentd::report::HealthRequest {
+                url,
+                listen,
+                config_file: config,
+                deep,
+                json,
+                timeout,
+            });
+            print!("{}", outcome.stdout);
+            eprint!("{}", outcome.stderr);
+            ExitCode::from(outcome.code)
+        }
         Command::KeepaliveCheck {
             file,
             max_age,
