@@ -28,5 +28,14 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "skipped: needs root (sudo bash tests/systemd/run.sh)"
 fi
+echo "== people: promtool, a real Prometheus scraping agentd, /status in headless Chromium"
+if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null; then
+  bash tests/people/run.sh 2>&1 | tee "$log"
+  read -r checks people_failed < <(grep -oE 'checks: [0-9]+, failed: [0-9]+' "$log" | tail -n1 | tr -dc '0-9 \n' | awk '{print $1, $2}')
+  passed=$((passed + checks - people_failed))
+  failed=$((failed + people_failed))
+else
+  echo "skipped: needs promtool, prometheus and chromium (bash .ci/run installs them as root)"
+fi
 echo
 echo "total: $passed passed, $failed failed"
