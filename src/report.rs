@@ -606,7 +606,8 @@ fn duration(secs: f64) -> String {
         return format!("{:.0} ms", secs * 1000.0);
     }
     if secs < 60.0 {
-        return format!("{secs:.1} s");
+        let text = format!("{secs:.1} s");
+        return text.replace(".0 s", " s");
     }
     let s = secs as u64;
     let (d, h, m, s) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60, s % 60);
@@ -698,7 +699,7 @@ mod tests {
         assert!(text.contains("23 / 4096 (1%)"), "{text}");
         assert!(text.contains("120 / 1000 (12%)"), "{text}");
         assert!(text.contains("10.0 MiB"), "{text}");
-        assert!(text.contains("10.0 s ago"), "{text}");
+        assert!(text.contains("10 s ago"), "{text}");
         assert!(text.contains("never"), "{text}");
         assert!(text.contains("+12.00/h  SUSPECTED LEAK"), "{text}");
         assert!(text.contains("-1.0 MiB/h"), "{text}");
@@ -723,6 +724,7 @@ mod tests {
     fn durations_read_naturally() {
         assert_eq!(duration(0.25), "250 ms");
         assert_eq!(duration(7.31), "7.3 s");
+        assert_eq!(duration(10.0), "10 s");
         assert_eq!(duration(125.0), "2m 5s");
         assert_eq!(duration(90_061.0), "1d 1h");
     }
