@@ -8,9 +8,8 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
-use common::{Daemon, WAIT};
+use common::Daemon;
 use serde_json::json;
 
 /// Samples by `name{labels}` (labels as written), parsed from the text format.
@@ -173,6 +172,9 @@ fn metrics_carry_every_health_gauge_and_count_executions() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_failing_check_shows_in_check_and_watchdog_series() {
+    use common::WAIT;
+    use std::time::{Duration, Instant};
+
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         &[
