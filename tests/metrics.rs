@@ -167,6 +167,10 @@ fn metrics_carry_every_health_gauge_and_count_executions() {
     assert_eq!(s["agentd_watchdog_failed_ticks_total"], 0.0);
     assert_eq!(s["agentd_watchdog_mode{mode=\"off\"}"], 1.0);
     assert_eq!(s["agentd_watchdog_interval_seconds"], 3600.0);
+    assert_eq!(
+        s["agentd_watchdog_check_deadline_seconds"],
+        w["deadline_ms"].as_f64().unwrap() / 1000.0
+    );
 }
 
 #[cfg(feature = "fault-injection")]

@@ -249,6 +249,12 @@ fn watchdog(m: &mut Exposition, app: &App) {
         h.interval.as_secs_f64(),
     );
     m.one(
+        "agentd_watchdog_check_deadline_seconds",
+        Kind::Gauge,
+        "Deadline of each check within a tick (half the interval).",
+        h.deadline.as_secs_f64(),
+    );
+    m.one(
         "agentd_watchdog_ticks_total",
         Kind::Counter,
         "Watchdog loop ticks run.",
