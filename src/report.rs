@@ -537,12 +537,13 @@ pub fn render(h: &Value, target: &Target, now: f64) -> String {
                 } else {
                     ""
                 };
+                let label = trend_label(name);
                 let value = if name == "rss_bytes" {
                     format!("{}{}/h", if s < 0.0 { "-" } else { "+" }, mib(s.abs()))
                 } else {
                     format!("{s:+.2}/h")
                 };
-                line(&mut out, name, &format!("{value}{mark}"));
+                line(&mut out, label, &format!("{value}{mark}"));
             }
         }
         if leaks.is_empty() {
@@ -552,6 +553,19 @@ pub fn render(h: &Value, target: &Target, now: f64) -> String {
         }
     }
     out
+}
+
+/// The report's name for a trend gauge (as in its gauges section).
+fn trend_label(gauge: &str) -> &str {
+    match gauge {
+        "thread_count" => "threads",
+        "open_fds" => "open fds",
+        "rss_bytes" => "rss",
+        "tokio_alive_tasks" => "tokio tasks",
+        "conversation_history_size" => "history",
+        "store_queue" => "store queue",
+        other => other,
+    }
 }
 
 fn line(out: &mut String, label: &str, value: &str) {
@@ -701,7 +715,11 @@ mod tests {
         assert!(text.contains("10.0 MiB"), "{text}");
         assert!(text.contains("10 s ago"), "{text}");
         assert!(text.contains("never"), "{text}");
-        assert!(text.contains("+12.00/h  SUSPECTED LEAK"), "{text}");
+        let trend = text.lines().find(|l| l.contains("/h  SUSPECTED")).unwrap();
+        assert_eq!(
+            trend.split_whitespace().collect::<Vec<_>>(),
+            ["open", "fds", "+12.00/h", "SUSPECTED", "LEAK"]
+        );
         assert!(text.contains("-1.0 MiB/h"), "{text}");
         let leaks = text
             .lines()
