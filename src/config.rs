@@ -104,6 +104,10 @@ pub struct RuntimeConfig {
     /// After the main child exits, how long its pipes may still be drained (a
     /// grandchild holding them open must not keep the execution alive).
     pub pipe_drain: Duration,
+    /// Working directory of every agent child: a directory agentd owns, so the
+    /// CLIs find their sessions (kept per directory) again after a restart and
+    /// Gemini CLI can be told to trust it. Created 0700 at start if missing.
+    pub workdir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -211,6 +215,7 @@ settings! {
     claude_args => "AGENTD_CLAUDE_ARGS",
     gemini_bin => "AGENTD_GEMINI_BIN",
     gemini_args => "AGENTD_GEMINI_ARGS",
+    workdir => "AGENTD_WORKDIR",
     system_prompt => "AGENTD_SYSTEM_PROMPT",
     task_timeout => "AGENTD_TASK_TIMEOUT",
     max_task_timeout => "AGENTD_MAX_TASK_TIMEOUT",
@@ -565,6 +570,11 @@ fn build(
             "the command runtime needs a command, e.g. AGENTD_RUNTIME_CMD=\"cat\"",
         ));
     }
+    let state_dir =
+        PathBuf::from(text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()));
+    let workdir = text(raw, "workdir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state_dir.join("workspace"));
     let default_timeout = duration(raw, "task_timeout", 600 * SEC, SEC, DAY)?;
     let max_timeout = duration(raw, "max_task_timeout", 3600 * SEC, SEC, 7 * DAY)?;
     let runtime = RuntimeConfig {
@@ -581,6 +591,7 @@ fn build(
         stderr_cap: bytes(raw, "stderr_cap", 256 << 10, 1024, 64 << 20)? as usize,
         kill_grace: duration(raw, "kill_grace", 5 * SEC, Duration::ZERO, 300 * SEC)?,
         pipe_drain: duration(raw, "pipe_drain", 2 * SEC, Duration::ZERO, 60 * SEC)?,
+        workdir,
     };
 
     let synchronous = match text(raw, "store_synchronous").as_deref() {
@@ -636,9 +647,7 @@ fn build(
 
     Ok(Config {
         listen,
-        state_dir: PathBuf::from(
-            text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()),
-        ),
+        state_dir,
         config_file,
         api_token,
         history_limit,
@@ -689,6 +698,7 @@ mod tests {
         assert_eq!(c.history_limit, 1000);
         assert_eq!(c.state_dir, PathBuf::from("./agentd-state"));
         assert_eq!(c.runtime.kind, RuntimeKind::Echo);
+        assert_eq!(c.runtime.workdir, PathBuf::from("./agentd-state/workspace"));
         assert!(c.warnings.is_empty());
     }
 
@@ -745,6 +755,18 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/srv/agentd"));
+    }
+
+    #[test]
+    fn workdir_follows_the_state_dir_unless_set() {
+        let c = load(&[("AGENTD_STATE_DIR", "/srv/agentd")]).unwrap();
+        assert_eq!(c.runtime.workdir, PathBuf::from("/srv/agentd/workspace"));
+        let c = load(&[
+            ("AGENTD_STATE_DIR", "/srv/agentd"),
+            ("AGENTD_WORKDIR", "/srv/work"),
+        ])
+        .unwrap();
+        assert_eq!(c.runtime.workdir, PathBuf::from("/srv/work"));
     }
 
     #[test]

@@ -198,6 +198,17 @@ pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::R
         ),
     };
     app.health.install_checks(build_checks(app, probe));
+    // The CLI's version, once, beside start-up (a Node CLI takes seconds to
+    // answer; READY=1 must not wait for it). `/health` shows null until then.
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Some(version) = runtimes::read_version(&app.config.runtime).await {
+                tracing::info!(runtime = app.runtime_report.name, %version, "agent CLI version");
+                app.runtime_report.set_version(version);
+            }
+        });
+    }
     // Executions get the drain deadline to finish once shutdown starts, then
     // are cancelled (their process groups get SIGINT → SIGTERM → SIGKILL).
     {

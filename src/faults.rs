@@ -116,7 +116,7 @@ pub async fn inject(
                 session_id: "fault-injection".into(),
                 prompt: "stalled".into(),
                 timeout: Duration::from_secs(1),
-                resume: false,
+                cli_session: None,
             });
         }
         _ => {

@@ -9,6 +9,11 @@
 //! after `COMMIT` returned: an API call that says it stored something has
 //! committed it.
 //!
+//! It also records which agent-CLI sessions exist and each agentd session's
+//! generation (bumped when its history is deleted), so the resume-vs-new
+//! decision of a chat turn survives restarts, deletes and eviction from memory
+//! (rules in `agent::sessions`).
+//!
 //! Not here: the in-memory history cache (`agent::history`), HTTP mapping.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +25,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::history::{Message, Role};
+use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
 
 /// File name of the database inside the state dir.
@@ -56,7 +62,31 @@ const MIGRATIONS: &[&str] = &[
         ts REAL NOT NULL
     );
     CREATE INDEX messages_by_session ON messages (session_id, id);",
+    // 2: agent-CLI sessions. `session_generations` has a row for each session
+    // whose history was ever deleted (and `*`, the floor set by deleting
+    // everything): never pruned, because a forgotten generation would name a
+    // deleted CLI session again. `cli_sessions` has a row per CLI session a
+    // successful turn ran in; a row is only a hint (a missing one is repaired
+    // by the runtime's retry), so rows of sessions with no messages left are
+    // swept with retention.
+    "CREATE TABLE session_generations (
+        session_id TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE cli_sessions (
+        runtime TEXT NOT NULL,
+        cli_session_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (runtime, cli_session_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX cli_sessions_by_session ON cli_sessions (session_id);",
 ];
+
+/// The `session_generations` key of the floor every session's generation is
+/// raised to by `DELETE /api/chat/history` without a session. `*` cannot be a
+/// session id.
+const GENERATION_FLOOR_KEY: &str = "*";
 
 #[derive(Debug, Error, Clone)]
 pub enum StoreError {
@@ -82,6 +112,21 @@ impl From<rusqlite::Error> for StoreError {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A CLI session a successful chat turn ran in, recorded in the turn's
+/// transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliSessionRecord {
+    /// The runtime whose CLI keeps it (`claude-code`, `gemini`): each CLI has
+    /// its own sessions.
+    pub runtime: String,
+    pub cli_session_id: String,
+    /// The agentd session it belongs to.
+    pub session_id: String,
+}
+
+/// One appended turn: its messages and, for runtimes that keep sessions, the
+/// CLI session it ran in.
+type Turn = (Vec<Message>, Option<CliSessionRecord>);
 /// Per-session message count, for `GET /api/chat/session`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SessionCount {
@@ -99,8 +144,13 @@ pub struct SessionSummary {
 
 enum Request {
     Append {
-        messages: Vec<Message>,
+        turn: Turn,
         reply: Reply<()>,
+    },
+    CliSession {
+        session_id: String,
+        runtime: String,
+        reply: Reply<CliSession>,
     },
     Recent {
         limit: usize,
@@ -209,7 +259,37 @@ impl Store {
 
     /// Durably append messages; returns after they are committed.
     pub async fn append(&self, messages: Vec<Message>) -> Result<(), StoreError> {
-        self.call(|reply| Request::Append { messages, reply }).await
+        self.append_turn(messages, None).await
+    }
+
+    /// Durably append a chat turn and record the CLI session it ran in, in one
+    /// transaction; returns after it is committed.
+    pub async fn append_turn(
+        &self,
+        messages: Vec<Message>,
+        cli_session: Option<CliSessionRecord>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Request::Append {
+            turn: (messages, cli_session),
+            reply,
+        })
+        .await
+    }
+
+    /// The CLI session the next chat turn of `session_id` runs in under
+    /// `runtime`: its current generation's id, and whether a turn already ran
+    /// there.
+    pub async fn cli_session(
+        &self,
+        session_id: String,
+        runtime: String,
+    ) -> Result<CliSession, StoreError> {
+        self.call(|reply| Request::CliSession {
+            session_id,
+            runtime,
+            reply,
+        })
+        .await
     }
 
     /// The newest `limit` messages of all sessions, oldest first.
@@ -217,7 +297,9 @@ impl Store {
         self.call(|reply| Request::Recent { limit, reply }).await
     }
 
-    /// Delete all messages, or one session's. Returns the rows deleted.
+    /// Delete all messages, or one session's, and move the session (or every
+    /// session) to a new generation, so its next turn starts a new CLI session.
+    /// Returns the messages deleted.
     pub async fn clear(&self, session: Option<String>) -> Result<u64, StoreError> {
         self.call(|reply| Request::Clear { session, reply }).await
     }
@@ -321,16 +403,14 @@ impl Worker {
                 },
             };
             match req {
-                Request::Append { messages, reply } => {
+                Request::Append { turn, reply } => {
                     // Group commit: fold every append already waiting into this
                     // transaction; the first other request ends the batch and
                     // runs next, so order is kept.
-                    let mut batch = vec![(messages, reply)];
+                    let mut batch = vec![(turn, reply)];
                     while batch.len() < self.max_batch {
                         match rx.try_recv() {
-                            Ok(Request::Append { messages, reply }) => {
-                                batch.push((messages, reply))
-                            }
+                            Ok(Request::Append { turn, reply }) => batch.push((turn, reply)),
                             Ok(other) => {
                                 deferred = Some(other);
                                 break;
@@ -339,6 +419,13 @@ impl Worker {
                         }
                     }
                     self.append_batch(batch);
+                }
+                Request::CliSession {
+                    session_id,
+                    runtime,
+                    reply,
+                } => {
+                    let _ = reply.send(self.cli_session(&session_id, &runtime).map_err(Into::into));
                 }
                 Request::Recent { limit, reply } => {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
@@ -360,8 +447,8 @@ impl Worker {
                     rx.close();
                     // Serve what was queued before the close, then stop.
                     while let Ok(req) = rx.try_recv() {
-                        if let Request::Append { messages, reply } = req {
-                            self.append_batch(vec![(messages, reply)]);
+                        if let Request::Append { turn, reply } = req {
+                            self.append_batch(vec![(turn, reply)]);
                         }
                     }
                     let _ = reply.send(r);
@@ -378,8 +465,8 @@ impl Worker {
         }
     }
 
-    fn append_batch(&mut self, batch: Vec<(Vec<Message>, Reply<()>)>) {
-        let rows: u64 = batch.iter().map(|(m, _)| m.len() as u64).sum();
+    fn append_batch(&mut self, batch: Vec<(Turn, Reply<()>)>) {
+        let rows: u64 = batch.iter().map(|((m, _), _)| m.len() as u64).sum();
         let result = self.insert(&batch);
         match result {
             Ok(()) => {
@@ -404,7 +491,7 @@ impl Worker {
         }
     }
 
-    fn insert(&mut self, batch: &[(Vec<Message>, Reply<()>)]) -> rusqlite::Result<()> {
+    fn insert(&mut self, batch: &[(Turn, Reply<()>)]) -> rusqlite::Result<()> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -412,7 +499,11 @@ impl Worker {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (messages, _) in batch {
+            let mut record = tx.prepare_cached(
+                "INSERT OR IGNORE INTO cli_sessions (runtime, cli_session_id, session_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for ((messages, cli_session), _) in batch {
                 for m in messages {
                     stmt.execute(params![
                         m.session_id,
@@ -421,9 +512,37 @@ impl Worker {
                         m.timestamp
                     ])?;
                 }
+                if let Some(c) = cli_session {
+                    let at = messages.last().map(|m| m.timestamp).unwrap_or_default();
+                    record.execute(params![c.runtime, c.cli_session_id, c.session_id, at])?;
+                }
             }
         }
         tx.commit()
+    }
+
+    /// The session's generation: its own, raised to the floor a delete of
+    /// everything set.
+    fn generation(&self, session_id: &str) -> rusqlite::Result<u64> {
+        let g: i64 = self.conn.query_row(
+            "SELECT max(
+                coalesce((SELECT generation FROM session_generations WHERE session_id = ?1), 0),
+                coalesce((SELECT generation FROM session_generations WHERE session_id = ?2), 0))",
+            params![session_id, GENERATION_FLOOR_KEY],
+            |r| r.get(0),
+        )?;
+        Ok(g.max(0) as u64)
+    }
+
+    fn cli_session(&self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
+        let id = cli_session_id(session_id, self.generation(session_id)?);
+        let exists = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
+            )?
+            .exists(params![runtime, id])?;
+        Ok(CliSession { id, exists })
     }
 
     /// Keep the newest `retention` rows (ids grow monotonically).
@@ -433,6 +552,15 @@ impl Worker {
             "DELETE FROM messages WHERE id <= (SELECT max(id) FROM messages) - ?1",
             params![self.retention as i64],
         )?;
+        if n > 0 {
+            // A CLI-session row is a hint for a session with messages; without
+            // any, it may go (a later turn is repaired by the runtime's retry).
+            // This keeps the table within the retention bound too.
+            self.conn.execute(
+                "DELETE FROM cli_sessions WHERE session_id NOT IN (SELECT session_id FROM messages)",
+                [],
+            )?;
+        }
         if n > 0 {
             tracing::debug!(
                 deleted = n,
@@ -461,13 +589,40 @@ impl Worker {
         rows.collect()
     }
 
-    fn clear(&self, session: Option<&str>) -> rusqlite::Result<u64> {
-        let n = match session {
-            Some(s) => self
-                .conn
-                .execute("DELETE FROM messages WHERE session_id = ?1", params![s])?,
-            None => self.conn.execute("DELETE FROM messages", [])?,
+    /// Delete the messages and move to the next generation, in one
+    /// transaction: once the delete is acknowledged, no later turn can name
+    /// the old CLI session.
+    fn clear(&mut self, session: Option<&str>) -> rusqlite::Result<u64> {
+        let next = match session {
+            Some(s) => self.generation(s)? + 1,
+            None => {
+                let highest: i64 = self.conn.query_row(
+                    "SELECT coalesce(max(generation), 0) FROM session_generations",
+                    [],
+                    |r| r.get(0),
+                )?;
+                highest.max(0) as u64 + 1
+            }
         };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = match session {
+            Some(s) => {
+                tx.execute("DELETE FROM cli_sessions WHERE session_id = ?1", params![s])?;
+                tx.execute("DELETE FROM messages WHERE session_id = ?1", params![s])?
+            }
+            None => {
+                tx.execute("DELETE FROM cli_sessions", [])?;
+                tx.execute("DELETE FROM messages", [])?
+            }
+        };
+        tx.execute(
+            "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
+             ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
+            params![session.unwrap_or(GENERATION_FLOOR_KEY), next as i64],
+        )?;
+        tx.commit()?;
         Ok(n as u64)
     }
 
@@ -603,5 +758,192 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("not-a-dir"), "{err}");
+    }
+
+    fn record(session: &str, cli: &CliSession) -> Option<CliSessionRecord> {
+        Some(CliSessionRecord {
+            runtime: "claude-code".into(),
+            cli_session_id: cli.id.clone(),
+            session_id: session.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn cli_sessions_are_recorded_with_the_turn_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let first = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            CliSession {
+                id: cli_session_id("demo", 0),
+                exists: false
+            }
+        );
+        store
+            .append_turn(vec![msg(0, "demo"), msg(1, "demo")], record("demo", &first))
+            .await
+            .unwrap();
+        let second = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            second,
+            CliSession {
+                id: first.id.clone(),
+                exists: true
+            }
+        );
+        // Each CLI keeps its own sessions.
+        let gemini = store
+            .cli_session("demo".into(), "gemini".into())
+            .await
+            .unwrap();
+        assert!(!gemini.exists);
+        store.close().await.unwrap();
+        thread.join();
+
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let again = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(again, second);
+        store.close().await.unwrap();
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_session_moves_it_to_a_new_cli_session_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let g0 = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "a")], record("a", &g0))
+            .await
+            .unwrap();
+        let other = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "b")], record("b", &other))
+            .await
+            .unwrap();
+
+        assert_eq!(store.clear(Some("a".into())).await.unwrap(), 1);
+        let g1 = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            g1,
+            CliSession {
+                id: cli_session_id("a", 1),
+                exists: false
+            }
+        );
+        // The other session is untouched.
+        assert!(
+            store
+                .cli_session("b".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+
+        // Deleting everything moves every session past any generation it had.
+        store
+            .append_turn(vec![msg(1, "a")], record("a", &g1))
+            .await
+            .unwrap();
+        store.clear(None).await.unwrap();
+        let a = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        let b = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            a,
+            CliSession {
+                id: cli_session_id("a", 2),
+                exists: false
+            }
+        );
+        assert_eq!(
+            b,
+            CliSession {
+                id: cli_session_id("b", 2),
+                exists: false
+            }
+        );
+        // ... including sessions it never saw.
+        let c = store
+            .cli_session("never".into(), "gemini".into())
+            .await
+            .unwrap();
+        assert_eq!(c.id, cli_session_id("never", 2));
+        // And a later single delete still moves forward, never back.
+        store.clear(Some("b".into())).await.unwrap();
+        store.close().await.unwrap();
+        thread.join();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let b = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(b.id, cli_session_id("b", 3));
+        store.close().await.unwrap();
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn retention_sweeps_cli_sessions_without_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.retention_messages = 10;
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let old = store
+            .cli_session("old".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "old")], record("old", &old))
+            .await
+            .unwrap();
+        let new = store
+            .cli_session("new".into(), "claude-code".into())
+            .await
+            .unwrap();
+        let batch: Vec<_> = (0..RETENTION_SWEEP_EVERY as usize)
+            .map(|i| msg(i, "new"))
+            .collect();
+        store.append_turn(batch, record("new", &new)).await.unwrap();
+        assert!(
+            !store
+                .cli_session("old".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+        assert!(
+            store
+                .cli_session("new".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+        store.close().await.unwrap();
+        thread.join();
     }
 }

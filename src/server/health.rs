@@ -126,6 +126,9 @@ struct HealthBody<'a> {
     diagnostics: Diagnostics,
     watchdog: WatchdogReport,
     rlimit_nofile: RlimitJson,
+    /// The configured runtime, its program, and the CLI's version (read once
+    /// at start).
+    runtime: &'a crate::agent::runtimes::RuntimeReport,
     checks: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     deep: Option<DeepJson>,
@@ -200,6 +203,7 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
             soft: r.soft,
             hard: r.hard,
         },
+        runtime: &app.runtime_report,
         checks: published
             .as_ref()
             .map(|p| &*p.checks_json)
