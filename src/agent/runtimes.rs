@@ -29,11 +29,11 @@ use crate::config::{RuntimeConfig, RuntimeKind};
 /// and stdin is then left empty.
 pub const PROMPT_PLACEHOLDER: &str = "{prompt}";
 
-/// Longest wait for `<cli> --version` at start. Gemini CLI is a Node program
-/// that takes a few seconds to start on a loaded machine; a CLI that takes
-/// longer reports no version rather than holding anything up (the read runs
-/// beside start-up, never before `READY=1`).
-pub const VERSION_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for `<cli> --version` at start. Gemini CLI 0.61 is a Node
+/// program that took 8-12 s to print its version on a loaded two-core machine;
+/// a CLI that takes longer reports no version rather than holding anything up
+/// (the read runs beside start-up, never before `READY=1`).
+pub const VERSION_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most bytes of `--version` output read; a version is one short line.
 const VERSION_OUTPUT_CAP: u64 = 4096;
