@@ -63,9 +63,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX messages_by_session ON messages (session_id, id);",
     // 2: agent-CLI sessions. `session_generations` has a row for each session
-    // whose history was ever deleted (and `*`, the floor set by deleting
-    // everything): never pruned, because a forgotten generation would name a
-    // deleted CLI session again. `cli_sessions` has a row per CLI session a
+    // whose history was deleted since the last delete of everything (and `*`,
+    // the floor that delete set, below which no session's generation falls):
+    // a row goes only when the floor covers it, because a forgotten
+    // generation would name a deleted CLI session again. `cli_sessions` has a row per CLI session a
     // successful turn ran in; a row is only a hint (a missing one is repaired
     // by the runtime's retry), so rows of sessions with no messages left are
     // swept with retention.
@@ -614,6 +615,12 @@ impl Worker {
             }
             None => {
                 tx.execute("DELETE FROM cli_sessions", [])?;
+                // Every session's own generation is below the new floor now,
+                // so the floor alone says it: this keeps the table small.
+                tx.execute(
+                    "DELETE FROM session_generations WHERE session_id != ?1",
+                    params![GENERATION_FLOOR_KEY],
+                )?;
                 tx.execute("DELETE FROM messages", [])?
             }
         };
@@ -897,6 +904,16 @@ mod tests {
         store.clear(Some("b".into())).await.unwrap();
         store.close().await.unwrap();
         thread.join();
+        // The floor replaced the rows below it: only `*` and `b` remain.
+        let rows: Vec<(String, i64)> = Connection::open(dir.path().join(DB_FILE))
+            .unwrap()
+            .prepare("SELECT session_id, generation FROM session_generations ORDER BY session_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(rows, [("*".to_owned(), 2), ("b".to_owned(), 3)]);
         let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
         let b = store
             .cli_session("b".into(), "claude-code".into())
