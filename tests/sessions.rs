@@ -139,9 +139,10 @@ async fn resume_survives_a_restart() {
     let server = start("claude-code", &[], dir.path()).await;
     let body = turn(&server, Some("demo"), "two").await;
     assert_eq!(body["response"], "seen: one | two");
+    let id = v5("demo");
     assert_eq!(
-        calls(dir.path()).last().unwrap(),
-        &format!("--resume {}", v5("demo")),
+        calls(dir.path()),
+        [format!("--session-id {id}"), format!("--resume {id}")],
         "the store, not a repair, chose --resume"
     );
     server.stop().await;
@@ -176,7 +177,7 @@ async fn a_failed_first_turn_is_repaired_by_resuming() {
         );
         // Now recorded: the third turn resumes at once.
         turn(&server, Some("demo"), "three").await;
-        assert_eq!(calls(dir.path()).last().unwrap(), &format!("--resume {id}"));
+        assert_eq!(calls(dir.path())[3..], [format!("--resume {id}")]);
         server.stop().await;
     }
 }
@@ -274,9 +275,15 @@ async fn eviction_from_memory_does_not_lose_the_cli_session() {
     assert_eq!(h["messages"].as_array().unwrap().len(), 0, "evicted");
     let body = turn(&server, Some("demo"), "two").await;
     assert_eq!(body["response"], "seen: one | two");
+    let (demo, other) = (v5("demo"), v5("other"));
     assert_eq!(
-        calls(dir.path()).last().unwrap(),
-        &format!("--resume {}", v5("demo"))
+        calls(dir.path()),
+        [
+            format!("--session-id {demo}"),
+            format!("--session-id {other}"),
+            format!("--resume {demo}")
+        ],
+        "the store, not a repair, chose --resume"
     );
     server.stop().await;
 }
