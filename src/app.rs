@@ -16,7 +16,7 @@ use crate::agent::history::{History, Message};
 use crate::agent::runtime::Runtime;
 use crate::config::Config;
 use crate::faults::Faults;
-use crate::health::watchdog::HealthState;
+use crate::health::state::HealthState;
 use crate::server::stats::AcceptStats;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError, StoreThread};
