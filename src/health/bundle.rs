@@ -175,6 +175,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bundles_and_their_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("diagnostics");
+        let path = write_bundle(&dir, &serde_json::json!({"x": 1}), 5).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
     fn stamps_are_utc_and_millisecond_precise() {
         let at = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // leap day 2024
         assert_eq!(utc_stamp(at), "20240229T123456.789Z");
