@@ -48,6 +48,8 @@ fn names(trends: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// Needs the `fault-injection` feature (`cargo test --all-features`, as CI runs).
+#[cfg(feature = "fault-injection")]
 #[tokio::test]
 async fn leaking_one_fd_per_tick_is_named_open_fds() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,10 +3,11 @@
 //! a gauge in `suspected_leak`.
 //!
 //! This answers "is thread_count trending up?" from one `GET /health` instead
-//! of a multi-day soak. The ring is written only by the health loop; the two
-//! JSON answers (`trends` in `/health`, `GET /health/trends`) are rendered
-//! when a sample is taken and served as pre-rendered text, so a request never
-//! computes a slope or takes a lock.
+//! of a multi-day soak. The ring is written only by the health loop. The
+//! `trends` block of `/health` is rendered when a sample is taken and served
+//! as pre-rendered text, so `/health` never computes a slope or takes a lock.
+//! `GET /health/trends` (for status pages, not for probes) renders the ring
+//! on request under the ring's own mutex, which no request handler takes.
 //!
 //! Not here: reading the gauges (`gauges`, the executor, the store), deciding
 //! health (a suspected leak is reported, it never fails a check: a slow leak
@@ -265,14 +266,13 @@ fn raw(value: &impl Serialize) -> Rendered {
     )
 }
 
-/// The ring plus its two answers, pre-rendered after every sample.
+/// The ring plus the `/health` block, pre-rendered after every sample.
 pub struct Trends {
-    /// Taken only by the health loop (to push) and never by a request.
+    /// Taken by the health loop (to push) and by `GET /health/trends` (to
+    /// render); never by `/health` or a request handler.
     ring: Mutex<TrendRing>,
     /// The `trends` block of `/health`.
     summary: ArcSwap<Box<RawValue>>,
-    /// The `GET /health/trends` body.
-    samples: ArcSwap<Box<RawValue>>,
     pub interval: Duration,
 }
 
@@ -281,21 +281,19 @@ impl Trends {
         let ring = TrendRing::new(window, interval);
         Trends {
             summary: ArcSwap::new(raw(&ring.summary())),
-            samples: ArcSwap::new(raw(&ring.samples_json())),
             ring: Mutex::new(ring),
             interval,
         }
     }
 
-    /// Add a sample and re-render both answers (called by the health loop).
+    /// Add a sample and re-render the `/health` block (called by the
+    /// health loop).
     pub fn record(&self, sample: Sample) {
         let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
         ring.push(sample);
         let summary = raw(&ring.summary());
-        let samples = raw(&ring.samples_json());
         drop(ring);
         self.summary.store(summary);
-        self.samples.store(samples);
     }
 
     /// The `trends` block of `/health`, pre-rendered.
@@ -303,9 +301,10 @@ impl Trends {
         self.summary.load_full()
     }
 
-    /// The `GET /health/trends` body, pre-rendered.
-    pub fn samples_json(&self) -> Rendered {
-        self.samples.load_full()
+    /// The `GET /health/trends` body, rendered now from the ring.
+    pub fn samples_json(&self) -> String {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.samples_json().to_string()
     }
 }
 

@@ -217,11 +217,10 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     json(code, &body)
 }
 
-/// `GET /health/trends`: every trend sample in the window, oldest first,
-/// pre-rendered by the health loop when the last sample was taken.
+/// `GET /health/trends`: every trend sample in the window, oldest first.
+/// Rendered under the trend ring's own lock, which no handler takes.
 pub fn trends(app: &App) -> Response<Body> {
-    let body = app.health.trends.samples_json();
-    let mut resp = Response::new(full(body.get().to_owned()));
+    let mut resp = Response::new(full(app.health.trends.samples_json()));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
