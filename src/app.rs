@@ -17,7 +17,7 @@ use crate::agent::runtime::Runtime;
 use crate::agent::runtimes::{self, RuntimeReport};
 use crate::config::Config;
 use crate::faults::Faults;
-use crate::health::watchdog::HealthState;
+use crate::health::state::HealthState;
 use crate::server::stats::AcceptStats;
 use crate::shutdown::Shutdown;
 use crate::store::{CliSessionRecord, Store, StoreError, StoreThread};

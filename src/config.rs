@@ -142,6 +142,13 @@ pub struct HealthConfig {
     pub diagnostics_keep: usize,
     /// RLIMIT_NOFILE soft target.
     pub nofile_target: u64,
+    /// How far back the leak-trend ring reaches (`AGENTD_TREND_WINDOW`,
+    /// default 24 h: a slow leak shows over a day, not over minutes).
+    pub trend_window: Duration,
+    /// Time between trend samples (`AGENTD_TREND_INTERVAL`, default 1 min).
+    /// The ring holds window / interval samples, at most
+    /// `health::trends::MAX_SAMPLES`.
+    pub trend_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +242,8 @@ settings! {
     max_threads => "AGENTD_MAX_THREADS",
     diagnostics_keep => "AGENTD_DIAGNOSTICS_KEEP",
     nofile_target => "AGENTD_NOFILE_TARGET",
+    trend_window => "AGENTD_TREND_WINDOW",
+    trend_interval => "AGENTD_TREND_INTERVAL",
     log => "AGENTD_LOG",
     fault_injection => "AGENTD_FAULT_INJECTION",
 }
@@ -629,6 +638,7 @@ fn build(
         0 => None,
         n => Some(n as u32),
     };
+    let (trend_window, trend_interval) = trend_settings(raw)?;
     let health = HealthConfig {
         interval: duration(
             raw,
@@ -643,6 +653,8 @@ fn build(
         max_threads: int(raw, "max_threads", 512, 8, 1 << 20)? as usize,
         diagnostics_keep: int(raw, "diagnostics_keep", 20, 1, 10_000)? as usize,
         nofile_target: int(raw, "nofile_target", 4096, 64, 1 << 24)?,
+        trend_window,
+        trend_interval,
     };
 
     Ok(Config {
@@ -676,6 +688,42 @@ fn build(
         fault_injection: boolean(raw, "fault_injection", false)?,
         warnings,
     })
+}
+
+/// The leak-trend window and sample interval: the interval between 10 ms
+/// (tests compress time) and 1 h, the window at least two samples and at most
+/// `MAX_SAMPLES` of them.
+fn trend_settings(raw: &Raw) -> Result<(Duration, Duration), ConfigError> {
+    let interval = duration(
+        raw,
+        "trend_interval",
+        60 * SEC,
+        Duration::from_millis(10),
+        3600 * SEC,
+    )?;
+    let window = duration(
+        raw,
+        "trend_window",
+        DAY,
+        Duration::from_millis(20),
+        30 * DAY,
+    )?;
+    let samples = window.as_secs_f64() / interval.as_secs_f64();
+    let max = crate::health::trends::MAX_SAMPLES;
+    if samples < 2.0 || samples > max as f64 {
+        let (value, name) = raw
+            .get("trend_window")
+            .unwrap_or(("86400s", "AGENTD_TREND_WINDOW"));
+        return Err(invalid(
+            name,
+            value,
+            format!(
+                "the window must hold between 2 and {max} samples of \
+                 AGENTD_TREND_INTERVAL ({interval:?}); it holds {samples:.0}"
+            ),
+        ));
+    }
+    Ok((window, interval))
 }
 
 #[cfg(test)]
@@ -767,6 +815,33 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.runtime.workdir, PathBuf::from("/srv/work"));
+    }
+
+    #[test]
+    fn trend_window_must_hold_between_two_and_max_samples() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.health.trend_window, Duration::from_secs(86400));
+        assert_eq!(c.health.trend_interval, Duration::from_secs(60));
+        let c = load(&[
+            ("AGENTD_TREND_WINDOW", "2s"),
+            ("AGENTD_TREND_INTERVAL", "20ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.health.trend_window, Duration::from_secs(2));
+        let err = load(&[
+            ("AGENTD_TREND_WINDOW", "720h"),
+            ("AGENTD_TREND_INTERVAL", "1s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("AGENTD_TREND_WINDOW") && err.contains("samples"),
+            "{err}"
+        );
+        let err = load(&[("AGENTD_TREND_INTERVAL", "5ms")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AGENTD_TREND_INTERVAL"), "{err}");
     }
 
     #[test]

@@ -82,6 +82,14 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (runtime, cli_session_id)
     ) WITHOUT ROWID;
     CREATE INDEX cli_sessions_by_session ON cli_sessions (session_id);",
+
+    // 3: the health check's heartbeat: one row, rewritten every tick, so the
+    // `store` check proves a real commit (see `Worker::heartbeat`).
+    "CREATE TABLE health_heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at REAL NOT NULL,
+        beats INTEGER NOT NULL
+    );",
 ];
 
 /// The `session_generations` key of the floor every session's generation is
@@ -103,11 +111,22 @@ pub enum StoreError {
     Stopped,
     #[error("the store did not answer within {0:?}")]
     NoAnswer(Duration),
+    /// SQLITE_FULL / ENOSPC: nothing in the write was stored. Clears by itself
+    /// when space returns.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// `state.db` was deleted or replaced under the open connection: a write
+    /// now would land in a file nobody will read again, so it is refused.
+    #[error("{0}; writes are refused until agentd restarts on the new file")]
+    Lost(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull(e.to_string()),
+            _ => StoreError::Sqlite(e.to_string()),
+        }
     }
 }
 
@@ -164,7 +183,8 @@ enum Request {
     Sessions {
         reply: Reply<SessionSummary>,
     },
-    Probe {
+    /// The health check's write: see `Worker::heartbeat`.
+    Heartbeat {
         reply: Reply<()>,
     },
     /// Checkpoint the WAL and stop the thread.
@@ -206,7 +226,12 @@ impl Store {
     ) -> Result<(Store, StoreThread), StoreError> {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
+        private_db_files(&path)?;
         let conn = open_connection(&path, config.synchronous)?;
+        let identity = FileIdentity::of(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: format!("cannot stat the open database: {e}"),
+        })?;
         migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: format!("migration failed: {e}"),
@@ -217,6 +242,9 @@ impl Store {
             max_batch: config.max_batch.max(1),
             retention: config.retention_messages,
             since_sweep: 0,
+            path: path.clone(),
+            state_dir: state_dir.to_owned(),
+            identity,
         };
         let handle = std::thread::Builder::new()
             .name("agentd-store".into())
@@ -309,10 +337,12 @@ impl Store {
         self.call(|reply| Request::Sessions { reply }).await
     }
 
-    /// The health check's round trip: a read, then take and release the write
-    /// lock (`BEGIN IMMEDIATE; ROLLBACK`).
-    pub async fn probe(&self) -> Result<(), StoreError> {
-        self.call(|reply| Request::Probe { reply }).await
+    /// The health check's write: the identity of `state.db`, a read, a real
+    /// committed write (the heartbeat row), and free space in the state dir.
+    /// `DiskFull` when the disk is full, `Lost` when the file was deleted or
+    /// replaced, `Sqlite` for an I/O error or a read-only file system.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.call(|reply| Request::Heartbeat { reply }).await
     }
 
     /// Checkpoint and stop the thread. Requests already queued are served
@@ -333,7 +363,7 @@ fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
         path: dir.to_owned(),
         reason,
     };
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    crate::state_dir::ensure_private_dir(dir).map_err(|e| fail(e.to_string()))?;
     let meta = std::fs::metadata(dir).map_err(|e| fail(e.to_string()))?;
     if !meta.is_dir() {
         return Err(fail("not a directory".into()));
@@ -343,6 +373,62 @@ fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::write(&probe, b"")
         .map_err(|e| fail(format!("not writable: {e}")))
         .and_then(|_| std::fs::remove_file(&probe).map_err(|e| fail(e.to_string())))
+}
+
+/// `state.db` is created 0600 before SQLite opens it (SQLite gives `-wal` and
+/// `-shm` the database's mode), and files left by an older run are tightened.
+fn private_db_files(path: &Path) -> Result<(), StoreError> {
+    let fail = |e: std::io::Error| StoreError::Open {
+        path: path.to_owned(),
+        reason: match e.raw_os_error() {
+            Some(libc::ENOSPC) => format!("disk full: {e}"),
+            _ => e.to_string(),
+        },
+    };
+    crate::state_dir::create_private_file(path).map_err(fail)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        crate::state_dir::make_private(Path::new(&side)).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Device and inode of a file: which file a path names right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// Free space below which the `store` check reports the disk full even when
+/// the heartbeat still commits: SQLite rewrites WAL pages in place after a
+/// checkpoint, so a tiny write can succeed on a disk where the next chat
+/// cannot. 64 KiB is a few WAL frames plus a diagnostics bundle.
+pub const MIN_FREE_BYTES: u64 = 64 << 10;
+
+/// Bytes available to this user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
@@ -390,6 +476,13 @@ struct Worker {
     max_batch: usize,
     retention: u64,
     since_sweep: u64,
+    /// `<state-dir>/state.db`, to notice it being deleted or replaced.
+    path: PathBuf,
+    /// For the free-space reading of the heartbeat.
+    state_dir: PathBuf,
+    /// Device and inode of the file the connection opened (SQLite never
+    /// reopens it, so this stays the open file's identity).
+    identity: FileIdentity,
 }
 
 impl Worker {
@@ -432,13 +525,16 @@ impl Worker {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
                 }
                 Request::Clear { session, reply } => {
-                    let _ = reply.send(self.clear(session.as_deref()).map_err(Into::into));
+                    let r = self
+                        .still_ours()
+                        .and_then(|()| self.clear(session.as_deref()).map_err(Into::into));
+                    let _ = reply.send(r);
                 }
                 Request::Sessions { reply } => {
                     let _ = reply.send(self.sessions().map_err(Into::into));
                 }
-                Request::Probe { reply } => {
-                    let _ = reply.send(self.probe().map_err(Into::into));
+                Request::Heartbeat { reply } => {
+                    let _ = reply.send(self.heartbeat());
                 }
                 Request::Close { reply } => {
                     let r = self
@@ -468,6 +564,15 @@ impl Worker {
 
     fn append_batch(&mut self, batch: Vec<(Turn, Reply<()>)>) {
         let rows: u64 = batch.iter().map(|((m, _), _)| m.len() as u64).sum();
+        // Two stat calls per batch (not per message): never answer "stored"
+        // for a write into a deleted file.
+        if let Err(err) = self.still_ours() {
+            tracing::error!(error = %err, rows, "append refused");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
         let result = self.insert(&batch);
         match result {
             Ok(()) => {
@@ -659,7 +764,23 @@ impl Worker {
         })
     }
 
-    fn probe(&self) -> rusqlite::Result<()> {
+    /// `Lost` when the path no longer names the file the connection has open.
+    fn still_ours(&self) -> Result<(), StoreError> {
+        match FileIdentity::of(&self.path) {
+            Ok(now) if now == self.identity => Ok(()),
+            Ok(_) => Err(StoreError::Lost(format!("{DB_FILE} was replaced"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::Lost(format!("{DB_FILE} was deleted")))
+            }
+            Err(e) => Err(StoreError::Sqlite(format!("cannot stat {DB_FILE}: {e}"))),
+        }
+    }
+
+    /// The `store` check's round trip: the file is still ours, a read, one
+    /// committed upsert of the heartbeat row (the table never grows), and
+    /// enough free space for the next write.
+    fn heartbeat(&self) -> Result<(), StoreError> {
+        self.still_ours()?;
         let _: Option<i64> = self
             .conn
             .query_row(
@@ -668,7 +789,26 @@ impl Worker {
                 |r| r.get(0),
             )
             .optional()?;
-        self.conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
+            params![now],
+        )?;
+        tx.commit()?;
+        match free_bytes(&self.state_dir) {
+            Ok(free) if free < MIN_FREE_BYTES => Err(StoreError::DiskFull(format!(
+                "{free} bytes free in {} (below {MIN_FREE_BYTES})",
+                self.state_dir.display()
+            ))),
+            // Unknown free space is not a failure: the commit above proved
+            // this write went through.
+            _ => Ok(()),
+        }
     }
 }
 
@@ -749,9 +889,9 @@ mod tests {
         let s = store.sessions().await.unwrap();
         assert_eq!((s.total_messages, s.total_sessions), (1, 1));
         assert_eq!(s.sessions[0].session_id, "b");
-        store.probe().await.unwrap();
+        store.heartbeat().await.unwrap();
         store.close().await.unwrap();
-        assert!(matches!(store.probe().await, Err(StoreError::Stopped)));
+        assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
         thread.join();
     }
 
