@@ -14,6 +14,8 @@
 //! * `report`   — `agentd health`: asks `/health` and prints a report for
 //!   people, with exit codes for scripts.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
+//! * `state_dir` — the private state directory (0700/0600) and its
+//!   one-process lock.
 //! * `app`      — the shared application state handlers receive.
 //! * `daemon`   — the `serve` lifecycle: start-up order, signals, shutdown order.
 //! * `faults`   — fault injection for wedge tests (feature `fault-injection`).
@@ -28,4 +30,5 @@ pub mod init;
 pub mod report;
 pub mod server;
 pub mod shutdown;
+pub mod state_dir;
 pub mod store;

@@ -213,3 +213,50 @@ fn a_failing_check_shows_in_check_and_watchdog_series() {
     // The deadline shows in the duration: the lock wait ran until it expired.
     assert!(s["agentd_health_check_duration_seconds{check=\"state_lock\"}"] > 0.05);
 }
+
+#[test]
+fn runtime_and_leak_trends_match_health() {
+    use common::WAIT;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &[
+            ("AGENTD_HEALTH_INTERVAL", "1h"),
+            ("AGENTD_TREND_INTERVAL", "50ms"),
+            ("AGENTD_TREND_WINDOW", "10s"),
+        ],
+        dir.path(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Wait (bounded) for a few samples, so every gauge has a slope.
+    let deadline = Instant::now() + WAIT;
+    let h = loop {
+        let h = get(&rt, d.addr, "/health").json();
+        if h["trends"]["samples"].as_u64().unwrap_or(0) >= 3 {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "no trend samples: {h}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = get(&rt, d.addr, "/metrics").text();
+    let s = samples(&text);
+    // Samples keep arriving between the two reads: at least as many.
+    assert!(s["agentd_trend_samples"] >= h["trends"]["samples"].as_f64().unwrap());
+    let slopes = h["trends"]["slope_per_hour"].as_object().unwrap();
+    assert!(!slopes.is_empty());
+    for gauge in slopes.keys() {
+        let slope = format!("agentd_trend_slope_per_second{{gauge=\"{gauge}\"}}");
+        let leak = format!("agentd_trend_suspected_leak{{gauge=\"{gauge}\"}}");
+        assert!(s.contains_key(&slope), "{slope} missing:\n{text}");
+        assert!([0.0, 1.0].contains(&s[&leak]), "{leak}");
+    }
+    let r = &h["runtime"];
+    assert_eq!(r["name"], "echo");
+    let info = format!(
+        "agentd_runtime_info{{name=\"echo\",command=\"\",version=\"{}\"}}",
+        r["version"].as_str().unwrap_or("")
+    );
+    assert_eq!(s[&info], 1.0, "{text}");
+    assert_eq!(s["agentd_runtime_runnable"], 1.0);
+}

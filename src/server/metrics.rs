@@ -148,6 +148,8 @@ pub fn render(app: &App) -> String {
     accept_loop(&mut m, app);
     work(&mut m, app);
     process(&mut m, app);
+    runtime(&mut m, app);
+    trends(&mut m, app);
     m.out
 }
 
@@ -450,6 +452,80 @@ fn process(m: &mut Exposition, app: &App) {
         "OS threads in the process.",
         p.thread_count,
     );
+}
+
+fn runtime(m: &mut Exposition, app: &App) {
+    let r = &app.runtime_report;
+    m.family(
+        "agentd_runtime_info",
+        Kind::Gauge,
+        "Always 1; the labels name the configured runtime, its program and the CLI's version (empty when unknown).",
+    );
+    m.sample(
+        "agentd_runtime_info",
+        &[
+            ("name", r.name),
+            ("command", r.command.as_deref().unwrap_or("")),
+            ("version", r.version().unwrap_or("")),
+        ],
+        1.0,
+    );
+    m.one(
+        "agentd_runtime_runnable",
+        Kind::Gauge,
+        "1 when the runtime's program was found and executable at start.",
+        f64::from(u8::from(r.runnable)),
+    );
+}
+
+/// The leak trends, from the `/health` block the health loop pre-renders
+/// after each sample (a few hundred bytes, parsed per scrape; the sample ring
+/// and its lock are not touched).
+fn trends(m: &mut Exposition, app: &App) {
+    #[derive(serde::Deserialize)]
+    struct Summary {
+        samples: u64,
+        slope_per_hour: std::collections::BTreeMap<String, f64>,
+        suspected_leak: Vec<String>,
+    }
+    let rendered = app.health.trends.summary_json();
+    let Ok(summary) = serde_json::from_str::<Summary>(rendered.get()) else {
+        return;
+    };
+    m.one(
+        "agentd_trend_samples",
+        Kind::Gauge,
+        "Leak-trend samples in the window.",
+        summary.samples as f64,
+    );
+    if summary.slope_per_hour.is_empty() {
+        return;
+    }
+    m.family(
+        "agentd_trend_slope_per_second",
+        Kind::Gauge,
+        "Least-squares slope of each gauge over the trend window, in the gauge's unit per second.",
+    );
+    for (gauge, slope) in &summary.slope_per_hour {
+        m.sample(
+            "agentd_trend_slope_per_second",
+            &[("gauge", gauge)],
+            slope / 3600.0,
+        );
+    }
+    m.family(
+        "agentd_trend_suspected_leak",
+        Kind::Gauge,
+        "1 when the gauge grew steadily over the trend window (the /health trends rule).",
+    );
+    for gauge in summary.slope_per_hour.keys() {
+        let leak = summary.suspected_leak.iter().any(|g| g == gauge);
+        m.sample(
+            "agentd_trend_suspected_leak",
+            &[("gauge", gauge)],
+            f64::from(u8::from(leak)),
+        );
+    }
 }
 
 #[cfg(test)]
