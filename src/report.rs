@@ -499,7 +499,7 @@ pub fn render(h: &Value, target: &Target, now: f64) -> String {
         if r["runnable"] == Value::Bool(false) {
             text.push_str(", NOT RUNNABLE");
         }
-        line(&mut out, "runtime", &text);
+        line(&mut out, "name", &text);
     }
 
     let t = &h["trends"];
