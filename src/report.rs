@@ -275,10 +275,12 @@ fn exchange(
     deadline: Instant,
 ) -> std::io::Result<Vec<u8>> {
     stream.set_timeouts(remaining(deadline).ok_or_else(timed_out)?)?;
-    write!(
-        stream,
+    // One buffer, one write: `write!` on a socket would send each fragment
+    // as its own segment.
+    let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\nUser-Agent: agentd-health\r\n\r\n"
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {

@@ -232,8 +232,16 @@ fn a_silent_or_foreign_server_exits_2_within_the_timeout() {
     let addr = foreign.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = foreign.accept().unwrap();
+        // Read the whole request first: closing with unread bytes would
+        // reset the connection instead of delivering the answer.
+        let mut request = Vec::new();
         let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf);
+        while !request.ends_with(b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
         s.write_all(b"HTTP/1.0 200 OK\r\ncontent-type: text/html\r\n\r\n<html>hi</html>")
             .unwrap();
     });
