@@ -445,9 +445,12 @@ pub fn render(h: &Value, target: &Target, now: f64) -> String {
 
     let a = &h["accept_loop"];
     if a.is_object() {
+        let open = match a["connections_max"].as_u64() {
+            Some(max) => format!("{} / {max}", num(&a["connections_open"])),
+            None => num(&a["connections_open"]),
+        };
         let mut text = format!(
-            "{} open, {} accepted, {} rejected, {} requests",
-            num(&a["connections_open"]),
+            "{open} open, {} accepted, {} rejected, {} requests",
             num(&a["connections_total"]),
             num(&a["connections_rejected"]),
             num(&a["requests_total"]),
@@ -695,6 +698,10 @@ mod tests {
             "diagnostics": {"open_fds": 23, "fd_soft_limit": 4096,
                 "conversation_history_size": 120, "conversation_history_limit": 1000,
                 "thread_count": 9, "rss_bytes": 10485760},
+            "accept_loop": {"connections_open": 4, "connections_max": 4, "connections_total": 9,
+                "connections_rejected": 3, "requests_total": 20, "saturated": true,
+                "rejected_per_second": 2.5},
+            "runtime": {"name": "claude-code", "command": "claude", "runnable": false, "version": null},
             "watchdog": {"mode": "systemd", "interval_ms": 10000, "last_tick_at": 990.0,
                 "last_ok_at": null, "consecutive_failures": 2, "ticks": 7, "pings_sent": 5},
             "trends": {"window_seconds": 3600, "sample_interval_seconds": 30, "samples": 120,
@@ -716,6 +723,16 @@ mod tests {
         assert!(text.contains("120 / 1000 (12%)"), "{text}");
         assert!(text.contains("10.0 MiB"), "{text}");
         assert!(text.contains("10 s ago"), "{text}");
+        assert!(
+            text.contains(
+                "4 / 4 open, 9 accepted, 3 rejected, 20 requests, SATURATED (2.5 rejected/s)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("claude-code (claude), NOT RUNNABLE"),
+            "{text}"
+        );
         assert!(text.contains("never"), "{text}");
         let trend = text.lines().find(|l| l.contains("/h  SUSPECTED")).unwrap();
         assert_eq!(
