@@ -82,7 +82,6 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (runtime, cli_session_id)
     ) WITHOUT ROWID;
     CREATE INDEX cli_sessions_by_session ON cli_sessions (session_id);",
-
     // 3: the health check's heartbeat: one row, rewritten every tick, so the
     // `store` check proves a real commit (see `Worker::heartbeat`).
     "CREATE TABLE health_heartbeat (
