@@ -32,4 +32,21 @@ help=$target/packaging/agentd-help.txt
 } >"$help.tmp"
 mv "$help.tmp" "$help"
 
+# The project's changelog where Debian policy puts an upstream changelog.
+gzip -9n <CHANGELOG.md >"$target/packaging/changelog.gz"
+
+# The same text as a man page (agentd(1)), so `man agentd` works: the help in
+# a no-fill block, roff's escape character and control characters escaped.
+version=$("$bin" version | awk '{print $2}')
+{
+  printf '.TH AGENTD 1 "" "agentd %s" "User Commands"\n' "$version"
+  printf '.SH NAME\nagentd \\- an agent server native to systemd\n'
+  printf '.SH SYNOPSIS\n.B agentd\n.I COMMAND\n[\\fIOPTIONS\\fR]\n'
+  printf '.SH DESCRIPTION\nThe output of \\fBagentd \\-\\-help\\fR and of each command'"'"'s \\fB\\-\\-help\\fR.\n'
+  printf 'The guides are in /usr/share/doc/agentd/ (operating.md, operators.md, README.md).\n'
+  printf '.PP\n.nf\n'
+  sed -e 's/\\/\\e/g' -e "s/^\([.']\)/\\\\\&\1/" -e 's/-/\\-/g' "$help"
+  printf '.fi\n.SH SEE ALSO\n.BR systemctl (1),\n.BR journalctl (1)\n'
+} >"$target/packaging/agentd.1"
+
 cargo deb --no-build --locked "$@"

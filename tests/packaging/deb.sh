@@ -101,11 +101,12 @@ check "agentd.service in the systemd unit directory" \
 check "/etc/agentd/agentd.toml" has_entry -rw-r--r-- ./etc/agentd/agentd.toml
 dpkg-deb -e "$W/payload/agentd_1.deb" "$W/control"
 check "agentd.toml is a conffile" grep -qx /etc/agentd/agentd.toml "$W/control/conffiles"
-for f in copyright changelog.Debian.gz agentd-help.txt LICENSE-MIT LICENSE-APACHE CHANGELOG.md operators.md \
+for f in copyright changelog.Debian.gz changelog.gz agentd-help.txt LICENSE-MIT LICENSE-APACHE operators.md \
   examples/agentd.socket; do
   check "/usr/share/doc/agentd/$f" has_entry -rw-r--r-- "./usr/share/doc/agentd/$f"
 done
 dpkg-deb --fsys-tarfile "$W/payload/agentd_1.deb" | tar -xO ./usr/share/doc/agentd/agentd-help.txt >"$W/help.txt"
+check "the man page agentd(1)" has_entry -rw-r--r-- ./usr/share/man/man1/agentd.1.gz
 check "the help text covers serve, health and keepalive-check" \
   grep -q -e '^\$ agentd serve --help' -e '^\$ agentd health --help' -e '^\$ agentd keepalive-check --help' "$W/help.txt"
 check "postrm removes the state on purge" grep -q 'rm -rf /var/lib/agentd /var/lib/private/agentd' "$W/control/postrm"
