@@ -4,8 +4,10 @@
 //! Precedence, lowest first: built-in default < TOML file < environment < flag.
 //! The rest of the program receives a typed `Config` and never reads the
 //! environment itself. An invalid value is an error that names the setting and
-//! the value; the only exception is `AGENT_HISTORY_LIMIT`, which users already
-//! know to fall back to its default with a warning.
+//! the value; the only exception is the history limit, which users already
+//! know to fall back to its default with a warning. Its variable is
+//! `AGENTD_HISTORY_LIMIT`; the older `AGENT_HISTORY_LIMIT` stays accepted as an
+//! alias (when both are set, `AGENTD_HISTORY_LIMIT` wins, with a warning).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -205,7 +207,7 @@ settings! {
     listen => "AGENTD_LISTEN",
     state_dir => "AGENTD_STATE_DIR",
     api_token => "AGENTD_API_TOKEN",
-    history_limit => "AGENT_HISTORY_LIMIT",
+    history_limit => "AGENTD_HISTORY_LIMIT",
     max_connections => "AGENTD_MAX_CONNECTIONS",
     header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
     idle_timeout => "AGENTD_IDLE_TIMEOUT",
@@ -248,9 +250,17 @@ settings! {
     fault_injection => "AGENTD_FAULT_INJECTION",
 }
 
+/// The history limit's name before every variable took the `AGENTD_` prefix.
+/// Still read, so existing deployments keep their limit; `AGENTD_HISTORY_LIMIT`
+/// wins when both are set.
+pub const HISTORY_LIMIT_ALIAS: &str = "AGENT_HISTORY_LIMIT";
+
 /// Where a raw value came from, so an error can name the right thing.
 struct Raw {
     values: BTreeMap<&'static str, (String, &'static str)>,
+    /// Warnings found while collecting the values (an alias shadowed by its
+    /// new name); `build` passes them on in `Config::warnings`.
+    warnings: Vec<String>,
 }
 
 impl Raw {
@@ -277,12 +287,24 @@ impl Config {
         });
         let mut raw = Raw {
             values: BTreeMap::new(),
+            warnings: Vec::new(),
         };
         if let Some(path) = &config_file {
             for (key, value) in read_toml(path)? {
                 let setting = SETTINGS.iter().find(|s| s.key == key).expect("checked");
                 raw.values.insert(setting.key, (value, setting.key));
             }
+        }
+        // The alias goes in first, so the loop below overrides it with
+        // AGENTD_HISTORY_LIMIT when that is set too.
+        if let Some(v) = env(HISTORY_LIMIT_ALIAS) {
+            if env("AGENTD_HISTORY_LIMIT").is_some() {
+                raw.warnings.push(format!(
+                    "both AGENTD_HISTORY_LIMIT and {HISTORY_LIMIT_ALIAS} are set; \
+                     using AGENTD_HISTORY_LIMIT and ignoring {HISTORY_LIMIT_ALIAS}={v:?}"
+                ));
+            }
+            raw.values.insert("history_limit", (v, HISTORY_LIMIT_ALIAS));
         }
         for s in SETTINGS {
             if let Some(v) = env(s.env) {
@@ -502,7 +524,7 @@ fn text(raw: &Raw, key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// `AGENT_HISTORY_LIMIT`: non-integer or <= 0 falls back to the default with a
+/// `AGENTD_HISTORY_LIMIT` (alias `AGENT_HISTORY_LIMIT`): non-integer or <= 0 falls back to the default with a
 /// warning, as users of other agent servers expect.
 fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
     let Some((v, name)) = raw.get("history_limit") else {
@@ -527,7 +549,7 @@ fn build(
     config_file: Option<PathBuf>,
     state_dir_default: &str,
 ) -> Result<Config, ConfigError> {
-    let mut warnings = Vec::new();
+    let mut warnings = raw.warnings.clone();
     let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
     let listen: SocketAddr = listen_text.parse().map_err(|_| {
         invalid(
@@ -761,6 +783,36 @@ mod tests {
         assert_eq!(
             load(&[("AGENT_HISTORY_LIMIT", "3")]).unwrap().history_limit,
             3
+        );
+    }
+
+    #[test]
+    fn history_limit_new_name_wins_over_the_alias() {
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "5")]).unwrap();
+        assert_eq!(c.history_limit, 5);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = load(&[("AGENT_HISTORY_LIMIT", "6")]).unwrap();
+        assert_eq!(c.history_limit, 6, "the old name still works");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "5"), ("AGENT_HISTORY_LIMIT", "6")]).unwrap();
+        assert_eq!(c.history_limit, 5);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("using AGENTD_HISTORY_LIMIT")
+                && c.warnings[0].contains("AGENT_HISTORY_LIMIT=\"6\""),
+            "{}",
+            c.warnings[0]
+        );
+
+        // An invalid value names the variable it came from.
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "many")]).unwrap();
+        assert_eq!(c.history_limit, DEFAULT_HISTORY_LIMIT);
+        assert!(
+            c.warnings[0].contains("invalid AGENTD_HISTORY_LIMIT"),
+            "{:?}",
+            c.warnings
         );
     }
 
