@@ -37,7 +37,7 @@ pub const EXIT_UNHEALTHY: u8 = 1;
 pub const EXIT_UNREACHABLE: u8 = 2;
 
 /// What `agentd health` was asked.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HealthRequest {
     /// Explicit server address; wins over the configuration.
     pub url: Option<String>,
