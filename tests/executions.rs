@@ -422,3 +422,130 @@ fn thousand_grandchild_tasks_leave_counts_flat() {
     // tokio's blocking pool may keep an idle thread it had before; never more.
     assert!(after.0 <= before.0, "threads grew: {before:?} -> {after:?}");
 }
+
+// ------------------------------------------------- no process outlives its run
+
+/// The execution's tag as it appears in a child's environment.
+fn tag(execution_id: &str) -> String {
+    format!("AGENTD_EXECUTION_ID={execution_id}")
+}
+
+/// A `setsid` grandchild and a double-forked orphan, both outside the agent's
+/// process group and holding none of its pipes: when the task's answer
+/// arrives, no process with its execution id runs any more, and the real
+/// binary has no child left, zombies included.
+#[test]
+fn setsid_and_double_forked_escapees_die_with_their_execution() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (fixture_name, word) in [
+        ("setsid-sleeper.sh", "escapee"),
+        ("double-fork.sh", "orphan"),
+    ] {
+        let cmd = fixture(fixture_name);
+        let d = Daemon::start(
+            &[
+                ("AGENTD_RUNTIME", "command"),
+                ("AGENTD_RUNTIME_CMD", &cmd),
+                ("AGENTD_HEALTH_INTERVAL", "1h"),
+            ],
+            dir.path(),
+        );
+        let r = rt.block_on(post_json(d.addr, "/api/task", &json!({"prompt": "go"})));
+        assert_eq!(r.status, 200, "{fixture_name}: {}", r.text());
+        let body = r.json();
+        let id = body["execution_id"].as_str().unwrap();
+        let escapee: u32 = body["response"]
+            .as_str()
+            .unwrap()
+            .strip_prefix(&format!("{word} "))
+            .unwrap_or_else(|| panic!("{fixture_name}: {body}"))
+            .parse()
+            .unwrap();
+        // The fixture answered only once the escapee ran in its own session.
+        assert!(
+            procs::live_with_env(&tag(id)).is_empty(),
+            "{fixture_name}: processes of execution {id} outlived it: {:?}",
+            procs::live_with_env(&tag(id))
+        );
+        assert!(
+            !procs::processes()
+                .iter()
+                .any(|p| p.pid == escapee && p.is_live()),
+            "{fixture_name}: escapee {escapee} still runs"
+        );
+        let pid = d.pid();
+        assert!(
+            procs::wait_until(common::WAIT, || procs::children(pid).is_empty()),
+            "{fixture_name}: children of agentd left: {:?}",
+            procs::children(pid)
+        );
+        drop(d);
+    }
+}
+
+/// Orphans that dropped the execution tag (so only adoption can catch them)
+/// reparent to agentd and are reaped when they exit: agentd's children,
+/// zombies included, come back to none after many orphaning executions.
+fn orphans_are_adopted_and_reaped(wrapper: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = format!("{} 1", fixture("untagged-orphan.sh"));
+    let d = Daemon::start_under(
+        wrapper,
+        &[
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", &cmd),
+            ("AGENTD_HEALTH_INTERVAL", "1h"),
+        ],
+        dir.path(),
+    );
+    // Under a wrapper agentd is the wrapper's only child.
+    let agentd = if wrapper.is_empty() {
+        d.pid()
+    } else {
+        let mut kids = Vec::new();
+        assert!(procs::wait_until(common::WAIT, || {
+            kids = procs::children(d.pid());
+            kids.len() == 1
+        }));
+        kids[0]
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = rt.block_on(Conn::open(d.addr)).unwrap();
+    let mut adopted_seen = 0;
+    for _ in 0..20 {
+        let r = rt.block_on(conn.post_json("/api/task", &json!({"prompt": "p"})));
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The orphan sleeps for 1 s after its parent exited: it is agentd's
+        // child now (not PID 1's).
+        adopted_seen += procs::processes()
+            .iter()
+            .filter(|p| p.ppid == agentd && p.is_live())
+            .count();
+    }
+    assert!(adopted_seen > 0, "no orphan was ever adopted by agentd");
+    assert!(
+        procs::wait_until(common::WAIT, || procs::children(agentd).is_empty()),
+        "agentd still has children (zombies included): {:?}, zombies {:?}",
+        procs::children(agentd),
+        procs::zombie_children(agentd)
+    );
+    drop(conn);
+}
+
+#[test]
+fn agentd_is_a_subreaper_and_reaps_orphans() {
+    orphans_are_adopted_and_reaped(&[]);
+}
+
+/// As PID 1 of its own PID namespace (a container's init), agentd reaps every
+/// orphan of the namespace. Needs root for `unshare -p`.
+#[test]
+fn as_pid_1_in_a_pid_namespace_agentd_reaps_orphans() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: a PID namespace cannot be created; run as root (CI does)");
+        return;
+    }
+    orphans_are_adopted_and_reaped(&["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]);
+}
