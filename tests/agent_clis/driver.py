@@ -755,6 +755,31 @@ def main():
     return 1 if _failed else 0
 
 
+def demo(clis):
+    """Prints a real exchange per CLI, as a console transcript: agentd on
+    127.0.0.1:8420 (free: the namespace is private), driven with curl."""
+    for cli in clis:
+        model = FakeModel(f"demo-{cli}")
+        a = Agentd(cli, "demo", model, extra_env={"AGENTD_LISTEN": "127.0.0.1:8420"})
+        try:
+            a.start()
+            print(f"# {cli}: {'claude-code' if cli == 'claude' else 'gemini'} runtime, "
+                  f"fake model API on 127.0.0.1:{model.port}")
+            for message in ("hello", "what did I say?"):
+                body = json.dumps({"message": message, "session_id": "demo"})
+                argv = ["curl", "-s", "localhost:8420/api/chat", "-H", "content-type: application/json",
+                        "-d", body]
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=REQUEST_TIMEOUT).stdout
+                print(f"$ curl -s localhost:8420/api/chat -H 'content-type: application/json' \\\n"
+                      f"    -d '{body}'")
+                print(out.rstrip())
+            print()
+        finally:
+            a.stop()
+            model.stop()
+    return 0
+
+
 def run_scenario(fn, cli, insts):
     try:
         fn(cli, insts)
@@ -763,4 +788,6 @@ def run_scenario(fn, cli, insts):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--demo"]:
+        sys.exit(demo(CLIS))
     sys.exit(main())

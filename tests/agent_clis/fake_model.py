@@ -14,6 +14,8 @@ turn 2 carried turn 1. Magic words in the newest user turn steer it:
 
   FAKE_429         a rate-limit / quota error (Anthropic rate_limit_error with
                    x-should-retry: false; Gemini RESOURCE_EXHAUSTED)
+  FAKE_RETRY_429   the same without x-should-retry: false, to measure how long
+                   a CLI's own retries take
   FAKE_500         HTTP 500 with the message FAKE_500_MESSAGE
   FAKE_SLOW        the answer starts, then the stream stalls (bounded by
                    SLOW_SECONDS) so a timeout or terminate has something to kill
@@ -108,7 +110,7 @@ class Conversation:
         if self.tool_result is not None:
             return None, None
         last = self.last
-        for word in ("FAKE_429", "FAKE_500", "FAKE_SLOW"):
+        for word in ("FAKE_RETRY_429", "FAKE_429", "FAKE_500", "FAKE_SLOW"):
             if word in last:
                 return word, None
         m = re.search(r"FAKE_SETSID:(\S+)", last)
@@ -285,11 +287,14 @@ class Handler(BaseHTTPRequestHandler):
         kind, arg = (None, None) if side else conv.steering()
         log(f"POST {self.path} anthropic stream={stream} side={side} tools={len(body.get('tools') or [])} "
             f"turns={len(conv.turns)} steer={kind}")
-        if kind == "FAKE_429":
+        if kind in ("FAKE_429", "FAKE_RETRY_429"):
+            headers = {"retry-after": "7"}
+            if kind == "FAKE_429":
+                headers["x-should-retry"] = "false"
             self.send_json(429, {"type": "error", "error": {
                 "type": "rate_limit_error",
                 "message": "Number of request tokens has exceeded your per-minute rate limit (fake)"}},
-                headers={"x-should-retry": "false", "retry-after": "7"})
+                headers=headers)
             return
         if kind == "FAKE_500":
             self.send_json(500, {"type": "error", "error": {"type": "api_error", "message": FAKE_500_MESSAGE}},
@@ -366,7 +371,7 @@ class Handler(BaseHTTPRequestHandler):
         kind, arg = (None, None) if wants_json else conv.steering()
         log(f"POST {self.path} gemini stream={stream} json={wants_json} "
             f"tools={len(body.get('tools') or [])} turns={len(conv.turns)} steer={kind}")
-        if kind == "FAKE_429":
+        if kind in ("FAKE_429", "FAKE_RETRY_429"):
             self.send_json(429, {"error": {
                 "code": 429, "status": "RESOURCE_EXHAUSTED",
                 "message": "Resource has been exhausted (e.g. check quota)."}})

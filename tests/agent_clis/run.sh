@@ -8,6 +8,7 @@
 #   sudo bash tests/agent_clis/run.sh                     # both CLIs (about 2 min)
 #   sudo E2E_CLIS=claude bash tests/agent_clis/run.sh     # one CLI
 #   sudo E2E_ONLY=default,uuid bash tests/agent_clis/run.sh
+#   sudo bash tests/agent_clis/run.sh --demo             # a curl transcript per CLI
 #
 # Environment: AGENTD_CLIS_DIR (/opt/agentd-clis: the npm prefix holding the
 # pinned CLIs, installed by install-clis.sh); AGENTD_BIN=path skips the build;
@@ -54,4 +55,4 @@ echo "# claude $("$CLIS_DIR/node_modules/.bin/claude" --version 2>/dev/null | he
 # when it exits, the kernel kills everything left in the namespace.
 AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
   unshare --net --pid --fork --mount-proc \
-  bash -c 'ip link set lo up && python3 "$1"' bash "$HERE/driver.py"
+  bash -c 'ip link set lo up && python3 "$@"' bash "$HERE/driver.py" "$@"
