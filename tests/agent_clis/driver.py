@@ -72,6 +72,15 @@ def is_uuid(s):
         r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", s) is not None
 
 
+def json_type(line):
+    """The "type" of a stream-json line, or None."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj.get("type") if isinstance(obj, dict) else None
+
+
 def wait_until(cond, timeout, step=0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -340,6 +349,10 @@ def sc_default_session(cli, ctx):
     s2, b2 = a.chat("what did I say?")
     expect_answer(scope, "turn 2 carried turn 1", s2, b2,
                   "turns=2: hello from the default session | what did I say?")
+    if cli == "gemini":
+        check(scope, "Gemini ran with no extra arguments and no trust variable",
+              s1 == 200 and "AGENTD_GEMINI_ARGS" not in a.env and "GEMINI_CLI_TRUST_WORKSPACE" not in a.env,
+              f"HTTP {s1}")
     check(scope, "session_id is 'default'", isinstance(b2, dict) and b2.get("session_id") == "default", b2)
     sid1, sid2 = agent_session(b1), agent_session(b2)
     check(scope, "metadata.agent_session_id is a UUID, the same on both turns",
@@ -476,17 +489,24 @@ def sc_async_sse(cli, ctx):
     ids = [e["id"] for e in data_events]
     check(scope, "output events carry id: 1, 2, 3, ... from the start",
           bool(ids) and ids == [str(i) for i in range(1, len(ids) + 1)], ids)
-    first = data_events[0]["data"] if data_events else ""
-    try:
-        first_type = json.loads(first).get("type")
-    except (ValueError, AttributeError):
-        first_type = None
+    # Events carry stdout as read (a chunk may hold part of a line or
+    # several); in order they add up to the CLI's output.
+    stdout = "".join(e["data"] for e in data_events)
+    lines = [line for line in stdout.split("\n") if line.strip()]
+    first_type = json_type(lines[0]) if lines else None
     want_first = "system" if cli == "claude" else "init"
-    check(scope, f"the first output event is the CLI's first line ({want_first})",
-          first_type == want_first, first[:200])
-    check(scope, "the output includes the result line",
-          any('"type":"result"' in e["data"].replace(" ", "") for e in data_events),
-          [e["data"][:80] for e in data_events])
+    check(scope, f"the stream starts with the CLI's first line ({want_first})",
+          first_type == want_first, stdout[:200])
+    if cli == "claude" and lines:
+        try:
+            cwd = json.loads(lines[0]).get("cwd")
+        except (ValueError, AttributeError):
+            cwd = None
+        want = os.path.realpath(os.path.join(a.state, "workspace"))
+        check(scope, "the CLI ran in <state-dir>/workspace (cwd of its init line)", cwd == want,
+              f"cwd {cwd!r}, expected {want!r}")
+    check(scope, "the stream includes the result line",
+          any(json_type(line) == "result" for line in lines), lines[-2:])
     try:
         end_body = json.loads(end["data"]) if end else {}
     except ValueError:
@@ -750,7 +770,13 @@ def main():
         emit(f"#  fake model saw an unknown request: {line}")
     if _failed:
         emit("#  failed: " + "; ".join(_failed))
-        emit(f"#  logs kept in the work directory (E2E_KEEP=1 keeps it)")
+        for cli, insts in instances.items():
+            for inst in insts.values():
+                tail = [line for line in inst.log_text().splitlines()
+                        if " WARN " in line or " ERROR " in line][-5:]
+                for line in tail:
+                    emit(f"#  agentd {cli}-{inst.name}: {line[:300]}")
+        emit("#  agentd and fake-model logs are in the work directory")
     emit(f"suite time: {time.monotonic() - t0:.0f} s; checks: {_checks}, failed: {len(_failed)}")
     return 1 if _failed else 0
 

@@ -11,7 +11,8 @@
 #   sudo bash tests/agent_clis/run.sh --demo             # a curl transcript per CLI
 #
 # Environment: AGENTD_CLIS_DIR (/opt/agentd-clis: the npm prefix holding the
-# pinned CLIs, installed by install-clis.sh); AGENTD_BIN=path skips the build;
+# pinned CLIs, installed by install-clis.sh); AGENTD_BIN=path skips the build
+# (e.g. AGENTD_BIN=target/debug/agentd after `cargo build`);
 # E2E_KEEP=1 keeps the work directory; E2E_JOBS (6) scenarios at once.
 # Needs root (for the namespaces), python3, iproute2 and util-linux.
 set -euo pipefail
@@ -32,9 +33,11 @@ done
 if [ -n "${AGENTD_BIN:-}" ]; then
   BIN=$AGENTD_BIN
 else
-  echo "# building agentd (debug)"
-  (cd "$ROOT" && cargo build --locked --quiet --bin agentd)
-  BIN=$ROOT/target/debug/agentd
+  # The same build as tests/systemd/run.sh, so in CI it is already there.
+  # fault-injection only adds /debug/fault/*, off unless AGENTD_FAULT_INJECTION is set.
+  echo "# cargo build --release --features fault-injection"
+  (cd "$ROOT" && cargo build --locked --quiet --release --features fault-injection)
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/agentd
 fi
 [ -x "$BIN" ] || die "agentd binary not found: $BIN"
 
