@@ -11,7 +11,8 @@ with "checks: N, failed: M"; exits 1 when a check failed.
 Environment: AGENTD_BIN (the agentd binary), AGENTD_CLIS_DIR (the npm prefix
 holding both CLIs), E2E_WORK (a scratch directory), E2E_CLIS ("claude gemini",
 or one of them), E2E_ONLY (comma-separated scenario names), E2E_JOBS
-(scenarios at once, default 6).
+(scenarios at once, default 6), E2E_DEADLINE (seconds for the whole run,
+default 600).
 """
 
 import http.client
@@ -42,6 +43,15 @@ FAKE_500_MESSAGE = "fake model internal failure 7731"
 # two busy cores); a request that takes this long is stuck.
 REQUEST_TIMEOUT = 180
 START_TIMEOUT = 30
+# The whole suite's bound (E2E_DEADLINE, seconds): past it every request
+# fails at once, so a wedged agentd costs minutes, not hours. A passing run
+# takes about 2 minutes on two idle cores.
+SUITE_DEADLINE = time.monotonic() + float(os.environ.get("E2E_DEADLINE", "600"))
+
+
+def bounded(timeout):
+    """timeout, shortened to what is left of the suite's deadline."""
+    return max(1.0, min(timeout, SUITE_DEADLINE - time.monotonic()))
 
 # ---------------------------------------------------------------- reporting
 
@@ -237,7 +247,7 @@ class Agentd:
     # ------------------------------------------------------------ HTTP
 
     def request(self, method, path, body=None, headers=None, timeout=REQUEST_TIMEOUT):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=bounded(timeout))
         try:
             data = None
             h = dict(headers or {})
@@ -282,6 +292,7 @@ class SseStream:
     """A client of GET /api/executions/{id}/stream that parses events."""
 
     def __init__(self, port, execution_id, last_event_id, timeout):
+        timeout = bounded(timeout)
         self.deadline = time.monotonic() + timeout
         # One socket timeout for the whole stream: agentd sends a keepalive
         # comment every 15 s, so a silent socket for this long is a failure.

@@ -13,7 +13,8 @@
 # Environment: AGENTD_CLIS_DIR (/opt/agentd-clis: the npm prefix holding the
 # pinned CLIs, installed by install-clis.sh); AGENTD_BIN=path skips the build
 # (e.g. AGENTD_BIN=target/debug/agentd after `cargo build`);
-# E2E_KEEP=1 keeps the work directory; E2E_JOBS (6) scenarios at once.
+# E2E_KEEP=1 keeps the work directory; E2E_JOBS (6) scenarios at once;
+# E2E_DEADLINE (600) seconds for the whole run, past which requests fail.
 # Needs root (for the namespaces), python3, iproute2 and util-linux.
 set -euo pipefail
 
