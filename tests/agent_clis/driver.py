@@ -127,6 +127,17 @@ class FakeModel:
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def seen(self, word):
+        """How many model requests carried word in their newest user turn."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", f"/_fake/seen?q={word}")
+            return json.loads(conn.getresponse().read()).get("count", 0)
+        except (OSError, ValueError, http.client.HTTPException):
+            return 0
+        finally:
+            conn.close()
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -191,6 +202,7 @@ class Agentd:
                 }, f)
         env.update(extra_env or {})
         self.env = env
+        self.model = model
         self.proc = None
         self.port = None
         self.log_path = os.path.join(self.dir, "agentd.log")
@@ -533,20 +545,29 @@ def sc_async_sse(cli, ctx):
 def sc_reconnect_terminate(cli, ctx):
     a = ctx["main"]
     scope = a.scope("SSE reconnect + terminate")
-    s, b, _ = a.task("FAKE_SLOW hold on", timeout_s=120, **{"async": True})
+    marker = f"hold-{uuid.uuid4().hex[:8]}"
+    s, b, _ = a.task(f"FAKE_SLOW {marker}", timeout_s=120, **{"async": True})
     eid = (b or {}).get("execution_id") if isinstance(b, dict) else None
     if not check(scope, "202 accepted", s == 202 and eid, f"HTTP {s} {b}"):
         return
+    # Subscribe late: only once the CLI has reached the model, long after it
+    # printed its first line. The stream must still start at event 1.
+    reached = wait_until(lambda: a.model.seen(marker) > 0, 120, 0.2)
+    check(scope, "the CLI reached the model (stalled there)", reached, marker)
     st = a.stream(eid, timeout=90)
     first = None
     for ev in st.events():
         if ev["event"] == "end":
             break
-        if ev["id"] is not None:
+        if ev["event"] in ("message", "output"):
             first = ev
             break
     st.close()
-    if not check(scope, "the first output event arrived with an id", first and first["id"] == "1", first):
+    check(scope, "a late subscriber still gets the CLI's first line as event id 1",
+          first is not None and first["id"] == "1"
+          and first["data"].startswith('{"type":"system"' if cli == "claude" else '{"type":"init"'),
+          first)
+    if first is None or not (first["id"] or "").isdigit():
         a.request("POST", f"/api/executions/{eid}/terminate")
         return
     s, b = a.get("/api/executions/running")

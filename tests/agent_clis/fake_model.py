@@ -23,6 +23,9 @@ turn 2 carried turn 1. Magic words in the newest user turn steer it:
                    starts a `setsid` sleeper writing its pid to file P; once
                    the tool result comes back the answer is "tool done: ..."
 
+GET /_fake/seen?q=WORD counts the model requests whose newest user turn
+contains WORD, so a test knows when a CLI has reached the model.
+
 It binds 127.0.0.1 on the given port (0 = any), prints the port on stdout
 ("port N") and logs one line per request to stderr, marking requests it does
 not know ("UNKNOWN"), so what a CLI version calls can be learned from the log.
@@ -36,6 +39,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 FAKE_500_MESSAGE = "fake model internal failure 7731"
 # How long a FAKE_SLOW answer stalls at most: longer than any timeout the
@@ -48,6 +52,16 @@ MAX_BODY = 16 * 1024 * 1024
 TURN_ECHO_CHARS = 200
 
 LOG_LOCK = threading.Lock()
+# The newest user turn of every model request, newest last, bounded: a test
+# asks GET /_fake/seen?q=WORD to learn that a CLI has reached the model.
+SEEN = []
+SEEN_LIMIT = 1000
+
+
+def remember(conv):
+    with LOG_LOCK:
+        SEEN.append(conv.last)
+        del SEEN[:-SEEN_LIMIT]
 
 
 def log(line):
@@ -218,14 +232,17 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(out.encode())
         self.wfile.flush()
 
-    def stall(self):
-        """Keep the connection open without answering, bounded; ends early
-        when the client goes away."""
+    def stall(self, ping=None):
+        """Keep the connection open without answering, bounded. With ping
+        (bytes), send it every second, as the Anthropic API does on a long
+        answer, and end early when the client has gone away."""
         deadline = time.monotonic() + SLOW_SECONDS
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(1)
+            if ping is None:
+                continue
             try:
-                self.wfile.write(b": still thinking\n\n")
+                self.wfile.write(ping)
                 self.wfile.flush()
             except OSError:
                 return
@@ -234,6 +251,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         path = self.path.split("?")[0]
+        if path == "/_fake/seen":
+            q = parse_qs(self.path.partition("?")[2]).get("q", [""])[0]
+            with LOG_LOCK:
+                count = sum(1 for turn in SEEN if q and q in turn)
+            self.send_json(200, {"count": count})
+            return
         if path.rstrip("/") == "/v1/models" or path.startswith("/v1/models/"):
             log(f"GET {self.path}")
             self.send_json(200, {
@@ -285,6 +308,8 @@ class Handler(BaseHTTPRequestHandler):
         conv = anthropic_conversation(body)
         side = anthropic_is_side_request(body)
         kind, arg = (None, None) if side else conv.steering()
+        if not side:
+            remember(conv)
         log(f"POST {self.path} anthropic stream={stream} side={side} tools={len(body.get('tools') or [])} "
             f"turns={len(conv.turns)} steer={kind}")
         if kind in ("FAKE_429", "FAKE_RETRY_429"):
@@ -316,7 +341,7 @@ class Handler(BaseHTTPRequestHandler):
             stop = "end_turn"
         if not stream:
             if kind == "FAKE_SLOW":
-                self.stall_plain()
+                self.stall()
                 return
             self.send_json(200, {"id": msg_id, "type": "message", "role": "assistant", "model": model,
                                  "content": blocks, "stop_reason": stop, "stop_sequence": None,
@@ -331,7 +356,7 @@ class Handler(BaseHTTPRequestHandler):
                       "content_block": {"type": "text", "text": ""}}, "content_block_start")
             self.sse({"type": "content_block_delta", "index": 0,
                       "delta": {"type": "text_delta", "text": "thinking slowly"}}, "content_block_delta")
-            self.stall()
+            self.stall(ping=b'event: ping\ndata: {"type": "ping"}\n\n')
             return
         for i, b in enumerate(blocks):
             if b["type"] == "text":
@@ -356,11 +381,6 @@ class Handler(BaseHTTPRequestHandler):
                   "usage": {"output_tokens": 5}}, "message_delta")
         self.sse({"type": "message_stop"}, "message_stop")
 
-    def stall_plain(self):
-        deadline = time.monotonic() + SLOW_SECONDS
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-
     # ------------------------------------------------------------ Gemini
 
     def gemini(self, body, stream):
@@ -369,6 +389,8 @@ class Handler(BaseHTTPRequestHandler):
         wants_json = gen.get("responseMimeType") == "application/json" or "responseJsonSchema" in gen \
             or "responseSchema" in gen
         kind, arg = (None, None) if wants_json else conv.steering()
+        if not wants_json:
+            remember(conv)
         log(f"POST {self.path} gemini stream={stream} json={wants_json} "
             f"tools={len(body.get('tools') or [])} turns={len(conv.turns)} steer={kind}")
         if kind in ("FAKE_429", "FAKE_RETRY_429"):
@@ -397,7 +419,7 @@ class Handler(BaseHTTPRequestHandler):
                                  "index": 0}], "usageMetadata": usage, "modelVersion": "gemini-fake-1"}
         if not stream:
             if kind == "FAKE_SLOW":
-                self.stall_plain()
+                self.stall()
                 return
             self.send_json(200, chunk)
             return
