@@ -194,9 +194,13 @@ class Agentd:
                 env["GEMINI_API_KEY"] = "fake-gemini-key-e2e"
             os.makedirs(os.path.join(self.home, ".gemini"), exist_ok=True)
             with open(os.path.join(self.home, ".gemini", "settings.json"), "w") as f:
+                # sessionRetention off: with it on (the default), every
+                # Gemini CLI start deletes the session files of the project
+                # it cannot read as resumable, including a session whose
+                # first turn failed and files another run is writing.
                 json.dump({
                     "security": {"auth": {"selectedType": "gemini-api-key"}},
-                    "general": {"maxAttempts": 1},
+                    "general": {"maxAttempts": 1, "sessionRetention": {"enabled": False}},
                     "telemetry": {"enabled": False},
                     "privacy": {"usageStatisticsEnabled": False},
                 }, f)
@@ -752,6 +756,13 @@ SCENARIOS = [
 ]
 
 
+def runtime_settled(inst):
+    """True once /health shows no runtime block, or one with a version."""
+    s, b = inst.get("/health")
+    rt = (b or {}).get("runtime") if isinstance(b, dict) else None
+    return not isinstance(rt, dict) or rt.get("version") is not None
+
+
 def instances_for(cli, model, needed):
     tool_args = ({"AGENTD_CLAUDE_ARGS": "--allowedTools Bash"} if cli == "claude"
                  else {"AGENTD_GEMINI_ARGS": "--yolo"})
@@ -779,6 +790,12 @@ def main():
                 inst.start()
             emit(f"#  {cli}: fake model on 127.0.0.1:{models[cli].port}, "
                  f"{len(instances[cli])} agentd instances up")
+        # agentd reads the CLI's version once at start, bounded; let that
+        # finish before the scenarios load the machine (bounded too).
+        for cli in CLIS:
+            main_inst = instances[cli].get("main")
+            if main_inst is not None:
+                wait_until(lambda: runtime_settled(main_inst), 45, 0.5)
         jobs = []
         with ThreadPoolExecutor(max_workers=JOBS) as pool:
             for name, fn, _ in scenarios:
