@@ -122,9 +122,15 @@ pub struct ExecutorConfig {
     pub finished_retained: usize,
     /// SSE subscribers per execution.
     pub max_subscribers: usize,
-    /// Output chunks buffered per execution for SSE; a subscriber further behind
-    /// is dropped.
+    /// Output chunks kept per execution in its SSE replay buffer (with
+    /// `stream_replay_bytes`, whichever bound is hit first; the oldest go).
+    /// 4096 covers a 1 MiB replay of typical stream-json lines.
     pub stream_buffer: usize,
+    /// Bytes of output kept per execution for SSE replay, so a subscriber
+    /// that arrives late or reconnects (`Last-Event-ID`) gets the output from
+    /// the start; past it the oldest chunks go and a subscriber that wanted
+    /// them gets `event: dropped`. Default 1 MiB (one typical agent turn).
+    pub stream_replay_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +243,7 @@ settings! {
     finished_retained => "AGENTD_FINISHED_RETAINED",
     max_subscribers => "AGENTD_MAX_SUBSCRIBERS",
     stream_buffer => "AGENTD_STREAM_BUFFER",
+    stream_replay_bytes => "AGENTD_STREAM_REPLAY_BYTES",
     health_interval => "AGENTD_HEALTH_INTERVAL",
     keepalive_file => "AGENTD_KEEPALIVE_FILE",
     watchdog_trigger_after => "AGENTD_WATCHDOG_TRIGGER_AFTER",
@@ -654,7 +661,14 @@ fn build(
         max_queue: int(raw, "max_queue", 64, 0, 1 << 20)? as usize,
         finished_retained: int(raw, "finished_retained", 256, 0, 1 << 20)? as usize,
         max_subscribers: int(raw, "max_subscribers", 16, 1, 4096)? as usize,
-        stream_buffer: int(raw, "stream_buffer", 256, 1, 1 << 16)? as usize,
+        stream_buffer: int(raw, "stream_buffer", 4096, 1, 1 << 16)? as usize,
+        stream_replay_bytes: bytes(
+            raw,
+            "stream_replay_bytes",
+            crate::agent::replay::DEFAULT_REPLAY_BYTES as u64,
+            1,
+            1 << 30,
+        )? as usize,
     };
     let trigger_after = match int(raw, "watchdog_trigger_after", 0, 0, 1_000_000)? {
         0 => None,

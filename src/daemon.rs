@@ -4,7 +4,7 @@
 //! top to bottom:
 //!
 //! 1. notifier (so even a config error reaches `systemctl status`)
-//! 2. config → logging → RLIMIT_NOFILE
+//! 2. config → logging → RLIMIT_NOFILE → child subreaper (+ orphan reaper)
 //! 3. state-dir lock (one process per directory) → store (migrations extend
 //!    the start timeout) → history → runtime
 //! 4. listener (inherited by socket activation, or bound)
@@ -31,6 +31,7 @@ use crate::health::watchdog::{self, HealthState, WatchdogMode};
 use crate::init::activation::{self, Inherited};
 use crate::init::logging::init_logging;
 use crate::init::notify::Notifier;
+use crate::init::reaper::{self, OrphanReaper, EXECUTION_SWEEP_BOUND};
 use crate::init::rlimit::{raise_nofile, RlimitReport};
 use crate::server::{self, Listener};
 use crate::shutdown::Shutdown;
@@ -74,6 +75,14 @@ pub fn serve(overrides: Overrides) -> ExitCode {
         rlimit.soft,
         rlimit.hard
     );
+    // Before any child exists: orphans of agents reparent to agentd (not to
+    // PID 1, which may never reap them in a container) and are reaped here.
+    match reaper::become_subreaper() {
+        Ok(()) => tracing::debug!("child subreaper: orphans of agents reparent to agentd"),
+        Err(e) => {
+            tracing::warn!("cannot become a child subreaper ({e}); orphans of agents go to PID 1")
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("agentd-worker")
@@ -109,6 +118,9 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
         ExitCode::from(EXIT_START)
     };
     let shutdown = Shutdown::new();
+    // Lives as long as the runtime: orphans keep arriving until the last
+    // execution ended.
+    tokio::spawn(OrphanReaper::default().run());
     if let Err(e) = runtimes::check_available(&config.runtime) {
         tracing::warn!("{e} (requests will fail with 502 until it is installed)");
     }
@@ -169,7 +181,7 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     app.set_lifecycle(Lifecycle::Stopping);
     app.executor.close_and_cancel_all();
     let rt = &app.config.runtime;
-    let bound = rt.kill_grace * 2 + rt.pipe_drain + Duration::from_secs(1);
+    let bound = rt.kill_grace * 2 + rt.pipe_drain + EXECUTION_SWEEP_BOUND + Duration::from_secs(1);
     if !app.executor.wait_idle(bound).await {
         tracing::warn!("executions still running after {bound:?}; exiting anyway");
     }

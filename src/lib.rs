@@ -10,7 +10,8 @@
 //! * `store`    — the single SQLite connection, owned by one thread (actor).
 //! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
 //! * `init`     — the init-system boundary: sd_notify, socket activation,
-//!   keepalive file, RLIMIT_NOFILE, journald detection.
+//!   keepalive file, RLIMIT_NOFILE, journald detection, child subreaper and
+//!   orphan reaper.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
 //! * `state_dir` — the private state directory (0700/0600) and its
 //!   one-process lock.

@@ -422,3 +422,397 @@ fn thousand_grandchild_tasks_leave_counts_flat() {
     // tokio's blocking pool may keep an idle thread it had before; never more.
     assert!(after.0 <= before.0, "threads grew: {before:?} -> {after:?}");
 }
+
+// ------------------------------------------------- no process outlives its run
+
+/// The execution's tag as it appears in a child's environment.
+fn tag(execution_id: &str) -> String {
+    format!("AGENTD_EXECUTION_ID={execution_id}")
+}
+
+/// A `setsid` grandchild and a double-forked orphan, both outside the agent's
+/// process group and holding none of its pipes: when the task's answer
+/// arrives, no process with its execution id runs any more, and the real
+/// binary has no child left, zombies included.
+#[test]
+fn setsid_and_double_forked_escapees_die_with_their_execution() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (fixture_name, word) in [
+        ("setsid-sleeper.sh", "escapee"),
+        ("double-fork.sh", "orphan"),
+    ] {
+        let cmd = fixture(fixture_name);
+        let d = Daemon::start(
+            &[
+                ("AGENTD_RUNTIME", "command"),
+                ("AGENTD_RUNTIME_CMD", &cmd),
+                ("AGENTD_HEALTH_INTERVAL", "1h"),
+            ],
+            dir.path(),
+        );
+        let r = rt.block_on(post_json(d.addr, "/api/task", &json!({"prompt": "go"})));
+        assert_eq!(r.status, 200, "{fixture_name}: {}", r.text());
+        let body = r.json();
+        let id = body["execution_id"].as_str().unwrap();
+        let escapee: u32 = body["response"]
+            .as_str()
+            .unwrap()
+            .strip_prefix(&format!("{word} "))
+            .unwrap_or_else(|| panic!("{fixture_name}: {body}"))
+            .parse()
+            .unwrap();
+        // The fixture answered only once the escapee ran in its own session.
+        assert!(
+            procs::live_with_env(&tag(id)).is_empty(),
+            "{fixture_name}: processes of execution {id} outlived it: {:?}",
+            procs::live_with_env(&tag(id))
+        );
+        assert!(
+            !procs::processes()
+                .iter()
+                .any(|p| p.pid == escapee && p.is_live()),
+            "{fixture_name}: escapee {escapee} still runs"
+        );
+        let pid = d.pid();
+        assert!(
+            procs::wait_until(common::WAIT, || procs::children(pid).is_empty()),
+            "{fixture_name}: children of agentd left: {:?}",
+            procs::children(pid)
+        );
+        drop(d);
+    }
+}
+
+/// Orphans that dropped the execution tag (so only adoption can catch them)
+/// reparent to agentd and are reaped when they exit: agentd's children,
+/// zombies included, come back to none after many orphaning executions.
+fn orphans_are_adopted_and_reaped(wrapper: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = format!("{} 1", fixture("untagged-orphan.sh"));
+    let d = Daemon::start_under(
+        wrapper,
+        &[
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", &cmd),
+            ("AGENTD_HEALTH_INTERVAL", "1h"),
+        ],
+        dir.path(),
+    );
+    // Under a wrapper agentd is the wrapper's only child.
+    let agentd = if wrapper.is_empty() {
+        d.pid()
+    } else {
+        let mut kids = Vec::new();
+        assert!(procs::wait_until(common::WAIT, || {
+            kids = procs::children(d.pid());
+            kids.len() == 1
+        }));
+        kids[0]
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = rt.block_on(Conn::open(d.addr)).unwrap();
+    let mut adopted_seen = 0;
+    for _ in 0..20 {
+        let r = rt.block_on(conn.post_json("/api/task", &json!({"prompt": "p"})));
+        assert_eq!(r.status, 200, "{}", r.text());
+        // The orphan sleeps for 1 s after its parent exited: it is agentd's
+        // child now (not PID 1's).
+        adopted_seen += procs::processes()
+            .iter()
+            .filter(|p| p.ppid == agentd && p.is_live())
+            .count();
+    }
+    assert!(adopted_seen > 0, "no orphan was ever adopted by agentd");
+    assert!(
+        procs::wait_until(common::WAIT, || procs::children(agentd).is_empty()),
+        "agentd still has children (zombies included): {:?}, zombies {:?}",
+        procs::children(agentd),
+        procs::zombie_children(agentd)
+    );
+    drop(conn);
+}
+
+#[test]
+fn agentd_is_a_subreaper_and_reaps_orphans() {
+    orphans_are_adopted_and_reaped(&[]);
+}
+
+/// As PID 1 of its own PID namespace (a container's init), agentd reaps every
+/// orphan of the namespace. Needs root for `unshare -p`.
+#[test]
+fn as_pid_1_in_a_pid_namespace_agentd_reaps_orphans() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: a PID namespace cannot be created; run as root (CI does)");
+        return;
+    }
+    orphans_are_adopted_and_reaped(&["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]);
+}
+
+// ------------------------------------------------------------ SSE with replay
+
+/// One parsed Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+struct SseEvent {
+    id: Option<u64>,
+    /// `message` when the event names none.
+    event: String,
+    /// `data:` lines joined with `\n`, as a browser's EventSource does.
+    data: String,
+}
+
+/// An open SSE response read incrementally.
+struct SseStream {
+    status: u16,
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl SseStream {
+    async fn open(addr: std::net::SocketAddr, path: &str, last_event_id: Option<u64>) -> SseStream {
+        use hyper::client::conn::http1;
+        use hyper_util::rt::TokioIo;
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::get(path).header("host", addr.to_string());
+        if let Some(n) = last_event_id {
+            req = req.header("last-event-id", n.to_string());
+        }
+        let req = req.body(http_body_util::Full::new(Bytes::new())).unwrap();
+        let resp = tokio::time::timeout(common::WAIT, sender.send_request(req))
+            .await
+            .expect("stream answers within the bound")
+            .unwrap();
+        SseStream {
+            status: resp.status().as_u16(),
+            body: resp.into_body(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped); `None` at the end of the stream.
+    /// Bounded by `WAIT` in total, keepalive comments included.
+    async fn next(&mut self) -> Option<SseEvent> {
+        use http_body_util::BodyExt;
+        let deadline = tokio::time::Instant::now() + common::WAIT;
+        loop {
+            if let Some(at) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..at + 2).collect();
+                let mut ev = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        ev.id = Some(v.parse().expect("numeric id"));
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        ev.event = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push(v);
+                    }
+                }
+                if data.is_empty() && ev.id.is_none() {
+                    continue; // a keepalive comment
+                }
+                ev.data = data.join("\n");
+                return Some(ev);
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("an event within the bound")?
+                .expect("body frame");
+            if let Ok(bytes) = frame.into_data() {
+                self.buf.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+    }
+
+    /// Output events until (and including) `end`; asserts ids count up by one.
+    async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut out: Vec<SseEvent> = Vec::new();
+        while let Some(ev) = self.next().await {
+            let end = ev.event == "end";
+            out.push(ev);
+            if end {
+                break;
+            }
+        }
+        assert_eq!(out.last().map(|e| e.event.as_str()), Some("end"), "{out:?}");
+        let ids: Vec<u64> = out.iter().filter_map(|e| e.id).collect();
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "ids {ids:?}");
+        out
+    }
+}
+
+/// Output text of a run of events (chunks in order).
+fn output_of(events: &[SseEvent]) -> String {
+    events
+        .iter()
+        .filter(|e| e.event == "message")
+        .map(|e| e.data.as_str())
+        .collect()
+}
+
+/// Start `lines-then-wait.sh` as an async task, wait (bounded, no sleep
+/// guessing) until its 50 lines are in the replay buffer; returns the
+/// execution id and the fifo that lets it go on.
+async fn task_with_output_waiting(server: &TestServer, dir: &std::path::Path) -> (String, PathBuf) {
+    let fifo = dir.join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let r = post_json(
+        server.addr,
+        "/api/task",
+        &json!({"prompt": fifo.display().to_string(), "async": true}),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    let exec = server.app.executor.get(&id).unwrap();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let mut reader = exec.ctx.output.subscribe();
+        let mut seen = String::new();
+        loop {
+            let batch = reader.try_batch();
+            if batch.is_empty() {
+                break;
+            }
+            for c in batch.chunks {
+                seen.push_str(&c.text);
+            }
+        }
+        if seen.contains("line-50\n") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no output: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (id, fifo)
+}
+
+fn release(fifo: &std::path::Path) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(fifo)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"go\n"))
+        .unwrap();
+}
+
+fn fifty_lines() -> String {
+    (1..=50).map(|i| format!("line-{i}\n")).collect()
+}
+
+#[tokio::test]
+async fn late_subscriber_gets_output_from_the_start_then_live_then_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&command_runtime(&fixture("lines-then-wait.sh")), dir.path()).await;
+    let (id, fifo) = task_with_output_waiting(&server, dir.path()).await;
+    // Subscribed after all 50 lines were produced: they come from the replay.
+    let mut s = SseStream::open(server.addr, &format!("/api/executions/{id}/stream"), None).await;
+    assert_eq!(s.status, 200);
+    let mut replayed = Vec::new();
+    while output_of(&replayed) != fifty_lines() {
+        let ev = s.next().await.expect("replayed output");
+        assert_eq!(ev.event, "message", "{ev:?}");
+        replayed.push(ev);
+    }
+    assert_eq!(replayed[0].id, Some(1));
+    // Then live output, then the end with the whole result and its own id.
+    release(&fifo);
+    let live = s.rest().await;
+    let text = output_of(&live);
+    assert!(text.starts_with("after-release\n"), "{text:?}");
+    let end = live.last().unwrap();
+    let last_chunk = live
+        .iter()
+        .rev()
+        .find_map(|e| (e.event == "message").then_some(e.id))
+        .flatten();
+    assert_eq!(end.id, Some(last_chunk.unwrap() + 1));
+    assert_eq!(live[0].id, Some(replayed.last().unwrap().id.unwrap() + 1));
+    let result: Value = serde_json::from_str(&end.data).unwrap();
+    assert_eq!(result["status"], "success", "{result}");
+    assert_eq!(result["response"], "released");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_with_last_event_id_resumes_after_it_and_a_finished_execution_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&command_runtime(&fixture("lines-then-wait.sh")), dir.path()).await;
+    let (id, fifo) = task_with_output_waiting(&server, dir.path()).await;
+    let path = format!("/api/executions/{id}/stream");
+    // First connection: take the first event, then go away.
+    let first = {
+        let mut s = SseStream::open(server.addr, &path, None).await;
+        s.next().await.unwrap()
+    };
+    assert_eq!(first.id, Some(1));
+    // Reconnect while it runs (the 50 lines may all be event 1): only what
+    // follows event 1, then live output once the fixture goes on.
+    let mut s = SseStream::open(server.addr, &path, Some(1)).await;
+    assert_eq!(s.status, 200);
+    release(&fifo);
+    let after = s.rest().await;
+    assert_eq!(after[0].id, Some(2), "{:?}", after[0]);
+    let whole = format!("{}{}", first.data, output_of(&after));
+    assert!(whole.starts_with(&fifty_lines()), "{whole:?}");
+    assert!(whole.contains("after-release\n"), "{whole:?}");
+
+    // The execution has finished: a new subscriber gets all of it, then end.
+    let mut s = SseStream::open(server.addr, &path, None).await;
+    let all = s.rest().await;
+    assert_eq!(all[0].id, Some(1));
+    assert_eq!(output_of(&all), whole);
+    let end = all.last().unwrap();
+    assert_eq!(end.id, after.last().unwrap().id);
+    // After `end`, a reconnect is told there is nothing more (204), and a
+    // malformed id is refused naming the header.
+    let done = SseStream::open(server.addr, &path, end.id).await;
+    assert_eq!(done.status, 204);
+    let bad = request(
+        server.addr,
+        "GET",
+        &path,
+        &[("last-event-id", "x")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("Last-Event-ID"), "{}", bad.text());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tiny_replay_buffer_announces_dropped_events_then_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40,000 lines (229 KiB) are more than one pipe read (64 KiB), so there
+    // are several chunks; a 1-byte bound keeps only the newest.
+    let mut vars = command_runtime("seq 1 40000");
+    vars.push(("AGENTD_STREAM_REPLAY_BYTES", "1".into()));
+    let server = start(&vars, dir.path()).await;
+    let r = post_json(server.addr, "/api/task", &json!({"prompt": "x"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    let path = format!("/api/executions/{id}/stream");
+    let mut s = SseStream::open(server.addr, &path, None).await;
+    let events = s.rest().await;
+    assert_eq!(events[0].event, "dropped", "{:?}", events[0]);
+    let missed = serde_json::from_str::<Value>(&events[0].data).unwrap()["missed_events"]
+        .as_u64()
+        .unwrap();
+    assert!(missed >= 3, "missed {missed}");
+    // It continues from the oldest retained chunk, which ends the output.
+    assert_eq!(events[1].event, "message");
+    assert_eq!(events[1].id, Some(missed + 1));
+    assert!(output_of(&events).ends_with("39999\n40000\n"));
+    assert_eq!(events.last().unwrap().event, "end");
+    server.stop().await;
+}

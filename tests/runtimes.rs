@@ -70,7 +70,9 @@ fn fixture_command(name: &str) -> RuntimeConfig {
 
 fn request(prompt: &str, timeout: Duration) -> RunRequest {
     RunRequest {
-        execution_id: "exec-test".into(),
+        // Unique like the executor's: the end-of-run sweep kills every
+        // process tagged with this id, so tests running at once must differ.
+        execution_id: format!("exec-test-{}", uuid::Uuid::new_v4()),
         session_id: "default".into(),
         kind: ExecutionKind::Task,
         prompt: prompt.into(),
@@ -364,7 +366,9 @@ async fn isolated_env_scrub() {
         );
     }
     assert!(env.contains(&"AGENTD_TEST_KEEP=kept"));
-    assert!(env.contains(&"AGENTD_EXECUTION_ID=exec-test"));
+    assert!(env
+        .iter()
+        .any(|l| l.starts_with("AGENTD_EXECUTION_ID=exec-test-")));
     println!("isolated-ran: isolated_env_scrub");
 }
 

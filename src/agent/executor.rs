@@ -235,7 +235,10 @@ impl Executor {
             kind: s.kind,
             session_id: s.session_id.clone(),
             created_at: unix_now(),
-            ctx: ExecutionContext::new(self.config.stream_buffer),
+            ctx: ExecutionContext::with_replay(
+                self.config.stream_buffer,
+                self.config.stream_replay_bytes,
+            ),
             started_at: Mutex::new(None),
             finished_at: Mutex::new(None),
             finish: Mutex::new(None),

@@ -7,6 +7,7 @@ pub mod classify;
 pub mod executor;
 pub mod history;
 pub mod process;
+pub mod replay;
 pub mod runtime;
 pub mod runtimes;
 pub mod sessions;

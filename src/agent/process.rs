@@ -10,7 +10,10 @@
 //! * The child leads its own process group (pgid = pid, recorded at spawn), so
 //!   signals reach everything it started without touching agentd.
 //! * When `run_child` returns, the group has been sent SIGKILL (stragglers do
-//!   not outlive their execution), the child has been reaped or handed to
+//!   not outlive their execution), every process still carrying the
+//!   execution's `AGENTD_EXECUTION_ID` (a `setsid` escapee that left the group)
+//!   has been SIGKILLed and waited for (bounded by `EXECUTION_SWEEP_BOUND`),
+//!   the child has been reaped or handed to
 //!   tokio's orphan reaper, and every pipe is closed. Nothing is spawned onto the
 //!   runtime: stdin, stdout and stderr are futures polled inside the caller's
 //!   task, so no task, thread or descriptor can outlive the call.
@@ -35,6 +38,7 @@ use tokio::time::{timeout, Instant};
 use crate::agent::runtime::{ExecutionContext, RunEnd, RunOutcome, RunRequest};
 use crate::agent::streamjson::StreamParser;
 use crate::config::RuntimeConfig;
+use crate::init::reaper::{self, EXECUTION_SWEEP_BOUND};
 
 /// Variables through which the supervisor talks to agentd; a child must not
 /// see them (it could pet the watchdog or take the listener). One list, kept
@@ -106,7 +110,7 @@ enum StopReason {
 /// happened. Never panics on spawn failure; see the module invariants.
 ///
 /// Longest possible duration: `req.timeout + 2 * kill_grace + REAP_AFTER_KILL
-/// + pipe_drain`.
+/// + pipe_drain + EXECUTION_SWEEP_BOUND`.
 pub async fn run_child(
     command: ChildCommand,
     req: &RunRequest,
@@ -160,7 +164,12 @@ pub async fn run_child(
     // process_group(0): the pgid is the pid. The value stays after the run so
     // callers can still name the group in logs.
     ctx.pid.store(pid, Ordering::Relaxed);
-    let group = GroupGuard::new(pid);
+    // tokio collects this child's exit status; the orphan reaper must not.
+    let _tracked = reaper::track_child(pid);
+    // Everything tagged with this execution descends from the child, so the
+    // end-of-run sweep need not read older processes' environments.
+    let started = reaper::read_stat(pid).map(|s| s.start_time);
+    let group = GroupGuard::new(pid, &req.execution_id, started);
     tracing::debug!(execution_id = %req.execution_id, pid, "agent started");
 
     let stdin = child.stdin.take();
@@ -168,7 +177,7 @@ pub async fn run_child(
     let stderr = child.stderr.take();
 
     let mut parser = StreamParser::new(limits.stdout_cap);
-    // Every stdout byte read; gates broadcasting at the cap.
+    // Every stdout byte read; gates the replay buffer at the cap.
     let mut stdout_bytes: u64 = 0;
     let mut stderr_tail = TailBuffer::new(limits.stderr_cap);
     let mut utf8 = Utf8Carry::default();
@@ -201,8 +210,10 @@ pub async fn run_child(
                 _ = &mut io, if !io_done => io_done = true,
             }
         };
-        // The child is gone. Sweep the rest of its group, then let whoever
-        // still holds the pipes (an escaped grandchild) have `pipe_drain`.
+        // The child is gone. Sweep the rest of its group, let whoever still
+        // holds the pipes (an escaped grandchild) have `pipe_drain` to finish
+        // its output, then kill every process still tagged with this
+        // execution (a `setsid` escapee left the group).
         group.kill_remaining();
         if !io_done && timeout(limits.pipe_drain, &mut io).await.is_err() {
             tracing::debug!(
@@ -211,6 +222,13 @@ pub async fn run_child(
                 "pipes still open after the agent exited; closing them"
             );
         }
+        reaper::kill_tagged(
+            EXECUTION_ID_ENV,
+            &req.execution_id,
+            started,
+            EXECUTION_SWEEP_BOUND,
+        )
+        .await;
         end
         // `io` is dropped here, closing stdin/stdout/stderr.
     };
@@ -310,10 +328,15 @@ fn exit_end(status: io::Result<ExitStatus>) -> RunEnd {
     }
 }
 
-/// The child's process group. SIGKILLs the group when dropped while armed, so
-/// an execution future dropped mid-run leaves nothing behind.
+/// The child's process group. SIGKILLs the group, and every process tagged
+/// with the execution's id, when dropped while armed, so an execution future
+/// dropped mid-run leaves nothing behind.
 struct GroupGuard {
     pgid: i32,
+    /// `AGENTD_EXECUTION_ID=<id>`, the tag the drop path sweeps for.
+    tag: Vec<u8>,
+    /// The child's start time: tagged processes are no older.
+    started: Option<u64>,
     /// Cleared once the group was swept after the child was reaped. Interior
     /// mutability because the supervising future holds a shared borrow
     /// meanwhile; atomic only so the execution future stays `Send`.
@@ -321,9 +344,11 @@ struct GroupGuard {
 }
 
 impl GroupGuard {
-    fn new(pid: u32) -> Self {
+    fn new(pid: u32, execution_id: &str, started: Option<u64>) -> Self {
         GroupGuard {
             pgid: pid as i32,
+            tag: format!("{EXECUTION_ID_ENV}={execution_id}").into_bytes(),
+            started,
             armed: AtomicBool::new(true),
         }
     }
@@ -349,7 +374,12 @@ impl GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.kill_remaining();
+        if self.armed.load(Ordering::Relaxed) {
+            self.kill_remaining();
+            // Nothing can be awaited here: one synchronous pass, no waiting for
+            // the killed to die (the orphan reaper or init collects them).
+            reaper::kill_tagged_once(&self.tag, self.started, &mut Default::default());
+        }
     }
 }
 
@@ -366,7 +396,7 @@ async fn write_stdin(stdin: Option<ChildStdin>, input: Option<Vec<u8>>) {
 }
 
 /// Read stdout to EOF: every byte is counted, fed to the parser (which caps
-/// what it keeps) and, while within the cap, broadcast to subscribers.
+/// what it keeps) and, while within the cap, appended to the replay buffer.
 async fn read_stdout(
     stdout: Option<impl AsyncRead + Unpin>,
     parser: &mut StreamParser,
@@ -386,13 +416,10 @@ async fn read_stdout(
         *total += n as u64;
         parser.feed(chunk);
         // Subscribers see the same capped stream the response is built from;
-        // a flood past the cap is not worth a broadcast allocation per chunk.
+        // a flood past the cap is not worth a replay allocation per chunk.
+        // The push never waits for a subscriber.
         if *total <= limits.stdout_cap as u64 {
-            let text = utf8.decode(chunk);
-            if !text.is_empty() && ctx.output.receiver_count() > 0 {
-                // A send error only means nobody is listening any more.
-                let _ = ctx.output.send(text);
-            }
+            ctx.output.push(utf8.decode(chunk));
         }
     }
 }

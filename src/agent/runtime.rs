@@ -11,9 +11,9 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::replay::{OutputLog, DEFAULT_REPLAY_BYTES};
 use crate::agent::sessions::CliSession;
 
 /// Why an execution exists; runtimes may treat them differently (a chat
@@ -54,18 +54,27 @@ pub struct ExecutionContext {
     pub cancel: CancellationToken,
     /// The child's pid once spawned (0 = none); read by `/api/executions/running`.
     pub pid: Arc<AtomicU32>,
-    /// Output chunks as they are produced, for SSE subscribers. A broadcast
-    /// channel: a slow subscriber lags and is dropped, the reader never waits.
-    pub output: broadcast::Sender<String>,
+    /// Output chunks as they are produced, numbered and kept in a bounded
+    /// replay buffer, so an SSE subscriber gets the output from its start
+    /// however late it subscribes. The writer never waits for a subscriber;
+    /// one that falls behind the buffer is told how many chunks it missed.
+    pub output: Arc<OutputLog>,
 }
 
 impl ExecutionContext {
-    pub fn new(output_capacity: usize) -> Self {
-        let (output, _) = broadcast::channel(output_capacity.max(1));
+    /// A context keeping at most `max_chunks` output chunks and
+    /// `DEFAULT_REPLAY_BYTES` for replay.
+    pub fn new(max_chunks: usize) -> Self {
+        Self::with_replay(max_chunks, DEFAULT_REPLAY_BYTES)
+    }
+
+    /// A context whose replay buffer keeps at most `max_chunks` chunks and
+    /// `max_bytes` bytes (the newest chunk always).
+    pub fn with_replay(max_chunks: usize, max_bytes: usize) -> Self {
         ExecutionContext {
             cancel: CancellationToken::new(),
             pid: Arc::new(AtomicU32::new(0)),
-            output,
+            output: Arc::new(OutputLog::new(max_chunks, max_bytes)),
         }
     }
 }
@@ -177,8 +186,7 @@ impl Runtime for Echo {
 
     fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a> {
         Box::pin(async move {
-            // Nobody may be subscribed: a send error only means "no listener".
-            let _ = ctx.output.send(req.prompt.clone());
+            ctx.output.push(req.prompt.as_str());
             RunOutcome::completed(req.prompt)
         })
     }

@@ -14,6 +14,8 @@
 //! * `logging`    — journald when stderr is the journal, else readable stderr.
 //! * `keepalive`  — the file launchd's companion job checks for freshness, and
 //!   the `agentd keepalive-check` logic.
+//! * `reaper`     — agentd as child subreaper: reaping orphans of agents and
+//!   killing every process still tagged with a finished execution's id.
 //!
 //! Nothing here reads configuration or mutates the process environment: the
 //! process is multi-threaded soon after start, and `setenv` is not thread-safe.
@@ -22,6 +24,7 @@ pub mod activation;
 pub mod keepalive;
 pub mod logging;
 pub mod notify;
+pub mod reaper;
 pub mod rlimit;
 
 /// Environment variables through which the init system talks to agentd itself.

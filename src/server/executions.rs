@@ -1,6 +1,6 @@
 //! `/api/task` and `/api/executions/*`: headless tasks, the registry of running
-//! and recently finished executions, live output over Server-Sent Events, and
-//! termination.
+//! and recently finished executions, output over Server-Sent Events (replayed
+//! from the start or after `Last-Event-ID`, then live), and termination.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -9,24 +9,32 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use super::api::{json_body, required_text, timeout_field};
 use super::http::{json as json_response, ApiError, Body};
 use crate::agent::executor::{Execution, Finish, Phase, Rejected, Submission};
+use crate::agent::replay::{Batch, OutputReader};
 use crate::agent::runtime::ExecutionKind;
 use crate::app::App;
+use crate::init::reaper::EXECUTION_SWEEP_BOUND;
 
 /// SSE comment sent while nothing else is, so proxies keep the stream open.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// Frames buffered between an SSE forwarder and its connection; a client that
-/// lets this fill falls behind the broadcast buffer and is dropped.
+/// Frames buffered between an SSE forwarder and its connection. The forwarder
+/// reads the replay buffer at the client's pace, so this only smooths bursts;
+/// a client that falls behind the replay buffer gets `event: dropped`.
 const SSE_CONNECTION_BUFFER: usize = 16;
+
+/// A client that accepts no frame for this long (its socket buffer stays
+/// full) is closed, so a stuck reader cannot hold a subscriber slot for ever.
+/// Four keepalive periods: a live client reads at least that often.
+pub const SSE_CLIENT_STALL: Duration = Duration::from_secs(60);
 
 impl From<Rejected> for ApiError {
     fn from(r: Rejected) -> Self {
@@ -179,7 +187,10 @@ pub async fn terminate(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiEr
     let exec = lookup(app, id)?;
     exec.cancel();
     let rt = &app.config.runtime;
-    let bound = rt.kill_grace * 2 + rt.pipe_drain + Duration::from_secs(5);
+    let bound = rt.kill_grace * 2
+        + rt.pipe_drain
+        + EXECUTION_SWEEP_BOUND
+        + crate::agent::process::REAP_AFTER_KILL;
     if tokio::time::timeout(bound, exec.finished()).await.is_err() {
         return Err(ApiError::Unavailable(format!(
             "execution {id} did not stop within {bound:?}"
@@ -205,9 +216,13 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-/// Format text as one SSE event (`data:` per line).
-fn sse_data(text: &str) -> Bytes {
-    let mut out = String::with_capacity(text.len() + 16);
+/// Format one output chunk as an SSE event: `id: <seq>`, then a `data:` line
+/// per line of text (a client joins them with `\n`, restoring the chunk).
+fn sse_chunk(seq: u64, text: &str) -> Bytes {
+    let mut out = String::with_capacity(text.len() + 32);
+    out.push_str("id: ");
+    out.push_str(&seq.to_string());
+    out.push('\n');
     for line in text.split('\n') {
         out.push_str("data: ");
         out.push_str(line.strip_suffix('\r').unwrap_or(line));
@@ -230,9 +245,37 @@ impl Drop for SubscriberSlot {
     }
 }
 
-/// `GET /api/executions/{id}/stream`
-pub fn stream(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+/// The `Last-Event-ID` a reconnecting client sends: the id of the last event
+/// it got. Absent means "from the start".
+fn last_event_id(headers: &HeaderMap) -> Result<u64, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(0);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    text.parse().map_err(|_| {
+        ApiError::bad(
+            format!("Last-Event-ID must be an event id this stream sent (a non-negative integer), not {text:?}"),
+            "invalid_header",
+        )
+    })
+}
+
+/// `GET /api/executions/{id}/stream`: the execution's output from its start
+/// (or after `Last-Event-ID`) out of its replay buffer, then live, then
+/// `event: end`. See the README for the protocol.
+pub fn stream(app: &Arc<App>, id: &str, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
     let exec = lookup(app, id)?;
+    let after = last_event_id(headers)?;
+    // The client already got `end` (its id is one past the last chunk's):
+    // 204 tells an EventSource to stop reconnecting.
+    if exec.phase() == Phase::Finished && after > exec.ctx.output.last_seq() {
+        let mut resp = Response::new(crate::server::http::full(Bytes::new()));
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        return Ok(resp);
+    }
     let cap = app.executor.config().max_subscribers;
     if exec.subscribers.fetch_add(1, Relaxed) >= cap {
         exec.subscribers.fetch_sub(1, Relaxed);
@@ -242,9 +285,7 @@ pub fn stream(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
         });
     }
     let slot = SubscriberSlot(exec.clone());
-    // Subscribe before checking the phase, so no output between the check and
-    // the subscription is missed.
-    let output = exec.ctx.output.subscribe();
+    let output = exec.ctx.output.subscribe_after(after);
     let phase = exec.subscribe_phase();
     let (tx, rx) = mpsc::channel(SSE_CONNECTION_BUFFER);
     tokio::spawn(forward(slot, output, phase, tx));
@@ -258,41 +299,74 @@ pub fn stream(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     Ok(resp)
 }
 
+/// Hands frames to the connection; a client that accepts none for
+/// `SSE_CLIENT_STALL` is closed.
+struct Frames(mpsc::Sender<Bytes>);
+
+impl Frames {
+    /// False when the client is gone or stalled: stop forwarding.
+    async fn send(&self, frame: Bytes) -> bool {
+        matches!(
+            tokio::time::timeout(SSE_CLIENT_STALL, self.0.send(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// `event: dropped` when chunks were evicted before this subscriber got
+    /// them, then the chunks, in order.
+    async fn batch(&self, batch: Batch) -> bool {
+        if batch.missed > 0
+            && !self
+                .send(sse_event(
+                    "dropped",
+                    &json!({"missed_events": batch.missed}),
+                ))
+                .await
+        {
+            return false;
+        }
+        for chunk in batch.chunks {
+            if !self.send(sse_chunk(chunk.seq, &chunk.text)).await {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 async fn forward(
     slot: SubscriberSlot,
-    mut output: broadcast::Receiver<String>,
+    mut output: OutputReader,
     mut phase: tokio::sync::watch::Receiver<Phase>,
     tx: mpsc::Sender<Bytes>,
 ) {
     let exec = slot.0.clone();
+    let frames = Frames(tx);
     let mut keepalive = tokio::time::interval(SSE_KEEPALIVE);
     keepalive.tick().await;
     loop {
         tokio::select! {
             biased;
-            chunk = output.recv() => match chunk {
-                Ok(text) => {
-                    if tx.send(sse_data(&text)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = tx.try_send(sse_event("dropped", &json!({"reason": "subscriber too slow", "missed": n})));
+            batch = output.next_batch() => {
+                if !frames.batch(batch).await {
                     return;
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
+            }
             _ = async { phase.wait_for(|p| *p == Phase::Finished).await.map(|_| ()) } => {
-                // Drain what was produced before the end.
-                while let Ok(text) = output.try_recv() {
-                    if tx.send(sse_data(&text)).await.is_err() {
+                // Every chunk was pushed before the phase flipped: drain them.
+                loop {
+                    let batch = output.try_batch();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    if !frames.batch(batch).await {
                         return;
                     }
                 }
                 break;
             }
             _ = keepalive.tick() => {
-                if tx.send(Bytes::from_static(b": keepalive\n\n")).await.is_err() {
+                if !frames.send(Bytes::from_static(b": keepalive\n\n")).await {
                     return;
                 }
             }
@@ -302,7 +376,10 @@ async fn forward(
         .finish()
         .map(|f| finish_json(&exec, &f).1)
         .unwrap_or_else(|| json!({"execution_id": exec.id, "status": "unknown"}));
-    let _ = tx.send(sse_event("end", &end)).await;
+    let end_id = exec.ctx.output.last_seq() + 1;
+    let mut frame = format!("id: {end_id}\n").into_bytes();
+    frame.extend_from_slice(&sse_event("end", &end));
+    let _ = frames.send(Bytes::from(frame)).await;
 }
 
 #[cfg(test)]
@@ -310,8 +387,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sse_data_prefixes_every_line() {
-        assert_eq!(&sse_data("a\nb")[..], b"data: a\ndata: b\n\n");
-        assert_eq!(&sse_data("x\r\n")[..], b"data: x\ndata: \n\n");
+    fn sse_chunk_has_an_id_and_prefixes_every_line() {
+        assert_eq!(&sse_chunk(1, "a\nb")[..], b"id: 1\ndata: a\ndata: b\n\n");
+        assert_eq!(&sse_chunk(7, "x\r\n")[..], b"id: 7\ndata: x\ndata: \n\n");
+    }
+
+    #[test]
+    fn last_event_id_is_a_number_or_absent() {
+        let mut h = HeaderMap::new();
+        assert_eq!(last_event_id(&h).unwrap(), 0);
+        h.insert("last-event-id", HeaderValue::from_static(" 42 "));
+        assert_eq!(last_event_id(&h).unwrap(), 42);
+        h.insert("last-event-id", HeaderValue::from_static("abc"));
+        let err = last_event_id(&h).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert!(err.to_string().contains("Last-Event-ID"), "{err}");
     }
 }

@@ -63,7 +63,7 @@ async fn api_route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
             match (rest.split_once('/'), m) {
                 (None, Method::GET) => executions::get(app, rest),
                 (None, _) => Err(not_allowed(&req, "GET")),
-                (Some((id, "stream")), Method::GET) => executions::stream(app, id),
+                (Some((id, "stream")), Method::GET) => executions::stream(app, id, req.headers()),
                 (Some((_, "stream")), _) => Err(not_allowed(&req, "GET")),
                 (Some((id, "terminate")), Method::POST) => executions::terminate(app, id).await,
                 (Some((_, "terminate")), _) => Err(not_allowed(&req, "POST")),

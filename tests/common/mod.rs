@@ -252,7 +252,20 @@ impl Daemon {
     /// Start `agentd serve` on 127.0.0.1:0 with exactly `vars` (plus PATH) and
     /// wait for its "listening on" line.
     pub fn start(vars: &[(&str, &str)], state_dir: &Path) -> Daemon {
-        let mut cmd = Command::new(agentd_bin());
+        Self::start_under(&[], vars, state_dir)
+    }
+
+    /// Like `start`, with `wrapper` (a program and its arguments, e.g.
+    /// `unshare -pf --mount-proc`) running the binary.
+    pub fn start_under(wrapper: &[&str], vars: &[(&str, &str)], state_dir: &Path) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agentd_bin());
+                c
+            }
+            None => Command::new(agentd_bin()),
+        };
         // Run inside the temp state dir: a core dump (the abort tests) or any
         // stray file lands there, never in the source tree.
         cmd.arg("serve")

@@ -65,3 +65,42 @@ pub fn children(ppid: u32) -> Vec<u32> {
         .map(|p| p.pid)
         .collect()
 }
+
+/// Zombie children of `ppid`: exited and not (yet) reaped by it.
+pub fn zombie_children(ppid: u32) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == ppid && !p.is_live())
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Live processes whose environment holds exactly the entry `NAME=VALUE`
+/// (e.g. an execution's `AGENTD_EXECUTION_ID`). Processes that vanish or
+/// cannot be read are skipped.
+pub fn live_with_env(entry: &str) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.is_live())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{}/environ", p.pid))
+                .map(|env| env.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
+                .unwrap_or(false)
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Poll (bounded by `limit`) until `done()` holds; false if it never did.
+pub fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,300 @@
+//! An execution's output as numbered chunks in a bounded replay buffer, so a
+//! stream subscriber sees the output from its start (or from where it left
+//! off, by sequence number) and then live.
+//!
+//! The writer is the reader of a child's stdout (or the echo runtime): a push
+//! takes a short lock, appends, evicts the oldest chunks past the bounds and
+//! publishes the newest sequence number. It never waits for a subscriber.
+//! Subscribers pull from the buffer at their own pace; one that falls behind
+//! the oldest retained chunk is told how many it missed and continues from
+//! there. Formatting for SSE is not here (that is `server::executions`).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+/// Default bound of one execution's replay buffer (`stream_replay_bytes`):
+/// 1 MiB holds the whole output of a typical agent turn (a stream-json turn
+/// with tool calls is tens to hundreds of KiB), so a client that subscribes
+/// late or reconnects misses nothing, while 256 retained finished executions
+/// cost at most 256 MiB in the worst case.
+pub const DEFAULT_REPLAY_BYTES: usize = 1 << 20;
+
+/// Bytes a chunk costs beyond its text (the deque slot, the `Arc` header),
+/// counted against the byte bound so a stream of tiny chunks cannot hold far
+/// more memory than the bound says.
+pub const CHUNK_OVERHEAD_BYTES: usize = 64;
+
+/// Most chunks one `next_batch` hands out, so a subscriber that is far behind
+/// holds the lock briefly and formats a bounded amount at a time.
+pub const MAX_BATCH: usize = 64;
+
+/// One piece of output, numbered from 1 in the order it was produced.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub seq: u64,
+    pub text: Arc<str>,
+}
+
+/// What a subscriber gets next: how many chunks it should have seen but were
+/// evicted first, then the chunks that follow in order.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub missed: u64,
+    pub chunks: Vec<Chunk>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.missed == 0 && self.chunks.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Retained {
+    chunks: VecDeque<Chunk>,
+    /// Text bytes plus `CHUNK_OVERHEAD_BYTES` per chunk.
+    bytes: usize,
+    /// Sequence number of the newest chunk ever pushed (0 = none yet).
+    last_seq: u64,
+}
+
+/// The bounded, numbered output of one execution.
+#[derive(Debug)]
+pub struct OutputLog {
+    retained: Mutex<Retained>,
+    /// The newest sequence number; subscribers wait on it for new output.
+    latest: watch::Sender<u64>,
+    /// At most this many chunks are kept (the newest always is).
+    max_chunks: usize,
+    /// At most this many accounted bytes are kept (the newest chunk always
+    /// is, whatever its size).
+    max_bytes: usize,
+}
+
+impl OutputLog {
+    pub fn new(max_chunks: usize, max_bytes: usize) -> Self {
+        OutputLog {
+            retained: Mutex::new(Retained::default()),
+            latest: watch::channel(0).0,
+            max_chunks: max_chunks.max(1),
+            max_bytes,
+        }
+    }
+
+    /// Append a chunk and evict the oldest past the bounds. Never waits for a
+    /// subscriber; empty text is ignored (it would be an empty event).
+    pub fn push(&self, text: impl Into<Arc<str>>) {
+        let text: Arc<str> = text.into();
+        if text.is_empty() {
+            return;
+        }
+        let seq = {
+            let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+            r.last_seq += 1;
+            let seq = r.last_seq;
+            r.bytes += text.len() + CHUNK_OVERHEAD_BYTES;
+            r.chunks.push_back(Chunk { seq, text });
+            while r.chunks.len() > 1
+                && (r.bytes > self.max_bytes || r.chunks.len() > self.max_chunks)
+            {
+                if let Some(old) = r.chunks.pop_front() {
+                    r.bytes -= old.text.len() + CHUNK_OVERHEAD_BYTES;
+                }
+            }
+            seq
+        };
+        self.latest.send_replace(seq);
+    }
+
+    /// Sequence number of the newest chunk (0 = no output yet).
+    pub fn last_seq(&self) -> u64 {
+        *self.latest.borrow()
+    }
+
+    /// Chunks after `seq` (at most `MAX_BATCH`), preceded by the count of
+    /// those evicted before anyone read them.
+    pub fn after(&self, seq: u64) -> Batch {
+        let r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = r.chunks.front().map_or(r.last_seq + 1, |c| c.seq);
+        let missed = oldest.saturating_sub(seq + 1);
+        let skip = (seq + 1).saturating_sub(oldest) as usize;
+        let chunks = r
+            .chunks
+            .iter()
+            .skip(skip)
+            .take(MAX_BATCH)
+            .cloned()
+            .collect();
+        Batch { missed, chunks }
+    }
+
+    /// A reader from the very start of the output.
+    pub fn subscribe(self: &Arc<Self>) -> OutputReader {
+        self.subscribe_after(0)
+    }
+
+    /// A reader of the chunks after `seq` (a reconnect's `Last-Event-ID`).
+    pub fn subscribe_after(self: &Arc<Self>, seq: u64) -> OutputReader {
+        OutputReader {
+            log: self.clone(),
+            latest: self.latest.subscribe(),
+            cursor: seq,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+/// Chunks were evicted before this reader got them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} output chunks were evicted before they were read")]
+pub struct Missed(pub u64);
+
+/// Nothing new yet (from `try_recv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TryRecvError {
+    #[error("no new output yet")]
+    Empty,
+    #[error(transparent)]
+    Missed(#[from] Missed),
+}
+
+/// One subscriber's position in an `OutputLog`.
+#[derive(Debug)]
+pub struct OutputReader {
+    log: Arc<OutputLog>,
+    latest: watch::Receiver<u64>,
+    /// Sequence number of the last chunk handed out (or skipped as missed).
+    cursor: u64,
+    /// Chunks fetched but not yet handed out by `recv`.
+    pending: VecDeque<Chunk>,
+}
+
+impl OutputReader {
+    /// The next batch after the cursor, without waiting (empty when there is
+    /// nothing new).
+    pub fn try_batch(&mut self) -> Batch {
+        let batch = self.log.after(self.cursor);
+        self.cursor += batch.missed;
+        if let Some(last) = batch.chunks.last() {
+            self.cursor = last.seq;
+        }
+        batch
+    }
+
+    /// Wait until there is output after the cursor, then take it. Cancel
+    /// safe: dropped while waiting, the cursor has not moved.
+    pub async fn next_batch(&mut self) -> Batch {
+        let cursor = self.cursor;
+        // The sender lives in the log this reader keeps alive: never closed.
+        let _ = self.latest.wait_for(|&seq| seq > cursor).await;
+        self.try_batch()
+    }
+
+    /// Next chunk's text, waiting for it; `Missed` first when chunks were
+    /// evicted before this reader got them (reading continues after it).
+    pub async fn recv(&mut self) -> Result<String, Missed> {
+        loop {
+            if let Some(c) = self.pending.pop_front() {
+                return Ok(c.text.to_string());
+            }
+            let batch = self.next_batch().await;
+            self.pending.extend(batch.chunks);
+            if batch.missed > 0 {
+                return Err(Missed(batch.missed));
+            }
+        }
+    }
+
+    /// Like `recv` without waiting.
+    pub fn try_recv(&mut self) -> Result<String, TryRecvError> {
+        if self.pending.is_empty() {
+            let batch = self.try_batch();
+            self.pending.extend(batch.chunks);
+            if batch.missed > 0 {
+                return Err(Missed(batch.missed).into());
+            }
+        }
+        match self.pending.pop_front() {
+            Some(c) => Ok(c.text.to_string()),
+            None => Err(TryRecvError::Empty),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(b: &Batch) -> Vec<(u64, &str)> {
+        b.chunks.iter().map(|c| (c.seq, &*c.text)).collect()
+    }
+
+    #[test]
+    fn numbers_chunks_and_replays_from_any_point() {
+        let log = Arc::new(OutputLog::new(100, 1 << 20));
+        for t in ["a", "b", "", "c"] {
+            log.push(t);
+        }
+        assert_eq!(log.last_seq(), 3);
+        let mut r = log.subscribe();
+        let b = r.try_batch();
+        assert_eq!(
+            (b.missed, texts(&b)),
+            (0, vec![(1, "a"), (2, "b"), (3, "c")])
+        );
+        assert!(r.try_batch().is_empty());
+        let b = log.subscribe_after(2).try_batch();
+        assert_eq!(texts(&b), vec![(3, "c")]);
+        assert!(log.subscribe_after(3).try_batch().is_empty());
+    }
+
+    #[test]
+    fn evicts_oldest_past_the_byte_bound_and_counts_the_missed() {
+        let per = 10 + CHUNK_OVERHEAD_BYTES;
+        let log = Arc::new(OutputLog::new(100, 3 * per));
+        for i in 0..10 {
+            log.push(format!("chunk-{i:04}"));
+        }
+        let b = log.subscribe().try_batch();
+        assert_eq!(b.missed, 7);
+        assert_eq!(b.chunks.first().unwrap().seq, 8);
+        assert_eq!(b.chunks.len(), 3);
+        // A reader already past the evicted ones misses nothing.
+        let b = log.subscribe_after(8).try_batch();
+        assert_eq!((b.missed, b.chunks.len()), (0, 2));
+    }
+
+    #[test]
+    fn keeps_the_newest_chunk_even_past_the_bounds() {
+        let log = Arc::new(OutputLog::new(1, 1));
+        log.push("first");
+        log.push("second, larger than the whole bound");
+        let b = log.subscribe().try_batch();
+        assert_eq!(b.missed, 1);
+        assert_eq!(texts(&b), vec![(2, "second, larger than the whole bound")]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reader_wakes_on_push_and_reports_a_gap() {
+        let log = Arc::new(OutputLog::new(2, 1 << 20));
+        let mut r = log.subscribe();
+        let waiter = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut r = log.subscribe();
+                r.recv().await
+            })
+        };
+        log.push("one");
+        assert_eq!(waiter.await.unwrap(), Ok("one".to_owned()));
+        log.push("two");
+        log.push("three");
+        // "one" was evicted (2 chunks kept) before `r` read anything.
+        assert_eq!(r.recv().await, Err(Missed(1)));
+        assert_eq!(r.recv().await, Ok("two".to_owned()));
+        assert_eq!(r.try_recv(), Ok("three".to_owned()));
+        assert_eq!(r.try_recv(), Err(TryRecvError::Empty));
+    }
+}
