@@ -57,6 +57,6 @@ trap cleanup EXIT
 echo "# claude $("$CLIS_DIR/node_modules/.bin/claude" --version 2>/dev/null | head -n1), gemini $(HOME=$W "$CLIS_DIR/node_modules/.bin/gemini" --version 2>/dev/null | head -n1)"
 # bash is PID 1 of the new PID namespace and reaps what is orphaned to it;
 # when it exits, the kernel kills everything left in the namespace.
-AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
+PYTHONDONTWRITEBYTECODE=1 AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
   unshare --net --pid --fork --mount-proc \
   bash -c 'ip link set lo up && python3 "$@"' bash "$HERE/driver.py" "$@"
