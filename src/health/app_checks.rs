@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::checks::{resources_check, runtime_lag_check, Check};
-use super::probe::{self_probe_check, ProbeTarget};
+use super::probe::{self_probe_check_registered, ProbeTarget};
 use crate::app::App;
 
 /// Path the self-probe requests: `/health` answers it with 200 whenever the
@@ -36,7 +36,7 @@ pub fn probe_target_for_unix(path: PathBuf) -> ProbeTarget {
 pub fn build_checks(app: &Arc<App>, probe: ProbeTarget) -> Vec<Check> {
     let deadline = app.health.deadline;
     vec![
-        self_probe_check(probe, PROBE_PATH),
+        self_probe_check_registered(probe, PROBE_PATH, Some(app.stats.probe_peers.clone())),
         runtime_lag_check(deadline),
         state_lock_check(app.clone()),
         store_check(app.clone()),

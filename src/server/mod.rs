@@ -3,9 +3,19 @@
 //! The accept loop is ours (no framework hides it) because health depends on
 //! it: it counts accepts and completed requests, caps concurrent connections
 //! (an over-limit connection gets a fast 503 + `Connection: close`, never an
-//! unbounded queue), bounds header reads (slowloris) and idle keep-alive
-//! connections, and drains in-flight requests on shutdown. Connections are
-//! tasks, never threads.
+//! unbounded queue), bounds header reads in time (slowloris) and in bytes
+//! (`AGENTD_MAX_HEADER_BYTES`, 431), closes idle keep-alive connections, and
+//! drains in-flight requests on shutdown. Connections are tasks, never
+//! threads.
+//!
+//! Busy is not wedged: the self-probe never competes with clients for a
+//! slot. `PROBE_RESERVED_SLOTS` slots exist beside the client cap, and only a
+//! connection proven to be the probe takes one (its source address was
+//! registered by the probe, which bound it, before connecting; over a Unix
+//! socket, the peer is this very process). The probe still goes through the
+//! real listener, the kernel's accept queue, this loop, hyper and a handler,
+//! so a stalled loop still fails it, while a flood that fills every client
+//! slot only shows as `saturated` in `/health` and `busy:` in `STATUS=`.
 //!
 //! `run` takes its listener and its shutdown future as arguments, so tests bind
 //! port 0 and pass a future they control. Routing and handlers live in
@@ -15,12 +25,14 @@ pub mod api;
 pub mod executions;
 pub mod health;
 pub mod http;
+pub mod parse_errors;
 pub mod router;
 pub mod stats;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -35,6 +47,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use parse_errors::JsonParseErrors;
+use stats::PROBE_RESERVED_SLOTS;
 
 /// Connections being turned away at once. Rejecting costs a task for up to
 /// `REJECT_BUDGET`; past this many, extra connections are closed without an
@@ -52,6 +66,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// (`accept_errors` in `/health`) and logged at debug, so an fd storm cannot
 /// flood the journal.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// hyper's smallest allowed read buffer (`max_buf_size` panics below it).
+const HYPER_MIN_BUF: usize = 8192;
 
 /// Body of the over-limit answer, written by hand: no hyper connection (and no
 /// allocation per byte) is spent on a connection we will not serve.
@@ -101,8 +118,11 @@ impl Listener {
 pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let max = app.config.max_connections;
     let slots = Arc::new(Semaphore::new(max));
+    // Beside the client cap, never taken by a client: see the module doc.
+    let probe_slots = Arc::new(Semaphore::new(PROBE_RESERVED_SLOTS));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let draining = CancellationToken::new();
+    app.stats.connections_max.store(max, Relaxed);
     app.faults
         .loopback_listener
         .store(listener.is_loopback(), Relaxed);
@@ -134,26 +154,49 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
             }
         };
         app.stats.accepted();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        // The probe takes a reserved slot first (so it never competes with
+        // clients); a client (or a probe whose reserved slots are all in use)
+        // takes a client slot; with neither, the connection is turned away.
+        let probe_permit = if conn.is_probe(&app) {
+            probe_slots.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        let slot = match probe_permit {
+            Some(permit) => {
+                if slots.available_permits() == 0 {
+                    app.stats.probe_connections_reserved.fetch_add(1, Relaxed);
+                }
+                Some((permit, false))
+            }
+            None => slots.clone().try_acquire_owned().ok().map(|p| (p, true)),
+        };
+        match slot {
+            Some((permit, client)) => {
                 let app = app.clone();
                 let draining = draining.clone();
                 tokio::spawn(async move {
                     app.stats.connections_open.fetch_add(1, Relaxed);
+                    if client {
+                        app.stats.client_slots_used.fetch_add(1, Relaxed);
+                    }
                     match conn {
-                        Conn::Tcp(s) => serve(s, &app, draining).await,
+                        Conn::Tcp(s, _) => serve(s, &app, draining).await,
                         Conn::Unix(s) => serve(s, &app, draining).await,
+                    }
+                    if client {
+                        app.stats.client_slots_used.fetch_sub(1, Relaxed);
                     }
                     app.stats.connections_open.fetch_sub(1, Relaxed);
                     drop(permit);
                 });
             }
-            Err(_) => {
-                app.stats.connections_rejected.fetch_add(1, Relaxed);
+            None => {
+                app.stats.rejected();
                 if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         match conn {
-                            Conn::Tcp(s) => reject(s).await,
+                            Conn::Tcp(s, _) => reject(s).await,
                             Conn::Unix(s) => reject(s).await,
                         }
                         drop(permit);
@@ -166,8 +209,11 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
     draining.cancel();
     let open = max - slots.available_permits();
     tracing::info!(open_connections = open, "stopped accepting; draining");
-    let drained =
-        tokio::time::timeout(app.config.drain_timeout, slots.acquire_many(max as u32)).await;
+    let drained = tokio::time::timeout(app.config.drain_timeout, async {
+        let _clients = slots.acquire_many(max as u32).await;
+        let _probes = probe_slots.acquire_many(PROBE_RESERVED_SLOTS as u32).await;
+    })
+    .await;
     if drained.is_err() {
         tracing::warn!(
             still_open = max - slots.available_permits(),
@@ -177,17 +223,35 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
 }
 
 enum Conn {
-    Tcp(tokio::net::TcpStream),
+    /// The stream and its peer's address.
+    Tcp(tokio::net::TcpStream, SocketAddr),
     Unix(tokio::net::UnixStream),
+}
+
+impl Conn {
+    /// Whether this connection is proven to be our own self-probe: over TCP
+    /// its source address is one the probe registered; over a Unix socket
+    /// the kernel says the peer is this process (nothing else in agentd
+    /// connects to its own listener, and agent children are other processes).
+    fn is_probe(&self, app: &App) -> bool {
+        match self {
+            Conn::Tcp(_, peer) => app.stats.probe_peers.is_probe(Some(*peer)),
+            Conn::Unix(s) => s
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .is_some_and(|pid| pid as u32 == std::process::id()),
+        }
+    }
 }
 
 async fn accept(listener: &Listener) -> io::Result<Conn> {
     match listener {
         Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
+            let (s, peer) = l.accept().await?;
             // Small JSON answers: do not wait for Nagle.
             let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s))
+            Ok(Conn::Tcp(s, peer))
         }
         Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
     }
@@ -218,11 +282,19 @@ where
             }
         })
     };
+    let max_header_bytes = app.config.max_header_bytes;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.header_read_timeout)
+        // Headers over the limit get 431; the read buffer never grows past
+        // it (hyper's floor is 8 KiB), so header memory per connection is
+        // bounded whatever a client sends.
+        .max_header_size(max_header_bytes)
+        .max_buf_size(max_header_bytes.max(HYPER_MIN_BUF))
+        .max_headers(parse_errors::MAX_HEADER_FIELDS)
         .keep_alive(true);
+    let io = JsonParseErrors::new(io, max_header_bytes);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = pin!(conn);
     let idle_timeout = app.config.idle_timeout;

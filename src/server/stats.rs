@@ -1,7 +1,11 @@
 //! Accept-loop counters: plain atomics, so `/health` reads them without a lock
-//! and a wedged handler cannot hide them.
+//! and a wedged handler cannot hide them. Also the recent rejection rate and
+//! the saturation flag (load, reported; never a reason to stop petting), and
+//! the registry through which the self-probe proves who it is.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -14,16 +18,41 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds of rejections the recent rate averages over. Long enough that a
+/// burst shows in a `/health` read a second later, short enough that the rate
+/// falls back to 0 soon after a flood ends.
+pub const REJECT_RATE_WINDOW_S: u64 = 5;
+
+/// One-second buckets kept (the window plus the second being filled).
+const REJECT_BUCKETS: usize = REJECT_RATE_WINDOW_S as usize + 1;
+
 #[derive(Debug, Default)]
 pub struct AcceptStats {
     pub connections_total: AtomicU64,
     /// Connections turned away with 503 because the connection limit was hit.
     pub connections_rejected: AtomicU64,
     pub connections_open: AtomicU64,
+    /// Client slots in use (the probe's reserved slots not counted), compared
+    /// with `connections_max` to say "saturated".
+    pub client_slots_used: AtomicUsize,
+    /// The client connection cap (`AGENTD_MAX_CONNECTIONS`), set when the
+    /// accept loop starts.
+    pub connections_max: AtomicUsize,
+    /// Self-probe connections served on a reserved slot while every client
+    /// slot was taken: proof that the probe did not compete with clients.
+    pub probe_connections_reserved: AtomicU64,
     pub requests_total: AtomicU64,
     pub accept_errors: AtomicU64,
     last_accept_ms: AtomicU64,
     last_request_completed_ms: AtomicU64,
+    /// Rejections per second for the last few seconds: bucket i counts the
+    /// rejections of the second stored in `reject_epochs[i]`. Racy by design
+    /// (two threads may reset a bucket at once and lose a count): it is a
+    /// rate for people, not a counter; `connections_rejected` is exact.
+    reject_counts: [AtomicU64; REJECT_BUCKETS],
+    reject_epochs: [AtomicU64; REJECT_BUCKETS],
+    /// Who the self-probe is (see `ProbePeers`); shared with the probe.
+    pub probe_peers: Arc<ProbePeers>,
 }
 
 #[derive(Debug, Serialize)]
@@ -31,6 +60,17 @@ pub struct AcceptSnapshot {
     pub connections_total: u64,
     pub connections_open: u64,
     pub connections_rejected: u64,
+    /// Client connection cap (`AGENTD_MAX_CONNECTIONS`).
+    pub connections_max: usize,
+    /// True when every client slot is taken or connections were turned away
+    /// in the last `REJECT_RATE_WINDOW_S` seconds. Load, not a wedge.
+    pub saturated: bool,
+    /// Connections turned away per second over the last
+    /// `REJECT_RATE_WINDOW_S` seconds.
+    pub rejected_per_second: f64,
+    /// Self-probe connections that used a reserved slot because every client
+    /// slot was taken.
+    pub probe_connections_reserved: u64,
     pub requests_total: u64,
     pub accept_errors: u64,
     /// Unix seconds, or null before the first one.
@@ -56,17 +96,250 @@ impl AcceptStats {
         self.last_request_completed_ms.store(now_unix_ms(), Relaxed);
     }
 
+    /// Count one connection turned away at the cap.
+    pub fn rejected(&self) {
+        self.connections_rejected.fetch_add(1, Relaxed);
+        self.count_rejection_at(now_unix_ms() / 1000);
+    }
+
+    fn count_rejection_at(&self, second: u64) {
+        let i = (second % REJECT_BUCKETS as u64) as usize;
+        if self.reject_epochs[i].swap(second, Relaxed) != second {
+            self.reject_counts[i].store(0, Relaxed);
+        }
+        self.reject_counts[i].fetch_add(1, Relaxed);
+    }
+
+    /// Rejections per second over the last `REJECT_RATE_WINDOW_S` whole
+    /// seconds before `now_s`.
+    fn rejected_per_second_at(&self, now_s: u64) -> f64 {
+        let since = now_s.saturating_sub(REJECT_RATE_WINDOW_S);
+        let total: u64 = (0..REJECT_BUCKETS)
+            .filter(|&i| {
+                let epoch = self.reject_epochs[i].load(Relaxed);
+                epoch >= since && epoch < now_s
+            })
+            .map(|i| self.reject_counts[i].load(Relaxed))
+            .sum();
+        total as f64 / REJECT_RATE_WINDOW_S as f64
+    }
+
+    /// Rejections per second, recently (see `REJECT_RATE_WINDOW_S`).
+    pub fn rejected_per_second(&self) -> f64 {
+        self.rejected_per_second_at(now_unix_ms() / 1000)
+    }
+
+    /// Whether the last second being filled saw a rejection (the rate only
+    /// counts whole seconds).
+    fn rejected_this_second(&self, now_s: u64) -> bool {
+        let i = (now_s % REJECT_BUCKETS as u64) as usize;
+        self.reject_epochs[i].load(Relaxed) == now_s && self.reject_counts[i].load(Relaxed) > 0
+    }
+
+    /// Saturated: every client slot is taken, or connections were turned
+    /// away recently.
+    pub fn saturation(&self) -> Saturation {
+        let now_s = now_unix_ms() / 1000;
+        let rate = self.rejected_per_second_at(now_s);
+        let used = self.client_slots_used.load(Relaxed);
+        let max = self.connections_max.load(Relaxed);
+        Saturation {
+            saturated: (max > 0 && used >= max) || rate > 0.0 || self.rejected_this_second(now_s),
+            used,
+            max,
+            rejected_per_second: rate,
+        }
+    }
+
     pub fn snapshot(&self) -> AcceptSnapshot {
         let completed = secs(self.last_request_completed_ms.load(Relaxed));
+        let sat = self.saturation();
         AcceptSnapshot {
             connections_total: self.connections_total.load(Relaxed),
             connections_open: self.connections_open.load(Relaxed),
             connections_rejected: self.connections_rejected.load(Relaxed),
+            connections_max: sat.max,
+            saturated: sat.saturated,
+            rejected_per_second: sat.rejected_per_second,
+            probe_connections_reserved: self.probe_connections_reserved.load(Relaxed),
             requests_total: self.requests_total.load(Relaxed),
             accept_errors: self.accept_errors.load(Relaxed),
             last_accept_at: secs(self.last_accept_ms.load(Relaxed)),
             last_request_completed_at: completed,
             last_request_at: completed,
         }
+    }
+}
+
+/// The accept loop's load, as `/health` and `STATUS=` report it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Saturation {
+    pub saturated: bool,
+    /// Client slots in use and the cap.
+    pub used: usize,
+    pub max: usize,
+    pub rejected_per_second: f64,
+}
+
+impl Saturation {
+    /// `busy: connections 1024/1024, 35 rejected/s` when saturated.
+    pub fn busy_summary(&self) -> Option<String> {
+        self.saturated.then(|| {
+            format!(
+                "busy: connections {}/{}, {} rejected/s",
+                self.used,
+                self.max,
+                self.rejected_per_second.round() as u64
+            )
+        })
+    }
+}
+
+/// Self-probe connections in flight at once (a tick and a `?deep=1` run may
+/// overlap); also the number of connection slots reserved for the probe.
+pub const PROBE_RESERVED_SLOTS: usize = 2;
+
+/// The local addresses the self-probe is connecting from, registered before
+/// it connects. The accept loop gives a reserved slot only to a connection
+/// whose peer is exactly a registered `ip:port`: the probe binds that address
+/// itself before registering it, and the kernel gives one address and port to
+/// one socket, so no other client can present it at that moment. (Over a Unix
+/// socket the accept loop asks the kernel for the peer's pid instead.)
+/// Atomics only: the accept loop reads this on every over-cap accept.
+#[derive(Debug, Default)]
+pub struct ProbePeers {
+    /// Registered source addresses, encoded by `peer_key` (0 = free entry).
+    keys: [AtomicU64; PROBE_RESERVED_SLOTS],
+}
+
+/// A registration; dropping it frees the entry.
+pub struct ProbePeerGuard {
+    peers: Arc<ProbePeers>,
+    index: usize,
+}
+
+impl Drop for ProbePeerGuard {
+    fn drop(&mut self) {
+        self.peers.keys[self.index].store(0, Relaxed);
+    }
+}
+
+/// A loopback socket address as one non-zero integer: family tag, IPv4
+/// address (IPv6 loopback has only `::1`) and port. Other addresses have no
+/// key: the probe only ever connects over loopback.
+fn peer_key(addr: SocketAddr) -> Option<u64> {
+    let port = u64::from(addr.port());
+    if port == 0 {
+        return None;
+    }
+    let v4 = match addr.ip() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    match (v4, addr.ip()) {
+        (Some(v4), _) if v4.is_loopback() => Some(1 << 48 | u64::from(u32::from(v4)) << 16 | port),
+        (None, IpAddr::V6(v6)) if v6.is_loopback() => Some(2 << 48 | port),
+        _ => None,
+    }
+}
+
+impl ProbePeers {
+    /// Register the probe's bound local address; `None` when it is not
+    /// loopback or every entry is in use (the probe then connects like any
+    /// client).
+    pub fn register(self: &Arc<Self>, local: SocketAddr) -> Option<ProbePeerGuard> {
+        let key = peer_key(local)?;
+        (0..PROBE_RESERVED_SLOTS).find_map(|index| {
+            self.keys[index]
+                .compare_exchange(0, key, Relaxed, Relaxed)
+                .ok()
+                .map(|_| ProbePeerGuard {
+                    peers: self.clone(),
+                    index,
+                })
+        })
+    }
+
+    /// Whether `peer` is a registered probe address.
+    pub fn is_probe(&self, peer: Option<SocketAddr>) -> bool {
+        let Some(key) = peer.and_then(peer_key) else {
+            return false;
+        };
+        self.keys.iter().any(|k| k.load(Relaxed) == key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_rate_counts_whole_recent_seconds_only() {
+        let s = AcceptStats::default();
+        for _ in 0..10 {
+            s.count_rejection_at(100);
+        }
+        for _ in 0..5 {
+            s.count_rejection_at(101);
+        }
+        // At 102 both seconds are in the window: 15 over 5 s.
+        assert_eq!(s.rejected_per_second_at(102), 3.0);
+        // The second being filled does not count yet.
+        s.count_rejection_at(102);
+        assert_eq!(s.rejected_per_second_at(102), 3.0);
+        // Long after, the window is empty again, and a reused bucket restarts.
+        assert_eq!(s.rejected_per_second_at(200), 0.0);
+        // 300 lands in the bucket that held 102: it restarts from zero.
+        assert_eq!(300 % REJECT_BUCKETS, 102 % REJECT_BUCKETS);
+        s.count_rejection_at(300);
+        assert_eq!(s.rejected_per_second_at(301), 0.2);
+    }
+
+    #[test]
+    fn saturated_when_every_client_slot_is_taken() {
+        let s = AcceptStats::default();
+        s.connections_max.store(4, Relaxed);
+        s.client_slots_used.store(3, Relaxed);
+        assert!(!s.saturation().saturated);
+        assert_eq!(s.saturation().busy_summary(), None);
+        s.client_slots_used.store(4, Relaxed);
+        let sat = s.saturation();
+        assert!(sat.saturated);
+        assert_eq!(
+            sat.busy_summary().as_deref(),
+            Some("busy: connections 4/4, 0 rejected/s")
+        );
+    }
+
+    #[test]
+    fn only_a_registered_loopback_port_is_the_probe() {
+        let peers = Arc::new(ProbePeers::default());
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let peer = a("127.0.0.1:40000");
+        assert!(!peers.is_probe(Some(peer)));
+        assert!(
+            peers.register(a("10.0.0.1:40000")).is_none(),
+            "loopback only"
+        );
+        let guard = peers.register(peer).unwrap();
+        assert!(peers.is_probe(Some(peer)));
+        assert!(peers.is_probe(Some(a("[::ffff:127.0.0.1]:40000"))));
+        assert!(!peers.is_probe(Some(a("127.0.0.1:40001"))));
+        assert!(
+            !peers.is_probe(Some(a("127.0.0.2:40000"))),
+            "same port, other address"
+        );
+        assert!(!peers.is_probe(Some(a("[::1]:40000"))));
+        assert!(!peers.is_probe(None));
+        let second = peers.register(a("[::1]:40002")).unwrap();
+        assert!(peers.is_probe(Some(a("[::1]:40002"))));
+        assert!(
+            peers.register(a("127.0.0.1:40003")).is_none(),
+            "entries are bounded"
+        );
+        drop(guard);
+        assert!(!peers.is_probe(Some(peer)));
+        drop(second);
+        assert!(peers.register(a("127.0.0.1:40003")).is_some());
     }
 }
