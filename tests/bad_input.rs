@@ -557,7 +557,7 @@ fn cases() -> Vec<Case> {
                 "POST /api/chat HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
                  Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
                  POST /api/chat HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
-                 Content-Length: 21\r\n\r\n{{\"message\":\"smug1\"}}"
+                 Content-Length: 19\r\n\r\n{{\"message\":\"smug1\"}}"
             )
             .into_bytes(),
             OneThenClosed(400),
@@ -569,7 +569,7 @@ fn cases() -> Vec<Case> {
                  Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n\
                  8\r\nSMUGGLED\r\n0\r\n\r\n\
                  POST /api/chat HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
-                 Content-Length: 21\r\n\r\n{{\"message\":\"smug2\"}}"
+                 Content-Length: 19\r\n\r\n{{\"message\":\"smug2\"}}"
             )
             .into_bytes(),
             OneThenClosed(400),
@@ -731,7 +731,7 @@ fn cases() -> Vec<Case> {
         case(
             "token: missing on a write",
             b"POST /api/chat HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
-              Content-Length: 21\r\n\r\n{\"message\":\"nope1\"}"
+              Content-Length: 19\r\n\r\n{\"message\":\"nope1\"}"
                 .to_vec(),
             Error(401, "unauthorized"),
         ),
