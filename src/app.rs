@@ -54,6 +54,9 @@ pub struct App {
     pub faults: Faults,
     /// The watchdog loop's state: verdict, counters, notifier, gauges.
     pub health: Arc<HealthState>,
+    /// The self-probe's own way into the accept loop, so it never competes
+    /// with clients for a slot or the listen backlog.
+    pub probe_door: Arc<crate::server::ProbeDoor>,
     lifecycle: AtomicU8,
 }
 
@@ -97,6 +100,7 @@ impl App {
             shutdown,
             faults: Faults::default(),
             health: Arc::new(health),
+            probe_door: Arc::default(),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
             config,
         };

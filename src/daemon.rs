@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::agent::runtimes;
 use crate::app::{App, Lifecycle};
 use crate::config::{Config, Overrides};
-use crate::health::app_checks::{build_checks, probe_target_for_tcp, probe_target_for_unix};
+use crate::health::app_checks::build_checks;
 use crate::health::gauges::ProcGauges;
 use crate::health::sentinel::{self, SentinelConfig};
 use crate::health::watchdog::{self, HealthState, WatchdogMode};
@@ -182,23 +182,11 @@ pub struct Serving {
     pub health_loop: JoinHandle<()>,
 }
 
-/// Install the checks (the self-probe targets this listener), start the accept
+/// Install the checks (the self-probe enters through the probe door), start the accept
 /// loop and the health loop. The receiver fires after the first passing tick.
 /// Shared by `serve` and the in-process tests, so both run the same path.
 pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::Receiver<()>) {
-    let probe = match &listener {
-        Listener::Tcp(l) => probe_target_for_tcp(
-            l.local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
-        ),
-        Listener::Unix(l) => probe_target_for_unix(
-            l.local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
-                .unwrap_or_default(),
-        ),
-    };
-    app.health.install_checks(build_checks(app, probe));
+    app.health.install_checks(build_checks(app));
     // Executions get the drain deadline to finish once shutdown starts, then
     // are cancelled (their process groups get SIGINT → SIGTERM → SIGKILL).
     {

@@ -5,12 +5,11 @@
 //! that broke when a server kept its port in LISTEN while answering nothing.
 //! It passes only on status 200.
 //!
-//! Busy is not wedged: before connecting over TCP the probe binds its own
-//! source address and registers it with the accept loop (`ProbePeers`), which
-//! then serves it on a slot reserved for the probe even when clients hold
-//! every connection slot. (Over a Unix socket the accept loop recognises the
-//! probe by its pid.) A saturated server therefore still passes; a stalled
-//! accept loop still fails.
+//! `self_probe_check` connects to a listener address (TCP or Unix). agentd's
+//! own tick uses `self_probe_via_door`: the same request over a connection
+//! handed straight to the accept loop (`server::ProbeDoor`), so a flood that
+//! fills every client slot and the listen backlog cannot fail it, while a
+//! stalled accept loop still does.
 //!
 //! Not for: probing other services, or reusing connections (a kept-alive
 //! connection would bypass the accept loop, which is the thing under test).
@@ -25,10 +24,10 @@ use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 
 use super::checks::Check;
-use crate::server::stats::ProbePeers;
+use crate::server::ProbeDoor;
 
 /// Where the server's own listener is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,39 +45,12 @@ pub enum ProbeTarget {
 /// running (a spawned connection task would outlive a server that never
 /// answers, one per tick).
 pub fn self_probe_check(target: ProbeTarget, path_and_query: &'static str) -> Check {
-    self_probe_check_registered(target, path_and_query, None)
-}
-
-/// `self_probe_check` that registers its source address in `peers` before
-/// connecting, so the accept loop serves it on a reserved slot.
-pub fn self_probe_check_registered(
-    target: ProbeTarget,
-    path_and_query: &'static str,
-    peers: Option<Arc<ProbePeers>>,
-) -> Check {
     Check::new("self_probe", move || {
         let target = target.clone();
-        let peers = peers.clone();
         async move {
             let status = match &target {
                 ProbeTarget::Tcp(addr) => {
-                    let socket = if addr.is_ipv4() {
-                        TcpSocket::new_v4()
-                    } else {
-                        TcpSocket::new_v6()
-                    }
-                    .map_err(|e| format!("socket: {e}"))?;
-                    socket
-                        .bind(SocketAddr::new(addr.ip(), 0))
-                        .map_err(|e| format!("bind {}: {e}", addr.ip()))?;
-                    let local = socket
-                        .local_addr()
-                        .map_err(|e| format!("local address: {e}"))?;
-                    // Held until the answer is in: the accept loop looks the
-                    // address up when it accepts this connection.
-                    let _registered = peers.as_ref().and_then(|p| p.register(local));
-                    let stream = socket
-                        .connect(*addr)
+                    let stream = TcpStream::connect(addr)
                         .await
                         .map_err(|e| format!("connect {addr}: {e}"))?;
                     // Small request, answer awaited: don't let Nagle delay it.
@@ -92,6 +64,25 @@ pub fn self_probe_check_registered(
                     request(stream, "localhost", path_and_query).await?
                 }
             };
+            if status == StatusCode::OK {
+                Ok(Some("HTTP 200".into()))
+            } else {
+                Err(format!("HTTP {}", status.as_u16()))
+            }
+        }
+    })
+}
+
+/// The `self_probe` check over the accept loop's probe door: a new
+/// connection each run, served by the accept loop, hyper and the handler;
+/// passes on 200. A door that is not taken (the loop stalled) ends at the
+/// runner's deadline.
+pub fn self_probe_via_door(door: Arc<ProbeDoor>, path_and_query: &'static str) -> Check {
+    Check::new("self_probe", move || {
+        let door = door.clone();
+        async move {
+            let stream = door.connect().await.map_err(|e| e.to_string())?;
+            let status = request(stream, "localhost", path_and_query).await?;
             if status == StatusCode::OK {
                 Ok(Some("HTTP 200".into()))
             } else {

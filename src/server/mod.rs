@@ -8,14 +8,18 @@
 //! drains in-flight requests on shutdown. Connections are tasks, never
 //! threads.
 //!
-//! Busy is not wedged: the self-probe never competes with clients for a
-//! slot. `PROBE_RESERVED_SLOTS` slots exist beside the client cap, and only a
-//! connection proven to be the probe takes one (its source address was
-//! registered by the probe, which bound it, before connecting; over a Unix
-//! socket, the peer is this very process). The probe still goes through the
-//! real listener, the kernel's accept queue, this loop, hyper and a handler,
-//! so a stalled loop still fails it, while a flood that fills every client
-//! slot only shows as `saturated` in `/health` and `busy:` in `STATUS=`.
+//! Busy is not wedged: the self-probe never competes with clients, neither
+//! for a connection slot nor for a place in the kernel's accept queue. It
+//! enters through its own door into this same loop (`ProbeDoor`: one end of
+//! a Unix socket pair, handed over a bounded channel that the loop selects
+//! on beside the listener) and is served on one of `PROBE_RESERVED_SLOTS`
+//! slots no client can take, through hyper and the `/health` handler like
+//! any request. A stalled loop therefore still fails the probe (the door is
+//! not taken), while a flood that fills every client slot and overflows the
+//! listen backlog only shows as `saturated` in `/health` and `busy:` in
+//! `STATUS=`. The listening socket itself is watched by what the loop counts
+//! (`accept_errors`, `last_accept_at`) and, under systemd, by the end-to-end
+//! suite's wedges.
 //!
 //! `run` takes its listener and its shutdown future as arguments, so tests bind
 //! port 0 and pass a future they control. Routing and handlers live in
@@ -32,7 +36,6 @@ pub mod stats;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -48,7 +51,55 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use parse_errors::JsonParseErrors;
-use stats::PROBE_RESERVED_SLOTS;
+
+/// Self-probe connections served at once (a tick and a `?deep=1` run may
+/// overlap); slots beside the client cap that only the probe takes, and the
+/// bound of the probe door's queue.
+pub const PROBE_RESERVED_SLOTS: usize = 2;
+
+/// The self-probe's own way into the accept loop (see the module doc).
+pub struct ProbeDoor {
+    tx: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    /// Taken once by the accept loop.
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>>>,
+}
+
+/// Why the probe could not get through its door.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeDoorError {
+    #[error("cannot create a socket pair: {0}")]
+    SocketPair(io::Error),
+    #[error("the accept loop has stopped")]
+    Closed,
+}
+
+impl Default for ProbeDoor {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(PROBE_RESERVED_SLOTS);
+        ProbeDoor {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl ProbeDoor {
+    /// A connection to the accept loop: our end of a socket pair whose other
+    /// end the loop serves. Waits for room in the door's queue (a stalled
+    /// loop never makes room; the caller's deadline decides).
+    pub async fn connect(&self) -> Result<tokio::net::UnixStream, ProbeDoorError> {
+        let (ours, theirs) = tokio::net::UnixStream::pair().map_err(ProbeDoorError::SocketPair)?;
+        self.tx
+            .send(theirs)
+            .await
+            .map_err(|_| ProbeDoorError::Closed)?;
+        Ok(ours)
+    }
+
+    fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>> {
+        self.rx.lock().ok().and_then(|mut rx| rx.take())
+    }
+}
 
 /// Connections being turned away at once. Rejecting costs a task for up to
 /// `REJECT_BUDGET`; past this many, extra connections are closed without an
@@ -128,6 +179,8 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
         .store(listener.is_loopback(), Relaxed);
     let mut shutdown = pin!(shutdown);
     let mut last_accept_warning: Option<Instant> = None;
+    // Only one accept loop serves the door; a second `run` (tests) has none.
+    let mut door = app.probe_door.take_receiver();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -136,6 +189,10 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
                 // Fault injection: stop accepting, keep the socket in LISTEN.
                 shutdown.as_mut().await;
                 break;
+            }
+            Some(stream) = async { door.as_mut()?.recv().await } => {
+                serve_probe(stream, &app, &slots, &probe_slots, &draining);
+                continue;
             }
             r = accept(&listener) => r,
         };
@@ -154,39 +211,19 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
             }
         };
         app.stats.accepted();
-        // The probe takes a reserved slot first (so it never competes with
-        // clients); a client (or a probe whose reserved slots are all in use)
-        // takes a client slot; with neither, the connection is turned away.
-        let probe_permit = if conn.is_probe(&app) {
-            probe_slots.clone().try_acquire_owned().ok()
-        } else {
-            None
-        };
-        let slot = match probe_permit {
-            Some(permit) => {
-                if slots.available_permits() == 0 {
-                    app.stats.probe_connections_reserved.fetch_add(1, Relaxed);
-                }
-                Some((permit, false))
-            }
-            None => slots.clone().try_acquire_owned().ok().map(|p| (p, true)),
-        };
+        let slot = slots.clone().try_acquire_owned().ok();
         match slot {
-            Some((permit, client)) => {
+            Some(permit) => {
                 let app = app.clone();
                 let draining = draining.clone();
                 tokio::spawn(async move {
                     app.stats.connections_open.fetch_add(1, Relaxed);
-                    if client {
-                        app.stats.client_slots_used.fetch_add(1, Relaxed);
-                    }
+                    app.stats.client_slots_used.fetch_add(1, Relaxed);
                     match conn {
-                        Conn::Tcp(s, _) => serve(s, &app, draining).await,
+                        Conn::Tcp(s) => serve(s, &app, draining).await,
                         Conn::Unix(s) => serve(s, &app, draining).await,
                     }
-                    if client {
-                        app.stats.client_slots_used.fetch_sub(1, Relaxed);
-                    }
+                    app.stats.client_slots_used.fetch_sub(1, Relaxed);
                     app.stats.connections_open.fetch_sub(1, Relaxed);
                     drop(permit);
                 });
@@ -196,7 +233,7 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
                 if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         match conn {
-                            Conn::Tcp(s, _) => reject(s).await,
+                            Conn::Tcp(s) => reject(s).await,
                             Conn::Unix(s) => reject(s).await,
                         }
                         drop(permit);
@@ -223,38 +260,44 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
 }
 
 enum Conn {
-    /// The stream and its peer's address.
-    Tcp(tokio::net::TcpStream, SocketAddr),
+    Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
-}
-
-impl Conn {
-    /// Whether this connection is proven to be our own self-probe: over TCP
-    /// its source address is one the probe registered; over a Unix socket
-    /// the kernel says the peer is this process (nothing else in agentd
-    /// connects to its own listener, and agent children are other processes).
-    fn is_probe(&self, app: &App) -> bool {
-        match self {
-            Conn::Tcp(_, peer) => app.stats.probe_peers.is_probe(Some(*peer)),
-            Conn::Unix(s) => s
-                .peer_cred()
-                .ok()
-                .and_then(|c| c.pid())
-                .is_some_and(|pid| pid as u32 == std::process::id()),
-        }
-    }
 }
 
 async fn accept(listener: &Listener) -> io::Result<Conn> {
     match listener {
         Listener::Tcp(l) => {
-            let (s, peer) = l.accept().await?;
+            let (s, _) = l.accept().await?;
             // Small JSON answers: do not wait for Nagle.
             let _ = s.set_nodelay(true);
-            Ok(Conn::Tcp(s, peer))
+            Ok(Conn::Tcp(s))
         }
         Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
     }
+}
+
+/// Serve a connection that came through the probe door on a reserved slot.
+/// With both reserved slots busy (two probes still running), it is dropped:
+/// the probe then fails, which is right, because probes should not pile up.
+fn serve_probe(
+    stream: tokio::net::UnixStream,
+    app: &Arc<App>,
+    slots: &Semaphore,
+    probe_slots: &Arc<Semaphore>,
+    draining: &CancellationToken,
+) {
+    let Ok(permit) = probe_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    if slots.available_permits() == 0 {
+        app.stats.probe_connections_reserved.fetch_add(1, Relaxed);
+    }
+    let app = app.clone();
+    let draining = draining.clone();
+    tokio::spawn(async move {
+        serve(stream, &app, draining).await;
+        drop(permit);
+    });
 }
 
 /// Serve one connection until it closes, goes idle too long, or the drain asks

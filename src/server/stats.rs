@@ -1,11 +1,8 @@
 //! Accept-loop counters: plain atomics, so `/health` reads them without a lock
 //! and a wedged handler cannot hide them. Also the recent rejection rate and
-//! the saturation flag (load, reported; never a reason to stop petting), and
-//! the registry through which the self-probe proves who it is.
+//! the saturation flag (load, reported; never a reason to stop petting).
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -38,8 +35,8 @@ pub struct AcceptStats {
     /// The client connection cap (`AGENTD_MAX_CONNECTIONS`), set when the
     /// accept loop starts.
     pub connections_max: AtomicUsize,
-    /// Self-probe connections served on a reserved slot while every client
-    /// slot was taken: proof that the probe did not compete with clients.
+    /// Self-probe connections served while every client slot was taken:
+    /// proof that the probe did not compete with clients.
     pub probe_connections_reserved: AtomicU64,
     pub requests_total: AtomicU64,
     pub accept_errors: AtomicU64,
@@ -51,8 +48,6 @@ pub struct AcceptStats {
     /// rate for people, not a counter; `connections_rejected` is exact.
     reject_counts: [AtomicU64; REJECT_BUCKETS],
     reject_epochs: [AtomicU64; REJECT_BUCKETS],
-    /// Who the self-probe is (see `ProbePeers`); shared with the probe.
-    pub probe_peers: Arc<ProbePeers>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,8 +63,7 @@ pub struct AcceptSnapshot {
     /// Connections turned away per second over the last
     /// `REJECT_RATE_WINDOW_S` seconds.
     pub rejected_per_second: f64,
-    /// Self-probe connections that used a reserved slot because every client
-    /// slot was taken.
+    /// Self-probe connections served while every client slot was taken.
     pub probe_connections_reserved: u64,
     pub requests_total: u64,
     pub accept_errors: u64,
@@ -195,80 +189,6 @@ impl Saturation {
     }
 }
 
-/// Self-probe connections in flight at once (a tick and a `?deep=1` run may
-/// overlap); also the number of connection slots reserved for the probe.
-pub const PROBE_RESERVED_SLOTS: usize = 2;
-
-/// The local addresses the self-probe is connecting from, registered before
-/// it connects. The accept loop gives a reserved slot only to a connection
-/// whose peer is exactly a registered `ip:port`: the probe binds that address
-/// itself before registering it, and the kernel gives one address and port to
-/// one socket, so no other client can present it at that moment. (Over a Unix
-/// socket the accept loop asks the kernel for the peer's pid instead.)
-/// Atomics only: the accept loop reads this on every over-cap accept.
-#[derive(Debug, Default)]
-pub struct ProbePeers {
-    /// Registered source addresses, encoded by `peer_key` (0 = free entry).
-    keys: [AtomicU64; PROBE_RESERVED_SLOTS],
-}
-
-/// A registration; dropping it frees the entry.
-pub struct ProbePeerGuard {
-    peers: Arc<ProbePeers>,
-    index: usize,
-}
-
-impl Drop for ProbePeerGuard {
-    fn drop(&mut self) {
-        self.peers.keys[self.index].store(0, Relaxed);
-    }
-}
-
-/// A loopback socket address as one non-zero integer: family tag, IPv4
-/// address (IPv6 loopback has only `::1`) and port. Other addresses have no
-/// key: the probe only ever connects over loopback.
-fn peer_key(addr: SocketAddr) -> Option<u64> {
-    let port = u64::from(addr.port());
-    if port == 0 {
-        return None;
-    }
-    let v4 = match addr.ip() {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
-    };
-    match (v4, addr.ip()) {
-        (Some(v4), _) if v4.is_loopback() => Some(1 << 48 | u64::from(u32::from(v4)) << 16 | port),
-        (None, IpAddr::V6(v6)) if v6.is_loopback() => Some(2 << 48 | port),
-        _ => None,
-    }
-}
-
-impl ProbePeers {
-    /// Register the probe's bound local address; `None` when it is not
-    /// loopback or every entry is in use (the probe then connects like any
-    /// client).
-    pub fn register(self: &Arc<Self>, local: SocketAddr) -> Option<ProbePeerGuard> {
-        let key = peer_key(local)?;
-        (0..PROBE_RESERVED_SLOTS).find_map(|index| {
-            self.keys[index]
-                .compare_exchange(0, key, Relaxed, Relaxed)
-                .ok()
-                .map(|_| ProbePeerGuard {
-                    peers: self.clone(),
-                    index,
-                })
-        })
-    }
-
-    /// Whether `peer` is a registered probe address.
-    pub fn is_probe(&self, peer: Option<SocketAddr>) -> bool {
-        let Some(key) = peer.and_then(peer_key) else {
-            return false;
-        };
-        self.keys.iter().any(|k| k.load(Relaxed) == key)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,37 +229,5 @@ mod tests {
             sat.busy_summary().as_deref(),
             Some("busy: connections 4/4, 0 rejected/s")
         );
-    }
-
-    #[test]
-    fn only_a_registered_loopback_port_is_the_probe() {
-        let peers = Arc::new(ProbePeers::default());
-        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
-        let peer = a("127.0.0.1:40000");
-        assert!(!peers.is_probe(Some(peer)));
-        assert!(
-            peers.register(a("10.0.0.1:40000")).is_none(),
-            "loopback only"
-        );
-        let guard = peers.register(peer).unwrap();
-        assert!(peers.is_probe(Some(peer)));
-        assert!(peers.is_probe(Some(a("[::ffff:127.0.0.1]:40000"))));
-        assert!(!peers.is_probe(Some(a("127.0.0.1:40001"))));
-        assert!(
-            !peers.is_probe(Some(a("127.0.0.2:40000"))),
-            "same port, other address"
-        );
-        assert!(!peers.is_probe(Some(a("[::1]:40000"))));
-        assert!(!peers.is_probe(None));
-        let second = peers.register(a("[::1]:40002")).unwrap();
-        assert!(peers.is_probe(Some(a("[::1]:40002"))));
-        assert!(
-            peers.register(a("127.0.0.1:40003")).is_none(),
-            "entries are bounded"
-        );
-        drop(guard);
-        assert!(!peers.is_probe(Some(peer)));
-        drop(second);
-        assert!(peers.register(a("127.0.0.1:40003")).is_some());
     }
 }
