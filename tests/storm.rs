@@ -505,3 +505,59 @@ async fn storm_slowloris_and_large_headers_are_load_not_a_wedge() {
     assert!(answered_431 > 0, "no oversized header was answered 431");
     drop(after);
 }
+
+/// With every client slot held, the self-probe still passes (it comes in
+/// through its door on a reserved slot) and `/health` says saturated.
+#[tokio::test]
+async fn the_probe_passes_while_clients_hold_every_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::TestServer::start(&[("AGENTD_MAX_CONNECTIONS", "2")], dir.path()).await;
+    let mut c1 = Conn::open(server.addr).await.unwrap();
+    let mut c2 = Conn::open(server.addr).await.unwrap();
+    assert_eq!(c1.get("/health").await.status, 200);
+    assert_eq!(c2.get("/health").await.status, 200);
+    // A third client is turned away: the cap is full.
+    assert_eq!(common::get(server.addr, "/health").await.status, 503);
+
+    let verdict = server.app.health.deep().await;
+    let probe = &verdict.checks["self_probe"];
+    assert_eq!(
+        probe.status,
+        agentd::health::checks::CheckStatus::Ok,
+        "{:?}",
+        probe.detail
+    );
+    assert!(verdict.passed(), "{:?}", verdict.checks);
+    let stats = &server.app.stats;
+    assert!(stats.probe_connections_reserved.load(Relaxed) >= 1);
+    let v = c1.get("/health").await.json();
+    assert_eq!(v["accept_loop"]["saturated"], true, "{v}");
+    assert!(v["accept_loop"]["connections_rejected"].as_u64().unwrap() >= 1);
+    let status = agentd::health::watchdog::status_line(&server.app);
+    assert!(
+        status.starts_with("healthy · busy: connections 2/2"),
+        "{status}"
+    );
+    drop((c1, c2));
+    server.stop().await;
+}
+
+/// The door does not bypass the loop: when the accept loop stops, the probe
+/// fails.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_stalled_accept_loop_still_fails_the_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::TestServer::start(&[], dir.path()).await;
+    server.app.faults.stall_accept();
+    let verdict = server.app.health.deep().await;
+    let probe = &verdict.checks["self_probe"];
+    assert_ne!(
+        probe.status,
+        agentd::health::checks::CheckStatus::Ok,
+        "{:?}",
+        probe.detail
+    );
+    assert!(!verdict.passed());
+    server.stop().await;
+}
