@@ -14,7 +14,7 @@
 # Environment: AGENTD_BIN=path skips the build (must be built with
 # --features fault-injection); E2E_KEEP=1 keeps the work directory;
 # E2E_MESSAGES (50), E2E_IDLE_SECONDS (12), E2E_LOAD_SECONDS (18), E2E_DB_MB (100),
-# E2E_FLOOD_CONNS (1300), E2E_FLOOD_SECONDS (3 x WatchdogSec).
+# E2E_FLOOD_CONNS (1300), E2E_FLOOD_SECONDS (4 x WatchdogSec).
 #
 # Needs root and systemd-nspawn (package systemd-container; installed here
 # when missing and apt-get exists). The container has a private network: all

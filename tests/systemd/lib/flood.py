@@ -36,14 +36,16 @@ def main():
     p.add_argument("--conns", type=int, default=1300)
     p.add_argument("--seconds", type=float, default=9.0)
     p.add_argument("--max-opens", type=int, default=200000)
+    p.add_argument("--port", type=int, default=PORT)
     a = p.parse_args()
+    port = a.port
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, a.conns + 256) if hard != resource.RLIM_INFINITY else a.conns + 256
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
-    monitor = http.client.HTTPConnection(HOST, PORT, timeout=5)
+    monitor = http.client.HTTPConnection(HOST, port, timeout=5)
     monitor.connect()
 
     sel = selectors.DefaultSelector()
@@ -66,7 +68,7 @@ def main():
             return
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
-        rc = s.connect_ex((HOST, PORT))
+        rc = s.connect_ex((HOST, port))
         if rc not in (0, errno.EINPROGRESS):
             s.close()
             out["refused"] += 1
@@ -100,7 +102,7 @@ def main():
             except (OSError, ValueError, http.client.HTTPException):
                 out["monitor_errors"] += 1
                 monitor.close()
-                monitor = http.client.HTTPConnection(HOST, PORT, timeout=5)
+                monitor = http.client.HTTPConnection(HOST, port, timeout=5)
                 continue
             out["health_polls"] += 1
             if resp.status != 200:

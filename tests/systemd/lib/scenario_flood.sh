@@ -1,23 +1,20 @@
 # shellcheck shell=bash
 # Scenario `flood`: busy is not wedged. A connection flood above the
-# connection cap (with a reconnect loop) for 3 x WatchdogSec must not make
-# systemd restart agentd: NRestarts stays, no 'Watchdog timeout', /health
-# reports `accept_loop.saturated` while the ticks keep passing, and STATUS=
-# says "busy:". Sourced by run.sh; leaves agentd stopped and the config file
-# as install_agentd left it.
+# connection cap for 4 x WatchdogSec, each connection reopened when agentd
+# closes it (turned away at the cap, or at the 10 s header timeout), must not
+# make systemd restart agentd: NRestarts stays, no 'Watchdog timeout',
+# /health reports `accept_loop.saturated` while the ticks keep passing, and
+# STATUS= says "busy:". The shipped config and cap are used. Sourced by
+# run.sh; leaves agentd stopped.
 
 scenario_flood() {
-  local seconds=${E2E_FLOOD_SECONDS:-$((3 * WATCHDOG_SEC))}
+  local seconds=${E2E_FLOOD_SECONDS:-$((4 * WATCHDOG_SEC))}
   # The shipped cap (AGENTD_MAX_CONNECTIONS default) plus some to turn away.
   local cap=1024 conns=${E2E_FLOOD_CONNS:-1300}
   section "flood: $conns connections (cap $cap) with reconnects for $seconds s, WatchdogSec=$WATCHDOG_SEC"
   stop_agentd
-  # A short header timeout, so idle flood connections are closed and
-  # reopened (the reconnect loop) during the flood.
-  set_config 'header_read_timeout = "2s"'
   start_agentd || {
     fail "flood: systemctl start agentd"
-    C install -m 0644 /run/e2e/systemd/agentd.toml "$CONFIG"
     return
   }
   local n0 pid0 cur
@@ -55,5 +52,4 @@ scenario_flood() {
 peak $(jget peak_open <<<"$out") open, $(jget opened <<<"$out") opened, max $(jget max_rejected_per_second <<<"$out") rejected/s, \
 /health saturated+healthy in $(jget saturated_healthy <<<"$out") of $(jget health_polls <<<"$out") polls")
   stop_agentd
-  C install -m 0644 /run/e2e/systemd/agentd.toml "$CONFIG"
 }
