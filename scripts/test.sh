@@ -28,5 +28,26 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "skipped: needs root (sudo bash tests/systemd/run.sh)"
 fi
+
+# Packaging: the Kubernetes manifests and the Dockerfile (static), then, as
+# root, the Debian package's life cycle under a real systemd.
+echo "== packaging: manifests (kubernetes-validate) and Dockerfile"
+if [ "$(id -u)" = 0 ] || [ -x "${AGENTD_TEST_VENV:-/var/cache/agentd-tests/venv}/bin/kubernetes-validate" ]; then
+  bash tests/packaging/manifests.sh 2>&1 | tee "$log"
+  read -r checks pkg_failed < <(grep -oE 'checks: [0-9]+, failed: [0-9]+' "$log" | tail -n1 | tr -dc '0-9 \n' | awk '{print $1, $2}')
+  passed=$((passed + checks - pkg_failed))
+  failed=$((failed + pkg_failed))
+else
+  echo "skipped: no kubernetes-validate (bash .ci/run as root installs it, or set AGENTD_TEST_VENV)"
+fi
+echo "== packaging: Debian package under systemd (tests/packaging/deb.sh)"
+if [ "$(id -u)" = 0 ]; then
+  bash tests/packaging/deb.sh 2>&1 | tee "$log"
+  read -r checks pkg_failed < <(grep -oE 'checks: [0-9]+, failed: [0-9]+' "$log" | tail -n1 | tr -dc '0-9 \n' | awk '{print $1, $2}')
+  passed=$((passed + checks - pkg_failed))
+  failed=$((failed + pkg_failed))
+else
+  echo "skipped: needs root (bash tests/packaging/deb.sh as root)"
+fi
 echo
 echo "total: $passed passed, $failed failed"

@@ -14,12 +14,13 @@ use tokio::sync::Mutex;
 use crate::agent::executor::Executor;
 use crate::agent::history::{History, Message};
 use crate::agent::runtime::Runtime;
+use crate::agent::runtimes::{self, RuntimeReport};
 use crate::config::Config;
 use crate::faults::Faults;
-use crate::health::watchdog::HealthState;
+use crate::health::state::HealthState;
 use crate::server::stats::AcceptStats;
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError, StoreThread};
+use crate::store::{CliSessionRecord, Store, StoreError, StoreThread};
 
 /// Where the process is in its life, as `/health` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,9 @@ pub struct App {
     pub faults: Faults,
     /// The watchdog loop's state: verdict, counters, notifier, gauges.
     pub health: Arc<HealthState>,
+    /// The runtime as `/health` reports it, computed at start (no I/O per
+    /// request).
+    pub runtime_report: RuntimeReport,
     /// The self-probe's own way into the accept loop, so it never competes
     /// with clients for a slot or the listen backlog.
     pub probe_door: Arc<crate::server::ProbeDoor>,
@@ -64,6 +68,11 @@ pub struct App {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("invalid AGENTD_WORKDIR (workdir) {path}: {reason}")]
+    Workdir {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 pub fn unix_now() -> f64 {
@@ -85,6 +94,13 @@ impl App {
         on_slow_step: &dyn Fn(&str),
     ) -> Result<(Arc<App>, StoreThread), StartError> {
         let (store, thread) = Store::open(&config.state_dir, &config.store, on_slow_step)?;
+        // After the store: the default work directory lives in the state dir.
+        runtimes::prepare_workdir(&config.runtime.workdir).map_err(|reason| {
+            StartError::Workdir {
+                path: config.runtime.workdir.clone(),
+                reason,
+            }
+        })?;
         let mut history = History::new(config.history_limit);
         for m in store.recent(config.history_limit).await? {
             history.push(m);
@@ -100,6 +116,7 @@ impl App {
             shutdown,
             faults: Faults::default(),
             health: Arc::new(health),
+            runtime_report: RuntimeReport::new(&config.runtime),
             probe_door: Arc::default(),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
             config,
@@ -123,13 +140,6 @@ impl App {
         self.executor.runtime()
     }
 
-    /// True when the session already has messages in memory (a runtime that
-    /// keeps its own sessions then resumes instead of starting fresh).
-    pub async fn session_seen(&self, session: &str) -> bool {
-        let state = self.state.lock().await;
-        !state.history.recent(Some(session), 1).is_empty()
-    }
-
     /// History size and limit, lock-free (for `/health`).
     pub fn history_gauges(&self) -> (usize, usize) {
         (
@@ -141,7 +151,19 @@ impl App {
     /// Durably store messages, then add them to the in-memory history. Returns
     /// only after the store committed them.
     pub async fn record(&self, messages: Vec<Message>) -> Result<(), StoreError> {
-        self.store.append(messages.clone()).await?;
+        self.record_turn(messages, None).await
+    }
+
+    /// `record`, plus the CLI session the turn ran in, committed in the same
+    /// transaction: the next turn's resume decision reads it from the store.
+    pub async fn record_turn(
+        &self,
+        messages: Vec<Message>,
+        cli_session: Option<CliSessionRecord>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .append_turn(messages.clone(), cli_session)
+            .await?;
         let mut state = self.state.lock().await;
         for m in messages {
             state.history.push(m);
@@ -150,7 +172,8 @@ impl App {
         Ok(())
     }
 
-    /// Clear memory and store (all sessions, or one). Returns (in memory, in store).
+    /// Clear memory and store (all sessions, or one); the session (or every
+    /// session) continues in a new CLI session. Returns (in memory, in store).
     pub async fn clear_history(&self, session: Option<&str>) -> Result<(usize, u64), StoreError> {
         let deleted = self.store.clear(session.map(str::to_owned)).await?;
         let mut state = self.state.lock().await;

@@ -4,8 +4,10 @@
 //! Precedence, lowest first: built-in default < TOML file < environment < flag.
 //! The rest of the program receives a typed `Config` and never reads the
 //! environment itself. An invalid value is an error that names the setting and
-//! the value; the only exception is `AGENT_HISTORY_LIMIT`, which users already
-//! know to fall back to its default with a warning.
+//! the value; the only exception is the history limit, which users already
+//! know to fall back to its default with a warning. Its variable is
+//! `AGENTD_HISTORY_LIMIT`; the older `AGENT_HISTORY_LIMIT` stays accepted as an
+//! alias (when both are set, `AGENTD_HISTORY_LIMIT` wins, with a warning).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -104,6 +106,10 @@ pub struct RuntimeConfig {
     /// After the main child exits, how long its pipes may still be drained (a
     /// grandchild holding them open must not keep the execution alive).
     pub pipe_drain: Duration,
+    /// Working directory of every agent child: a directory agentd owns, so the
+    /// CLIs find their sessions (kept per directory) again after a restart and
+    /// Gemini CLI can be told to trust it. Created 0700 at start if missing.
+    pub workdir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +144,13 @@ pub struct HealthConfig {
     pub diagnostics_keep: usize,
     /// RLIMIT_NOFILE soft target.
     pub nofile_target: u64,
+    /// How far back the leak-trend ring reaches (`AGENTD_TREND_WINDOW`,
+    /// default 24 h: a slow leak shows over a day, not over minutes).
+    pub trend_window: Duration,
+    /// Time between trend samples (`AGENTD_TREND_INTERVAL`, default 1 min).
+    /// The ring holds window / interval samples, at most
+    /// `health::trends::MAX_SAMPLES`.
+    pub trend_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -198,7 +211,7 @@ settings! {
     listen => "AGENTD_LISTEN",
     state_dir => "AGENTD_STATE_DIR",
     api_token => "AGENTD_API_TOKEN",
-    history_limit => "AGENT_HISTORY_LIMIT",
+    history_limit => "AGENTD_HISTORY_LIMIT",
     max_connections => "AGENTD_MAX_CONNECTIONS",
     header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
     idle_timeout => "AGENTD_IDLE_TIMEOUT",
@@ -216,6 +229,7 @@ settings! {
     claude_args => "AGENTD_CLAUDE_ARGS",
     gemini_bin => "AGENTD_GEMINI_BIN",
     gemini_args => "AGENTD_GEMINI_ARGS",
+    workdir => "AGENTD_WORKDIR",
     system_prompt => "AGENTD_SYSTEM_PROMPT",
     task_timeout => "AGENTD_TASK_TIMEOUT",
     max_task_timeout => "AGENTD_MAX_TASK_TIMEOUT",
@@ -235,13 +249,23 @@ settings! {
     max_threads => "AGENTD_MAX_THREADS",
     diagnostics_keep => "AGENTD_DIAGNOSTICS_KEEP",
     nofile_target => "AGENTD_NOFILE_TARGET",
+    trend_window => "AGENTD_TREND_WINDOW",
+    trend_interval => "AGENTD_TREND_INTERVAL",
     log => "AGENTD_LOG",
     fault_injection => "AGENTD_FAULT_INJECTION",
 }
 
+/// The history limit's name before every variable took the `AGENTD_` prefix.
+/// Still read, so existing deployments keep their limit; `AGENTD_HISTORY_LIMIT`
+/// wins when both are set.
+pub const HISTORY_LIMIT_ALIAS: &str = "AGENT_HISTORY_LIMIT";
+
 /// Where a raw value came from, so an error can name the right thing.
 struct Raw {
     values: BTreeMap<&'static str, (String, &'static str)>,
+    /// Warnings found while collecting the values (an alias shadowed by its
+    /// new name); `build` passes them on in `Config::warnings`.
+    warnings: Vec<String>,
 }
 
 impl Raw {
@@ -268,12 +292,24 @@ impl Config {
         });
         let mut raw = Raw {
             values: BTreeMap::new(),
+            warnings: Vec::new(),
         };
         if let Some(path) = &config_file {
             for (key, value) in read_toml(path)? {
                 let setting = SETTINGS.iter().find(|s| s.key == key).expect("checked");
                 raw.values.insert(setting.key, (value, setting.key));
             }
+        }
+        // The alias goes in first, so the loop below overrides it with
+        // AGENTD_HISTORY_LIMIT when that is set too.
+        if let Some(v) = env(HISTORY_LIMIT_ALIAS) {
+            if env("AGENTD_HISTORY_LIMIT").is_some() {
+                raw.warnings.push(format!(
+                    "both AGENTD_HISTORY_LIMIT and {HISTORY_LIMIT_ALIAS} are set; \
+                     using AGENTD_HISTORY_LIMIT and ignoring {HISTORY_LIMIT_ALIAS}={v:?}"
+                ));
+            }
+            raw.values.insert("history_limit", (v, HISTORY_LIMIT_ALIAS));
         }
         for s in SETTINGS {
             if let Some(v) = env(s.env) {
@@ -493,7 +529,7 @@ fn text(raw: &Raw, key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// `AGENT_HISTORY_LIMIT`: non-integer or <= 0 falls back to the default with a
+/// `AGENTD_HISTORY_LIMIT` (alias `AGENT_HISTORY_LIMIT`): non-integer or <= 0 falls back to the default with a
 /// warning, as users of other agent servers expect.
 fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
     let Some((v, name)) = raw.get("history_limit") else {
@@ -518,7 +554,7 @@ fn build(
     config_file: Option<PathBuf>,
     state_dir_default: &str,
 ) -> Result<Config, ConfigError> {
-    let mut warnings = Vec::new();
+    let mut warnings = raw.warnings.clone();
     let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
     let listen: SocketAddr = listen_text.parse().map_err(|_| {
         invalid(
@@ -579,6 +615,11 @@ fn build(
             "the command runtime needs a command, e.g. AGENTD_RUNTIME_CMD=\"cat\"",
         ));
     }
+    let state_dir =
+        PathBuf::from(text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()));
+    let workdir = text(raw, "workdir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state_dir.join("workspace"));
     let default_timeout = duration(raw, "task_timeout", 600 * SEC, SEC, DAY)?;
     let max_timeout = duration(raw, "max_task_timeout", 3600 * SEC, SEC, 7 * DAY)?;
     let runtime = RuntimeConfig {
@@ -595,6 +636,7 @@ fn build(
         stderr_cap: bytes(raw, "stderr_cap", 256 << 10, 1024, 64 << 20)? as usize,
         kill_grace: duration(raw, "kill_grace", 5 * SEC, Duration::ZERO, 300 * SEC)?,
         pipe_drain: duration(raw, "pipe_drain", 2 * SEC, Duration::ZERO, 60 * SEC)?,
+        workdir,
     };
 
     let synchronous = match text(raw, "store_synchronous").as_deref() {
@@ -632,6 +674,7 @@ fn build(
         0 => None,
         n => Some(n as u32),
     };
+    let (trend_window, trend_interval) = trend_settings(raw)?;
     let health = HealthConfig {
         interval: duration(
             raw,
@@ -646,13 +689,13 @@ fn build(
         max_threads: int(raw, "max_threads", 512, 8, 1 << 20)? as usize,
         diagnostics_keep: int(raw, "diagnostics_keep", 20, 1, 10_000)? as usize,
         nofile_target: int(raw, "nofile_target", 4096, 64, 1 << 24)?,
+        trend_window,
+        trend_interval,
     };
 
     Ok(Config {
         listen,
-        state_dir: PathBuf::from(
-            text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()),
-        ),
+        state_dir,
         config_file,
         api_token,
         history_limit,
@@ -686,6 +729,42 @@ fn build(
     })
 }
 
+/// The leak-trend window and sample interval: the interval between 10 ms
+/// (tests compress time) and 1 h, the window at least two samples and at most
+/// `MAX_SAMPLES` of them.
+fn trend_settings(raw: &Raw) -> Result<(Duration, Duration), ConfigError> {
+    let interval = duration(
+        raw,
+        "trend_interval",
+        60 * SEC,
+        Duration::from_millis(10),
+        3600 * SEC,
+    )?;
+    let window = duration(
+        raw,
+        "trend_window",
+        DAY,
+        Duration::from_millis(20),
+        30 * DAY,
+    )?;
+    let samples = window.as_secs_f64() / interval.as_secs_f64();
+    let max = crate::health::trends::MAX_SAMPLES;
+    if samples < 2.0 || samples > max as f64 {
+        let (value, name) = raw
+            .get("trend_window")
+            .unwrap_or(("86400s", "AGENTD_TREND_WINDOW"));
+        return Err(invalid(
+            name,
+            value,
+            format!(
+                "the window must hold between 2 and {max} samples of \
+                 AGENTD_TREND_INTERVAL ({interval:?}); it holds {samples:.0}"
+            ),
+        ));
+    }
+    Ok((window, interval))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +785,7 @@ mod tests {
         assert_eq!(c.history_limit, 1000);
         assert_eq!(c.state_dir, PathBuf::from("./agentd-state"));
         assert_eq!(c.runtime.kind, RuntimeKind::Echo);
+        assert_eq!(c.runtime.workdir, PathBuf::from("./agentd-state/workspace"));
         assert!(c.warnings.is_empty());
     }
 
@@ -720,6 +800,36 @@ mod tests {
         assert_eq!(
             load(&[("AGENT_HISTORY_LIMIT", "3")]).unwrap().history_limit,
             3
+        );
+    }
+
+    #[test]
+    fn history_limit_new_name_wins_over_the_alias() {
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "5")]).unwrap();
+        assert_eq!(c.history_limit, 5);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = load(&[("AGENT_HISTORY_LIMIT", "6")]).unwrap();
+        assert_eq!(c.history_limit, 6, "the old name still works");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "5"), ("AGENT_HISTORY_LIMIT", "6")]).unwrap();
+        assert_eq!(c.history_limit, 5);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("using AGENTD_HISTORY_LIMIT")
+                && c.warnings[0].contains("AGENT_HISTORY_LIMIT=\"6\""),
+            "{}",
+            c.warnings[0]
+        );
+
+        // An invalid value names the variable it came from.
+        let c = load(&[("AGENTD_HISTORY_LIMIT", "many")]).unwrap();
+        assert_eq!(c.history_limit, DEFAULT_HISTORY_LIMIT);
+        assert!(
+            c.warnings[0].contains("invalid AGENTD_HISTORY_LIMIT"),
+            "{:?}",
+            c.warnings
         );
     }
 
@@ -792,6 +902,45 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/srv/agentd"));
+    }
+
+    #[test]
+    fn workdir_follows_the_state_dir_unless_set() {
+        let c = load(&[("AGENTD_STATE_DIR", "/srv/agentd")]).unwrap();
+        assert_eq!(c.runtime.workdir, PathBuf::from("/srv/agentd/workspace"));
+        let c = load(&[
+            ("AGENTD_STATE_DIR", "/srv/agentd"),
+            ("AGENTD_WORKDIR", "/srv/work"),
+        ])
+        .unwrap();
+        assert_eq!(c.runtime.workdir, PathBuf::from("/srv/work"));
+    }
+
+    #[test]
+    fn trend_window_must_hold_between_two_and_max_samples() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.health.trend_window, Duration::from_secs(86400));
+        assert_eq!(c.health.trend_interval, Duration::from_secs(60));
+        let c = load(&[
+            ("AGENTD_TREND_WINDOW", "2s"),
+            ("AGENTD_TREND_INTERVAL", "20ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.health.trend_window, Duration::from_secs(2));
+        let err = load(&[
+            ("AGENTD_TREND_WINDOW", "720h"),
+            ("AGENTD_TREND_INTERVAL", "1s"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("AGENTD_TREND_WINDOW") && err.contains("samples"),
+            "{err}"
+        );
+        let err = load(&[("AGENTD_TREND_INTERVAL", "5ms")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AGENTD_TREND_INTERVAL"), "{err}");
     }
 
     #[test]

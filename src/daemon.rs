@@ -5,7 +5,8 @@
 //!
 //! 1. notifier (so even a config error reaches `systemctl status`)
 //! 2. config → logging → RLIMIT_NOFILE
-//! 3. store (migrations extend the start timeout) → history → runtime
+//! 3. state-dir lock (one process per directory) → store (migrations extend
+//!    the start timeout) → history → runtime
 //! 4. listener (inherited by socket activation, or bound)
 //! 5. server + health loop + sentinel; `READY=1` after the first passing tick
 //! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
@@ -34,6 +35,7 @@ use crate::init::notify::Notifier;
 use crate::init::rlimit::{raise_nofile, RlimitReport};
 use crate::server::{self, Listener};
 use crate::shutdown::Shutdown;
+use crate::state_dir::StateDirLock;
 
 /// Exit code for invalid configuration (nothing was bound).
 const EXIT_CONFIG: u8 = 2;
@@ -113,6 +115,12 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     }
     let agent = runtimes::build_runtime(&config.runtime);
     let health = health_state(&config, notifier.clone(), rlimit);
+    // One process per state directory, taken before the store opens; held
+    // (by this binding) until `run` returns.
+    let _state_lock = match StateDirLock::acquire(&config.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => return fail(format!("cannot start: {e}"), None),
+    };
     notifier.status("starting: opening the store");
     let on_slow_step = |step: &str| {
         notifier.extend_timeout(SLOW_STEP_EXTENSION);
@@ -187,6 +195,17 @@ pub struct Serving {
 /// Shared by `serve` and the in-process tests, so both run the same path.
 pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::Receiver<()>) {
     app.health.install_checks(build_checks(app));
+    // The CLI's version, once, beside start-up (a Node CLI takes seconds to
+    // answer; READY=1 must not wait for it). `/health` shows null until then.
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Some(version) = runtimes::read_version(&app.config.runtime).await {
+                tracing::info!(runtime = app.runtime_report.name, %version, "agent CLI version");
+                app.runtime_report.set_version(version);
+            }
+        });
+    }
     // Executions get the drain deadline to finish once shutdown starts, then
     // are cancelled (their process groups get SIGINT → SIGTERM → SIGKILL).
     {

@@ -1,4 +1,7 @@
-//! Fault injection for the wedge tests: `POST /debug/fault/{kind}`.
+//! Fault injection for the wedge tests: the switches the accept loop, the
+//! executor and the health loop look at, and `inject`, which wedges a part by
+//! name (`POST /debug/fault/{kind}` in `server::health` calls it; this file
+//! knows nothing of HTTP or the router).
 //!
 //! Compiled in only with the `fault-injection` cargo feature (off in default and
 //! release builds), answered only when `AGENTD_FAULT_INJECTION=1` and only on a
@@ -18,6 +21,7 @@ pub const KINDS: &[&str] = &[
     "hang-store",
     "exhaust-fds",
     "stall-executor",
+    "leak-fd-per-tick",
 ];
 
 /// Switches the accept loop and executor look at. Inert without the feature.
@@ -30,6 +34,11 @@ pub struct Faults {
     accept_stalled: AtomicBool,
     #[cfg(feature = "fault-injection")]
     accept_notify: tokio::sync::Notify,
+    /// `leak-fd-per-tick`: every health tick opens `/dev/null` and forgets
+    /// the descriptor, a slow leak for the trend tests (unlike
+    /// `exhaust-fds`, which fills the table at once).
+    #[cfg(feature = "fault-injection")]
+    leak_fd_per_tick: AtomicBool,
 }
 
 impl Faults {
@@ -48,6 +57,17 @@ impl Faults {
         std::future::pending::<()>().await
     }
 
+    /// Called by the health loop at the start of every tick; leaks one fd
+    /// while `leak-fd-per-tick` is on. Does nothing without the feature.
+    pub fn on_health_tick(&self) {
+        #[cfg(feature = "fault-injection")]
+        if self.leak_fd_per_tick.load(Ordering::SeqCst) {
+            if let Ok(f) = std::fs::File::open("/dev/null") {
+                std::mem::forget(f);
+            }
+        }
+    }
+
     #[cfg(feature = "fault-injection")]
     pub fn stall_accept(&self) {
         self.accept_stalled.store(true, Ordering::SeqCst);
@@ -55,25 +75,24 @@ impl Faults {
     }
 }
 
-/// `POST /debug/fault/{kind}`: answer 200, then wedge the named part.
+/// Why a fault could not be injected.
 #[cfg(feature = "fault-injection")]
-pub async fn inject(
-    app: &std::sync::Arc<crate::app::App>,
-    req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<crate::server::http::Body>, crate::server::http::ApiError> {
-    use crate::server::http::ApiError;
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("unknown fault kind {0:?}; known: {known}", known = KINDS.join(", "))]
+    Unknown(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Wedge the named part now (the HTTP endpoint in `server::health` answers
+/// first, then calls this). Knows nothing of HTTP.
+#[cfg(feature = "fault-injection")]
+pub fn inject(app: &std::sync::Arc<crate::app::App>, kind: &str) -> Result<(), FaultError> {
     use std::time::Duration;
 
-    let path = req.uri().path().to_owned();
-    let kind = path.trim_start_matches("/debug/fault/").to_owned();
-    if !app.config.fault_injection || !app.faults.loopback_listener.load(Ordering::SeqCst) {
-        return Err(ApiError::NotFound(path));
-    }
-    if req.method() != http::Method::POST {
-        return Err(crate::server::router::not_allowed(&req, "POST"));
-    }
     tracing::warn!(fault = %kind, "fault injection requested");
-    match kind.as_str() {
+    match kind {
         "block-runtime" => {
             // Occupy every worker thread with a blocking wait, after this answer
             // had time to leave.
@@ -97,7 +116,7 @@ pub async fn inject(
         "stall-accept" => app.faults.stall_accept(),
         "hang-store" => {
             if !app.store.inject_hang() {
-                return Err(ApiError::Unavailable("store queue is full".into()));
+                return Err(FaultError::Unavailable("store queue is full".into()));
             }
         }
         "exhaust-fds" => {
@@ -116,18 +135,11 @@ pub async fn inject(
                 session_id: "fault-injection".into(),
                 prompt: "stalled".into(),
                 timeout: Duration::from_secs(1),
-                resume: false,
+                cli_session: None,
             });
         }
-        _ => {
-            return Err(ApiError::bad(
-                format!("unknown fault kind {kind:?}; known: {}", KINDS.join(", ")),
-                "unknown_fault",
-            ))
-        }
+        "leak-fd-per-tick" => app.faults.leak_fd_per_tick.store(true, Ordering::SeqCst),
+        _ => return Err(FaultError::Unknown(kind.to_owned())),
     }
-    Ok(crate::server::http::json(
-        http::StatusCode::OK,
-        &serde_json::json!({"fault": kind, "injected": true}),
-    ))
+    Ok(())
 }

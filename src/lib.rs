@@ -13,6 +13,8 @@
 //! * `init`     — the init-system boundary: sd_notify, socket activation,
 //!   keepalive file, RLIMIT_NOFILE, journald detection.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
+//! * `state_dir` — the private state directory (0700/0600) and its
+//!   one-process lock.
 //! * `app`      — the shared application state handlers receive.
 //! * `daemon`   — the `serve` lifecycle: start-up order, signals, shutdown order.
 //! * `faults`   — fault injection for wedge tests (feature `fault-injection`).
@@ -26,4 +28,5 @@ pub mod health;
 pub mod init;
 pub mod server;
 pub mod shutdown;
+pub mod state_dir;
 pub mod store;

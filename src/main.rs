@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agentd::init::keepalive::LaunchdDomain;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,12 +44,17 @@ enum Command {
         /// The file agentd touches after every passing health tick.
         #[arg(long, env = "AGENTD_KEEPALIVE_FILE")]
         file: PathBuf,
-        /// Oldest acceptable age, e.g. 30s or 2m.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        /// Oldest acceptable age, e.g. 60s or 2m. Must exceed the agentd job's
+        /// ThrottleInterval + 2 health intervals (launchd/README.md).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
         max_age: Duration,
         /// launchd label of the agentd job to kickstart when stale.
         #[arg(long)]
         label: Option<String>,
+        /// launchd domain of that job: `system` (a LaunchDaemon; run the check
+        /// as root) or `gui` (a LaunchAgent of the user running the check).
+        #[arg(long, default_value = "system", value_parser = parse_domain)]
+        domain: LaunchdDomain,
     },
     /// Print the version.
     Version,
@@ -71,9 +77,11 @@ fn main() -> ExitCode {
             file,
             max_age,
             label,
+            domain,
         } => {
+            let target = label.map(|label| domain.service_target(&label));
             let code =
-                agentd::init::keepalive::keepalive_check_main(&file, max_age, label.as_deref());
+                agentd::init::keepalive::keepalive_check_main(&file, max_age, target.as_deref());
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Command::Version => {
@@ -81,6 +89,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+fn parse_domain(s: &str) -> Result<LaunchdDomain, String> {
+    LaunchdDomain::parse(s).ok_or_else(|| format!("invalid domain {s:?} (system or gui)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

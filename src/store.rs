@@ -9,6 +9,11 @@
 //! after `COMMIT` returned: an API call that says it stored something has
 //! committed it.
 //!
+//! It also records which agent-CLI sessions exist and each agentd session's
+//! generation (bumped when its history is deleted), so the resume-vs-new
+//! decision of a chat turn survives restarts, deletes and eviction from memory
+//! (rules in `agent::sessions`).
+//!
 //! Not here: the in-memory history cache (`agent::history`), HTTP mapping.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +25,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::history::{Message, Role};
+use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
 
 /// File name of the database inside the state dir.
@@ -56,7 +62,39 @@ const MIGRATIONS: &[&str] = &[
         ts REAL NOT NULL
     );
     CREATE INDEX messages_by_session ON messages (session_id, id);",
+    // 2: agent-CLI sessions. `session_generations` has a row for each session
+    // whose history was deleted since the last delete of everything (and `*`,
+    // the floor that delete set, below which no session's generation falls):
+    // a row goes only when the floor covers it, because a forgotten
+    // generation would name a deleted CLI session again. `cli_sessions` has a row per CLI session a
+    // successful turn ran in; a row is only a hint (a missing one is repaired
+    // by the runtime's retry), so rows of sessions with no messages left are
+    // swept with retention.
+    "CREATE TABLE session_generations (
+        session_id TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE cli_sessions (
+        runtime TEXT NOT NULL,
+        cli_session_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (runtime, cli_session_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX cli_sessions_by_session ON cli_sessions (session_id);",
+    // 3: the health check's heartbeat: one row, rewritten every tick, so the
+    // `store` check proves a real commit (see `Worker::heartbeat`).
+    "CREATE TABLE health_heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        at REAL NOT NULL,
+        beats INTEGER NOT NULL
+    );",
 ];
+
+/// The `session_generations` key of the floor every session's generation is
+/// raised to by `DELETE /api/chat/history` without a session. `*` cannot be a
+/// session id.
+const GENERATION_FLOOR_KEY: &str = "*";
 
 #[derive(Debug, Error, Clone)]
 pub enum StoreError {
@@ -72,16 +110,42 @@ pub enum StoreError {
     Stopped,
     #[error("the store did not answer within {0:?}")]
     NoAnswer(Duration),
+    /// SQLITE_FULL / ENOSPC: nothing in the write was stored. Clears by itself
+    /// when space returns.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// `state.db` was deleted or replaced under the open connection: a write
+    /// now would land in a file nobody will read again, so it is refused.
+    #[error("{0}; writes are refused until agentd restarts on the new file")]
+    Lost(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Sqlite(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull(e.to_string()),
+            _ => StoreError::Sqlite(e.to_string()),
+        }
     }
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A CLI session a successful chat turn ran in, recorded in the turn's
+/// transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliSessionRecord {
+    /// The runtime whose CLI keeps it (`claude-code`, `gemini`): each CLI has
+    /// its own sessions.
+    pub runtime: String,
+    pub cli_session_id: String,
+    /// The agentd session it belongs to.
+    pub session_id: String,
+}
+
+/// One appended turn: its messages and, for runtimes that keep sessions, the
+/// CLI session it ran in.
+type Turn = (Vec<Message>, Option<CliSessionRecord>);
 /// Per-session message count, for `GET /api/chat/session`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SessionCount {
@@ -99,8 +163,13 @@ pub struct SessionSummary {
 
 enum Request {
     Append {
-        messages: Vec<Message>,
+        turn: Turn,
         reply: Reply<()>,
+    },
+    CliSession {
+        session_id: String,
+        runtime: String,
+        reply: Reply<CliSession>,
     },
     Recent {
         limit: usize,
@@ -113,7 +182,8 @@ enum Request {
     Sessions {
         reply: Reply<SessionSummary>,
     },
-    Probe {
+    /// The health check's write: see `Worker::heartbeat`.
+    Heartbeat {
         reply: Reply<()>,
     },
     /// Checkpoint the WAL and stop the thread.
@@ -155,7 +225,12 @@ impl Store {
     ) -> Result<(Store, StoreThread), StoreError> {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
+        private_db_files(&path)?;
         let conn = open_connection(&path, config.synchronous)?;
+        let identity = FileIdentity::of(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: format!("cannot stat the open database: {e}"),
+        })?;
         migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: format!("migration failed: {e}"),
@@ -166,6 +241,9 @@ impl Store {
             max_batch: config.max_batch.max(1),
             retention: config.retention_messages,
             since_sweep: 0,
+            path: path.clone(),
+            state_dir: state_dir.to_owned(),
+            identity,
         };
         let handle = std::thread::Builder::new()
             .name("agentd-store".into())
@@ -209,7 +287,37 @@ impl Store {
 
     /// Durably append messages; returns after they are committed.
     pub async fn append(&self, messages: Vec<Message>) -> Result<(), StoreError> {
-        self.call(|reply| Request::Append { messages, reply }).await
+        self.append_turn(messages, None).await
+    }
+
+    /// Durably append a chat turn and record the CLI session it ran in, in one
+    /// transaction; returns after it is committed.
+    pub async fn append_turn(
+        &self,
+        messages: Vec<Message>,
+        cli_session: Option<CliSessionRecord>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Request::Append {
+            turn: (messages, cli_session),
+            reply,
+        })
+        .await
+    }
+
+    /// The CLI session the next chat turn of `session_id` runs in under
+    /// `runtime`: its current generation's id, and whether a turn already ran
+    /// there.
+    pub async fn cli_session(
+        &self,
+        session_id: String,
+        runtime: String,
+    ) -> Result<CliSession, StoreError> {
+        self.call(|reply| Request::CliSession {
+            session_id,
+            runtime,
+            reply,
+        })
+        .await
     }
 
     /// The newest `limit` messages of all sessions, oldest first.
@@ -217,7 +325,9 @@ impl Store {
         self.call(|reply| Request::Recent { limit, reply }).await
     }
 
-    /// Delete all messages, or one session's. Returns the rows deleted.
+    /// Delete all messages, or one session's, and move the session (or every
+    /// session) to a new generation, so its next turn starts a new CLI session.
+    /// Returns the messages deleted.
     pub async fn clear(&self, session: Option<String>) -> Result<u64, StoreError> {
         self.call(|reply| Request::Clear { session, reply }).await
     }
@@ -226,10 +336,12 @@ impl Store {
         self.call(|reply| Request::Sessions { reply }).await
     }
 
-    /// The health check's round trip: a read, then take and release the write
-    /// lock (`BEGIN IMMEDIATE; ROLLBACK`).
-    pub async fn probe(&self) -> Result<(), StoreError> {
-        self.call(|reply| Request::Probe { reply }).await
+    /// The health check's write: the identity of `state.db`, a read, a real
+    /// committed write (the heartbeat row), and free space in the state dir.
+    /// `DiskFull` when the disk is full, `Lost` when the file was deleted or
+    /// replaced, `Sqlite` for an I/O error or a read-only file system.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        self.call(|reply| Request::Heartbeat { reply }).await
     }
 
     /// Checkpoint and stop the thread. Requests already queued are served
@@ -250,7 +362,7 @@ fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
         path: dir.to_owned(),
         reason,
     };
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    crate::state_dir::ensure_private_dir(dir).map_err(|e| fail(e.to_string()))?;
     let meta = std::fs::metadata(dir).map_err(|e| fail(e.to_string()))?;
     if !meta.is_dir() {
         return Err(fail("not a directory".into()));
@@ -260,6 +372,62 @@ fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::write(&probe, b"")
         .map_err(|e| fail(format!("not writable: {e}")))
         .and_then(|_| std::fs::remove_file(&probe).map_err(|e| fail(e.to_string())))
+}
+
+/// `state.db` is created 0600 before SQLite opens it (SQLite gives `-wal` and
+/// `-shm` the database's mode), and files left by an older run are tightened.
+fn private_db_files(path: &Path) -> Result<(), StoreError> {
+    let fail = |e: std::io::Error| StoreError::Open {
+        path: path.to_owned(),
+        reason: match e.raw_os_error() {
+            Some(libc::ENOSPC) => format!("disk full: {e}"),
+            _ => e.to_string(),
+        },
+    };
+    crate::state_dir::create_private_file(path).map_err(fail)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        crate::state_dir::make_private(Path::new(&side)).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Device and inode of a file: which file a path names right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// Free space below which the `store` check reports the disk full even when
+/// the heartbeat still commits: SQLite rewrites WAL pages in place after a
+/// checkpoint, so a tiny write can succeed on a disk where the next chat
+/// cannot. 64 KiB is a few WAL frames plus a diagnostics bundle.
+pub const MIN_FREE_BYTES: u64 = 64 << 10;
+
+/// Bytes available to this user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
@@ -307,6 +475,13 @@ struct Worker {
     max_batch: usize,
     retention: u64,
     since_sweep: u64,
+    /// `<state-dir>/state.db`, to notice it being deleted or replaced.
+    path: PathBuf,
+    /// For the free-space reading of the heartbeat.
+    state_dir: PathBuf,
+    /// Device and inode of the file the connection opened (SQLite never
+    /// reopens it, so this stays the open file's identity).
+    identity: FileIdentity,
 }
 
 impl Worker {
@@ -321,16 +496,14 @@ impl Worker {
                 },
             };
             match req {
-                Request::Append { messages, reply } => {
+                Request::Append { turn, reply } => {
                     // Group commit: fold every append already waiting into this
                     // transaction; the first other request ends the batch and
                     // runs next, so order is kept.
-                    let mut batch = vec![(messages, reply)];
+                    let mut batch = vec![(turn, reply)];
                     while batch.len() < self.max_batch {
                         match rx.try_recv() {
-                            Ok(Request::Append { messages, reply }) => {
-                                batch.push((messages, reply))
-                            }
+                            Ok(Request::Append { turn, reply }) => batch.push((turn, reply)),
                             Ok(other) => {
                                 deferred = Some(other);
                                 break;
@@ -340,17 +513,27 @@ impl Worker {
                     }
                     self.append_batch(batch);
                 }
+                Request::CliSession {
+                    session_id,
+                    runtime,
+                    reply,
+                } => {
+                    let _ = reply.send(self.cli_session(&session_id, &runtime).map_err(Into::into));
+                }
                 Request::Recent { limit, reply } => {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
                 }
                 Request::Clear { session, reply } => {
-                    let _ = reply.send(self.clear(session.as_deref()).map_err(Into::into));
+                    let r = self
+                        .still_ours()
+                        .and_then(|()| self.clear(session.as_deref()).map_err(Into::into));
+                    let _ = reply.send(r);
                 }
                 Request::Sessions { reply } => {
                     let _ = reply.send(self.sessions().map_err(Into::into));
                 }
-                Request::Probe { reply } => {
-                    let _ = reply.send(self.probe().map_err(Into::into));
+                Request::Heartbeat { reply } => {
+                    let _ = reply.send(self.heartbeat());
                 }
                 Request::Close { reply } => {
                     let r = self
@@ -360,8 +543,8 @@ impl Worker {
                     rx.close();
                     // Serve what was queued before the close, then stop.
                     while let Ok(req) = rx.try_recv() {
-                        if let Request::Append { messages, reply } = req {
-                            self.append_batch(vec![(messages, reply)]);
+                        if let Request::Append { turn, reply } = req {
+                            self.append_batch(vec![(turn, reply)]);
                         }
                     }
                     let _ = reply.send(r);
@@ -378,8 +561,17 @@ impl Worker {
         }
     }
 
-    fn append_batch(&mut self, batch: Vec<(Vec<Message>, Reply<()>)>) {
-        let rows: u64 = batch.iter().map(|(m, _)| m.len() as u64).sum();
+    fn append_batch(&mut self, batch: Vec<(Turn, Reply<()>)>) {
+        let rows: u64 = batch.iter().map(|((m, _), _)| m.len() as u64).sum();
+        // Two stat calls per batch (not per message): never answer "stored"
+        // for a write into a deleted file.
+        if let Err(err) = self.still_ours() {
+            tracing::error!(error = %err, rows, "append refused");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
         let result = self.insert(&batch);
         match result {
             Ok(()) => {
@@ -404,7 +596,7 @@ impl Worker {
         }
     }
 
-    fn insert(&mut self, batch: &[(Vec<Message>, Reply<()>)]) -> rusqlite::Result<()> {
+    fn insert(&mut self, batch: &[(Turn, Reply<()>)]) -> rusqlite::Result<()> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -412,7 +604,11 @@ impl Worker {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            for (messages, _) in batch {
+            let mut record = tx.prepare_cached(
+                "INSERT OR IGNORE INTO cli_sessions (runtime, cli_session_id, session_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for ((messages, cli_session), _) in batch {
                 for m in messages {
                     stmt.execute(params![
                         m.session_id,
@@ -421,9 +617,37 @@ impl Worker {
                         m.timestamp
                     ])?;
                 }
+                if let Some(c) = cli_session {
+                    let at = messages.last().map(|m| m.timestamp).unwrap_or_default();
+                    record.execute(params![c.runtime, c.cli_session_id, c.session_id, at])?;
+                }
             }
         }
         tx.commit()
+    }
+
+    /// The session's generation: its own, raised to the floor a delete of
+    /// everything set.
+    fn generation(&self, session_id: &str) -> rusqlite::Result<u64> {
+        let g: i64 = self.conn.query_row(
+            "SELECT max(
+                coalesce((SELECT generation FROM session_generations WHERE session_id = ?1), 0),
+                coalesce((SELECT generation FROM session_generations WHERE session_id = ?2), 0))",
+            params![session_id, GENERATION_FLOOR_KEY],
+            |r| r.get(0),
+        )?;
+        Ok(g.max(0) as u64)
+    }
+
+    fn cli_session(&self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
+        let id = cli_session_id(session_id, self.generation(session_id)?);
+        let exists = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
+            )?
+            .exists(params![runtime, id])?;
+        Ok(CliSession { id, exists })
     }
 
     /// Keep the newest `retention` rows (ids grow monotonically).
@@ -433,6 +657,15 @@ impl Worker {
             "DELETE FROM messages WHERE id <= (SELECT max(id) FROM messages) - ?1",
             params![self.retention as i64],
         )?;
+        if n > 0 {
+            // A CLI-session row is a hint for a session with messages; without
+            // any, it may go (a later turn is repaired by the runtime's retry).
+            // This keeps the table within the retention bound too.
+            self.conn.execute(
+                "DELETE FROM cli_sessions WHERE session_id NOT IN (SELECT session_id FROM messages)",
+                [],
+            )?;
+        }
         if n > 0 {
             tracing::debug!(
                 deleted = n,
@@ -461,13 +694,46 @@ impl Worker {
         rows.collect()
     }
 
-    fn clear(&self, session: Option<&str>) -> rusqlite::Result<u64> {
-        let n = match session {
-            Some(s) => self
-                .conn
-                .execute("DELETE FROM messages WHERE session_id = ?1", params![s])?,
-            None => self.conn.execute("DELETE FROM messages", [])?,
+    /// Delete the messages and move to the next generation, in one
+    /// transaction: once the delete is acknowledged, no later turn can name
+    /// the old CLI session.
+    fn clear(&mut self, session: Option<&str>) -> rusqlite::Result<u64> {
+        let next = match session {
+            Some(s) => self.generation(s)? + 1,
+            None => {
+                let highest: i64 = self.conn.query_row(
+                    "SELECT coalesce(max(generation), 0) FROM session_generations",
+                    [],
+                    |r| r.get(0),
+                )?;
+                highest.max(0) as u64 + 1
+            }
         };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = match session {
+            Some(s) => {
+                tx.execute("DELETE FROM cli_sessions WHERE session_id = ?1", params![s])?;
+                tx.execute("DELETE FROM messages WHERE session_id = ?1", params![s])?
+            }
+            None => {
+                tx.execute("DELETE FROM cli_sessions", [])?;
+                // Every session's own generation is below the new floor now,
+                // so the floor alone says it: this keeps the table small.
+                tx.execute(
+                    "DELETE FROM session_generations WHERE session_id != ?1",
+                    params![GENERATION_FLOOR_KEY],
+                )?;
+                tx.execute("DELETE FROM messages", [])?
+            }
+        };
+        tx.execute(
+            "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
+             ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
+            params![session.unwrap_or(GENERATION_FLOOR_KEY), next as i64],
+        )?;
+        tx.commit()?;
         Ok(n as u64)
     }
 
@@ -497,7 +763,23 @@ impl Worker {
         })
     }
 
-    fn probe(&self) -> rusqlite::Result<()> {
+    /// `Lost` when the path no longer names the file the connection has open.
+    fn still_ours(&self) -> Result<(), StoreError> {
+        match FileIdentity::of(&self.path) {
+            Ok(now) if now == self.identity => Ok(()),
+            Ok(_) => Err(StoreError::Lost(format!("{DB_FILE} was replaced"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::Lost(format!("{DB_FILE} was deleted")))
+            }
+            Err(e) => Err(StoreError::Sqlite(format!("cannot stat {DB_FILE}: {e}"))),
+        }
+    }
+
+    /// The `store` check's round trip: the file is still ours, a read, one
+    /// committed upsert of the heartbeat row (the table never grows), and
+    /// enough free space for the next write.
+    fn heartbeat(&self) -> Result<(), StoreError> {
+        self.still_ours()?;
         let _: Option<i64> = self
             .conn
             .query_row(
@@ -506,7 +788,26 @@ impl Worker {
                 |r| r.get(0),
             )
             .optional()?;
-        self.conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
+             ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
+            params![now],
+        )?;
+        tx.commit()?;
+        match free_bytes(&self.state_dir) {
+            Ok(free) if free < MIN_FREE_BYTES => Err(StoreError::DiskFull(format!(
+                "{free} bytes free in {} (below {MIN_FREE_BYTES})",
+                self.state_dir.display()
+            ))),
+            // Unknown free space is not a failure: the commit above proved
+            // this write went through.
+            _ => Ok(()),
+        }
     }
 }
 
@@ -526,7 +827,7 @@ mod tests {
 
     fn msg(i: usize, session: &str) -> Message {
         Message {
-            role: if i % 2 == 0 {
+            role: if i.is_multiple_of(2) {
                 Role::User
             } else {
                 Role::Assistant
@@ -587,9 +888,9 @@ mod tests {
         let s = store.sessions().await.unwrap();
         assert_eq!((s.total_messages, s.total_sessions), (1, 1));
         assert_eq!(s.sessions[0].session_id, "b");
-        store.probe().await.unwrap();
+        store.heartbeat().await.unwrap();
         store.close().await.unwrap();
-        assert!(matches!(store.probe().await, Err(StoreError::Stopped)));
+        assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
         thread.join();
     }
 
@@ -603,5 +904,202 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("not-a-dir"), "{err}");
+    }
+
+    fn record(session: &str, cli: &CliSession) -> Option<CliSessionRecord> {
+        Some(CliSessionRecord {
+            runtime: "claude-code".into(),
+            cli_session_id: cli.id.clone(),
+            session_id: session.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn cli_sessions_are_recorded_with_the_turn_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let first = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            first,
+            CliSession {
+                id: cli_session_id("demo", 0),
+                exists: false
+            }
+        );
+        store
+            .append_turn(vec![msg(0, "demo"), msg(1, "demo")], record("demo", &first))
+            .await
+            .unwrap();
+        let second = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            second,
+            CliSession {
+                id: first.id.clone(),
+                exists: true
+            }
+        );
+        // Each CLI keeps its own sessions.
+        let gemini = store
+            .cli_session("demo".into(), "gemini".into())
+            .await
+            .unwrap();
+        assert!(!gemini.exists);
+        store.close().await.unwrap();
+        thread.join();
+
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let again = store
+            .cli_session("demo".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(again, second);
+        store.close().await.unwrap();
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_session_moves_it_to_a_new_cli_session_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let g0 = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "a")], record("a", &g0))
+            .await
+            .unwrap();
+        let other = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "b")], record("b", &other))
+            .await
+            .unwrap();
+
+        assert_eq!(store.clear(Some("a".into())).await.unwrap(), 1);
+        let g1 = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            g1,
+            CliSession {
+                id: cli_session_id("a", 1),
+                exists: false
+            }
+        );
+        // The other session is untouched.
+        assert!(
+            store
+                .cli_session("b".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+
+        // Deleting everything moves every session past any generation it had.
+        store
+            .append_turn(vec![msg(1, "a")], record("a", &g1))
+            .await
+            .unwrap();
+        store.clear(None).await.unwrap();
+        let a = store
+            .cli_session("a".into(), "claude-code".into())
+            .await
+            .unwrap();
+        let b = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            a,
+            CliSession {
+                id: cli_session_id("a", 2),
+                exists: false
+            }
+        );
+        assert_eq!(
+            b,
+            CliSession {
+                id: cli_session_id("b", 2),
+                exists: false
+            }
+        );
+        // ... including sessions it never saw.
+        let c = store
+            .cli_session("never".into(), "gemini".into())
+            .await
+            .unwrap();
+        assert_eq!(c.id, cli_session_id("never", 2));
+        // And a later single delete still moves forward, never back.
+        store.clear(Some("b".into())).await.unwrap();
+        store.close().await.unwrap();
+        thread.join();
+        // The floor replaced the rows below it: only `*` and `b` remain.
+        let rows: Vec<(String, i64)> = Connection::open(dir.path().join(DB_FILE))
+            .unwrap()
+            .prepare("SELECT session_id, generation FROM session_generations ORDER BY session_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(rows, [("*".to_owned(), 2), ("b".to_owned(), 3)]);
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let b = store
+            .cli_session("b".into(), "claude-code".into())
+            .await
+            .unwrap();
+        assert_eq!(b.id, cli_session_id("b", 3));
+        store.close().await.unwrap();
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn retention_sweeps_cli_sessions_without_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.retention_messages = 10;
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let old = store
+            .cli_session("old".into(), "claude-code".into())
+            .await
+            .unwrap();
+        store
+            .append_turn(vec![msg(0, "old")], record("old", &old))
+            .await
+            .unwrap();
+        let new = store
+            .cli_session("new".into(), "claude-code".into())
+            .await
+            .unwrap();
+        let batch: Vec<_> = (0..RETENTION_SWEEP_EVERY as usize)
+            .map(|i| msg(i, "new"))
+            .collect();
+        store.append_turn(batch, record("new", &new)).await.unwrap();
+        assert!(
+            !store
+                .cli_session("old".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+        assert!(
+            store
+                .cli_session("new".into(), "claude-code".into())
+                .await
+                .unwrap()
+                .exists
+        );
+        store.close().await.unwrap();
+        thread.join();
     }
 }

@@ -5,6 +5,12 @@
 //! other (same keepalive file, the check restarts the right label, the max
 //! age leaves room for a restart).
 //!
+//! The same holds for the per-user LaunchAgents in `launchd/LaunchAgents/`,
+//! which must also carry what a user's job lacks by default (`PATH` with the
+//! npm/Homebrew directories, `HOME`, a `Umask`, a soft `NumberOfFiles`), and
+//! for `keepalive-check`'s built-in `--max-age`, which must satisfy the same
+//! rule as the plists.
+//!
 //! Not here: whether launchd really restarts agentd (not testable on Linux);
 //! the keepalive-check logic itself (tests/init.rs).
 
@@ -260,6 +266,11 @@ fn problems(job: &BTreeMap<String, Typed>) -> Vec<String> {
 
 fn load_valid(file: &str) -> BTreeMap<String, Typed> {
     let job = parse(&launchd_dir().join(file)).unwrap();
+    assert_eq!(
+        job["Label"].str(),
+        Path::new(file).file_stem().unwrap().to_str().unwrap(),
+        "{file}: launchd expects the file named after its Label"
+    );
     let found = problems(&job);
     assert!(found.is_empty(), "{file}: {found:#?}");
     job
@@ -285,6 +296,16 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> &'a str {
 
 const AGENTD_PLIST: &str = "org.agentd.agentd.plist";
 const CHECK_PLIST: &str = "org.agentd.keepalive-check.plist";
+const AGENT_AGENTD_PLIST: &str = "LaunchAgents/org.agentd.agentd.plist";
+const AGENT_CHECK_PLIST: &str = "LaunchAgents/org.agentd.keepalive-check.plist";
+
+/// The placeholder home directory in the LaunchAgents, replaced at install
+/// time (launchd expands neither `~` nor `$HOME`).
+const PLACEHOLDER_HOME: &str = "/Users/YOU";
+
+/// The umask both kinds of job set: files readable by their owner only, as
+/// `UMask=0077` in the systemd unit.
+const UMASK: i64 = 0o077;
 
 #[test]
 fn agentd_job_is_valid_and_complete() {
@@ -322,11 +343,14 @@ fn agentd_job_is_valid_and_complete() {
     }
 }
 
-#[test]
-fn keepalive_check_job_watches_the_agentd_job() {
-    let agentd = load_valid(AGENTD_PLIST);
-    let check = load_valid(CHECK_PLIST);
-    let check_args = args(&check);
+/// The check job `check` watches the agentd job `agentd`: same keepalive
+/// file, the right label, a max age that leaves room for a restart. Returns
+/// the check's arguments and its max age in seconds.
+fn assert_check_watches(
+    agentd: &BTreeMap<String, Typed>,
+    check: &BTreeMap<String, Typed>,
+) -> (Vec<String>, i64) {
+    let check_args = args(check);
     assert_eq!(check_args[0], "/usr/local/bin/agentd");
     assert_eq!(check_args[1], "keepalive-check");
 
@@ -363,6 +387,124 @@ fn keepalive_check_job_watches_the_agentd_job() {
     assert!(!check
         .get("KeepAlive")
         .is_some_and(|k| k.kind == "bool" && k.bool()));
+    (check_args, max_age)
+}
+
+#[test]
+fn keepalive_check_job_watches_the_agentd_job() {
+    let agentd = load_valid(AGENTD_PLIST);
+    let check = load_valid(CHECK_PLIST);
+    let (check_args, _) = assert_check_watches(&agentd, &check);
+    assert!(
+        !check_args.contains(&"--domain".to_owned())
+            || flag_value(&check_args, "--domain") == "system",
+        "a LaunchDaemon lives in the system domain"
+    );
+    assert_eq!(agentd["Umask"].int(), UMASK);
+}
+
+#[test]
+fn launch_agent_runs_as_the_user_with_path_home_umask_and_files() {
+    let job = load_valid(AGENT_AGENTD_PLIST);
+    assert_eq!(args(&job), ["/usr/local/bin/agentd", "serve"]);
+    assert!(job["KeepAlive"].bool() && job["RunAtLoad"].bool());
+    assert!(
+        !job.contains_key("UserName"),
+        "a LaunchAgent runs as the user who loads it"
+    );
+    assert!(job["ExitTimeOut"].int() > 20, "longer than the 20 s drain");
+    assert_eq!(job["Umask"].int(), UMASK);
+
+    let env = job["EnvironmentVariables"].dict();
+    let path: Vec<&str> = env["PATH"].str().split(':').collect();
+    for dir in ["/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin"] {
+        assert!(
+            path.contains(&dir),
+            "PATH lacks {dir} (agent CLIs and node): {path:?}"
+        );
+    }
+    let home = env["HOME"].str();
+    assert_eq!(home, PLACEHOLDER_HOME);
+    // Everything the job writes lives in the user's home, which the user owns.
+    for (what, file) in [
+        ("AGENTD_STATE_DIR", env["AGENTD_STATE_DIR"].str()),
+        ("AGENTD_KEEPALIVE_FILE", env["AGENTD_KEEPALIVE_FILE"].str()),
+        ("WorkingDirectory", job["WorkingDirectory"].str()),
+        ("StandardOutPath", job["StandardOutPath"].str()),
+        ("StandardErrorPath", job["StandardErrorPath"].str()),
+    ] {
+        assert!(
+            Path::new(file).starts_with(home),
+            "{what}={file} is outside HOME={home}"
+        );
+    }
+    assert_eq!(job["WorkingDirectory"].str(), env["AGENTD_STATE_DIR"].str());
+    assert!(
+        Path::new(env["AGENTD_KEEPALIVE_FILE"].str()).starts_with(env["AGENTD_STATE_DIR"].str())
+    );
+
+    assert!(job["SoftResourceLimits"].dict()["NumberOfFiles"].int() >= 4096);
+    assert!(
+        !job.contains_key("HardResourceLimits"),
+        "only root may raise a hard limit; a user's job would fail to load it"
+    );
+}
+
+#[test]
+fn launch_agent_check_restarts_the_users_job() {
+    let agentd = load_valid(AGENT_AGENTD_PLIST);
+    let check = load_valid(AGENT_CHECK_PLIST);
+    let (check_args, _) = assert_check_watches(&agentd, &check);
+    assert_eq!(
+        flag_value(&check_args, "--domain"),
+        "gui",
+        "kickstart gui/<uid>/<label>, not system/<label>"
+    );
+    assert!(Path::new(check["StandardErrorPath"].str()).starts_with(PLACEHOLDER_HOME));
+}
+
+/// The `[default: ...]` of `flag` in `agentd keepalive-check --help`.
+fn help_default(flag: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_agentd"))
+        .args(["keepalive-check", "--help"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    let start = help
+        .find(&format!("--{flag}"))
+        .unwrap_or_else(|| panic!("--{flag} not in {help}"));
+    let rest = &help[start..];
+    let default = rest
+        .find("[default: ")
+        .map(|i| &rest[i + "[default: ".len()..])
+        .unwrap_or_else(|| panic!("no default for --{flag} in {help}"));
+    default[..default.find(']').unwrap()].to_owned()
+}
+
+#[test]
+fn keepalive_check_default_max_age_is_the_plists_and_leaves_room_for_a_restart() {
+    let default = help_default("max-age");
+    assert_eq!(
+        default,
+        format!("{}s", agentd::init::keepalive::DEFAULT_MAX_AGE_SECS)
+    );
+    assert_eq!(help_default("domain"), "system");
+    let default: i64 = default.trim_end_matches('s').parse().unwrap();
+    for (agentd_plist, check_plist) in [
+        (AGENTD_PLIST, CHECK_PLIST),
+        (AGENT_AGENTD_PLIST, AGENT_CHECK_PLIST),
+    ] {
+        let agentd = load_valid(agentd_plist);
+        let (_, max_age) = assert_check_watches(&agentd, &load_valid(check_plist));
+        assert_eq!(
+            max_age, default,
+            "{check_plist} passes the built-in default"
+        );
+        let env = agentd["EnvironmentVariables"].dict();
+        let health_interval: i64 = env["AGENTD_HEALTH_INTERVAL"].str().parse().unwrap();
+        assert!(default > agentd["ThrottleInterval"].int() + 2 * health_interval);
+    }
 }
 
 fn write_temp_plist(body: &str) -> (tempfile::TempDir, PathBuf) {

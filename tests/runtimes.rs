@@ -53,6 +53,7 @@ fn config(kind: RuntimeKind) -> RuntimeConfig {
         stderr_cap: 64 << 10,
         kill_grace: GRACE,
         pipe_drain: PIPE_DRAIN,
+        workdir: std::env::temp_dir(),
     }
 }
 
@@ -74,7 +75,7 @@ fn request(prompt: &str, timeout: Duration) -> RunRequest {
         kind: ExecutionKind::Task,
         prompt: prompt.into(),
         timeout,
-        resume: false,
+        cli_session: None,
     }
 }
 

@@ -175,7 +175,8 @@ pub struct Submission {
     pub session_id: String,
     pub prompt: String,
     pub timeout: Duration,
-    pub resume: bool,
+    /// The CLI session a chat turn continues (see `agent::sessions`).
+    pub cli_session: Option<super::sessions::CliSession>,
 }
 
 impl Executor {
@@ -278,7 +279,7 @@ impl Executor {
             kind: s.kind,
             prompt: s.prompt,
             timeout: s.timeout,
-            resume: s.resume,
+            cli_session: s.cli_session,
         };
         let this = self.clone();
         let exec = execution.clone();
@@ -324,6 +325,7 @@ impl Executor {
         let outcome = self.runtime.run(request, &exec.ctx).await;
         let duration_ms = started.elapsed().as_millis() as u64;
         let classified = classify(&outcome);
+        log_failure(&exec, &outcome, &classified);
         drop(permit);
         self.running.fetch_sub(1, Relaxed);
         self.complete(
@@ -417,4 +419,31 @@ impl Executor {
             }
         }
     }
+}
+
+/// Characters of stderr quoted in a failure's log record.
+const LOGGED_STDERR_CHARS: usize = 300;
+
+/// One `warn` record per failed execution (never a cancelled one, never the
+/// prompt): enough to tell from the journal what broke.
+fn log_failure(exec: &Execution, outcome: &RunOutcome, c: &Classified) {
+    if c.status == "success" || c.status == "cancelled" {
+        return;
+    }
+    let stderr = outcome.stderr_tail.trim_end();
+    let count = stderr.chars().count();
+    let stderr_tail: String = stderr
+        .chars()
+        .skip(count.saturating_sub(LOGGED_STDERR_CHARS))
+        .collect();
+    tracing::warn!(
+        execution_id = %exec.id,
+        kind = exec.kind.as_str(),
+        code = c.code.unwrap_or_default(),
+        http_status = c.http_status,
+        exit_status = ?outcome.end,
+        stderr_tail = %stderr_tail,
+        "execution failed: {}",
+        c.message.as_deref().unwrap_or_default()
+    );
 }

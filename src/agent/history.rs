@@ -113,7 +113,7 @@ mod tests {
 
     fn msg(i: usize, session: &str) -> Message {
         Message {
-            role: if i % 2 == 0 {
+            role: if i.is_multiple_of(2) {
                 Role::User
             } else {
                 Role::Assistant

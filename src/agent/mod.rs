@@ -1,6 +1,7 @@
 //! The agent side: conversation history (bounded), the runtimes that answer
 //! prompts, child-process lifecycle, stream-json parsing, result
-//! classification, and the executor that runs them all within bounds.
+//! classification, the mapping of agentd sessions to CLI sessions, and the
+//! executor that runs them all within bounds.
 
 pub mod classify;
 pub mod executor;
@@ -8,4 +9,5 @@ pub mod history;
 pub mod process;
 pub mod runtime;
 pub mod runtimes;
+pub mod sessions;
 pub mod streamjson;

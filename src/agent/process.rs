@@ -62,6 +62,8 @@ pub struct ChildCommand {
     /// Written to stdin, which is then closed; `None` gives the child
     /// `/dev/null` as stdin.
     pub stdin: Option<Vec<u8>>,
+    /// Working directory of the child (`AGENTD_WORKDIR`); `None` keeps agentd's.
+    pub cwd: Option<std::path::PathBuf>,
 }
 
 /// The bounds applied to one child; taken from `RuntimeConfig`.
@@ -128,6 +130,9 @@ pub async fn run_child(
         .stderr(Stdio::piped())
         // Backstop only: `GroupGuard` kills the whole group first.
         .kill_on_drop(true);
+    if let Some(cwd) = &command.cwd {
+        cmd.current_dir(cwd);
+    }
     scrub_env(&mut cmd, &req.execution_id);
 
     let mut child = match cmd.spawn() {
@@ -221,6 +226,7 @@ pub async fn run_child(
         stdout_truncated: parsed.truncated,
         stderr_truncated: stderr_tail.is_truncated(),
         stderr_tail: stderr_tail.into_string(),
+        agent: parsed.agent,
     }
 }
 
@@ -232,6 +238,7 @@ fn outcome_without_output(end: RunEnd) -> RunOutcome {
         stderr_tail: String::new(),
         stdout_truncated: false,
         stderr_truncated: false,
+        agent: Default::default(),
     }
 }
 

@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-/// Why an execution exists; runtimes may treat them differently (Claude Code
-/// resumes the chat session but gives each headless task a fresh session id).
+use crate::agent::sessions::CliSession;
+
+/// Why an execution exists; runtimes may treat them differently (a chat
+/// continues its CLI session, each headless task gets a fresh one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecutionKind {
     Chat,
@@ -40,9 +42,9 @@ pub struct RunRequest {
     pub prompt: String,
     /// Wall-clock budget; past it the runtime stops the child and reports `TimedOut`.
     pub timeout: Duration,
-    /// True when this chat session already ran once, so a runtime that keeps its
-    /// own sessions (Claude Code) resumes instead of starting fresh.
-    pub resume: bool,
+    /// The CLI session a chat turn continues, decided from the store (see
+    /// `sessions`); `None` for tasks and for runtimes that keep no sessions.
+    pub cli_session: Option<CliSession>,
 }
 
 /// Shared between the executor and a running execution.
@@ -88,10 +90,33 @@ pub enum RunEnd {
 /// The final `{"type":"result"}` line of a stream-json runtime.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResultLine {
+    /// The answer (`result` / `response`); empty when the CLI sent none.
     pub text: String,
     pub cost_usd: Option<f64>,
     pub duration_ms: Option<u64>,
     pub is_error: bool,
+    /// Claude's `subtype` (`success`, `error_max_turns`,
+    /// `error_during_execution`, ...).
+    pub subtype: Option<String>,
+    /// The agent's own words about an error (Claude `errors[]` or the result
+    /// text of an error result, Gemini `error.message`), bounded to
+    /// `streamjson::MAX_ERROR_MESSAGE` characters. `None` for a success.
+    pub error_message: Option<String>,
+    /// The model API's HTTP status behind an error (Claude `api_error_status`,
+    /// or a status a Gemini error names).
+    pub api_error_status: Option<u16>,
+    /// The error's kind as the CLI names it (Claude `api_error_type`, e.g.
+    /// `rate_limit_error`; Gemini `error.type`).
+    pub error_type: Option<String>,
+}
+
+/// What the agent said about itself while running: its own session id (from
+/// the init and result lines) and the model it used, returned to clients as
+/// `metadata.agent_session_id` / `metadata.model`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentReport {
+    pub session_id: Option<String>,
+    pub model: Option<String>,
 }
 
 /// Everything a runtime learned about one execution.
@@ -105,6 +130,8 @@ pub struct RunOutcome {
     pub stderr_tail: String,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Session id and model, when the agent reported them.
+    pub agent: AgentReport,
 }
 
 impl RunOutcome {
@@ -116,6 +143,7 @@ impl RunOutcome {
             stderr_tail: String::new(),
             stdout_truncated: false,
             stderr_truncated: false,
+            agent: AgentReport::default(),
         }
     }
 }
@@ -126,6 +154,12 @@ pub type RunFuture<'a> = Pin<Box<dyn Future<Output = RunOutcome> + Send + 'a>>;
 pub trait Runtime: Send + Sync + 'static {
     /// The name users configure (`echo`, `command`, `claude-code`, `gemini`).
     fn name(&self) -> &'static str;
+    /// True for runtimes whose CLI keeps sessions of its own (`claude-code`,
+    /// `gemini`): chats then carry a `CliSession` and the store records which
+    /// CLI sessions exist.
+    fn keeps_sessions(&self) -> bool {
+        false
+    }
     /// Run one prompt to completion, timeout or cancellation. Must never hang past
     /// `req.timeout` plus the configured kill grace periods.
     fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a>;

@@ -21,12 +21,17 @@
 
 use serde_json::Value;
 
-use crate::agent::runtime::ResultLine;
+use crate::agent::runtime::{AgentReport, ResultLine};
 
 /// Smallest line cap. A result line carries the whole final answer plus its
 /// metadata (cost, `is_error`); it must stay parseable even when the text cap
 /// is configured small, or an error result would pass for plain text.
 pub const MIN_LINE_CAP: usize = 256 * 1024;
+
+/// Most characters of the agent's own error message kept for `error.message`:
+/// enough for any message a CLI prints (a stack of `errors[]` included), short
+/// enough for an API error body and a log line.
+pub const MAX_ERROR_MESSAGE: usize = 2000;
 
 /// What the parser learned from one execution's stdout.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -39,6 +44,8 @@ pub struct ParsedOutput {
     pub truncated: bool,
     /// True when at least one stream-json event was seen.
     pub saw_events: bool,
+    /// The agent's session id and model, from its init and result lines.
+    pub agent: AgentReport,
 }
 
 /// Incremental parser; see the module doc for the rules.
@@ -60,6 +67,7 @@ pub struct StreamParser {
     truncated: bool,
     result: Option<ResultLine>,
     saw_events: bool,
+    agent: AgentReport,
 }
 
 impl StreamParser {
@@ -78,6 +86,7 @@ impl StreamParser {
             truncated: false,
             result: None,
             saw_events: false,
+            agent: AgentReport::default(),
         }
     }
 
@@ -140,6 +149,7 @@ impl StreamParser {
             result: self.result,
             truncated: self.truncated,
             saw_events: self.saw_events,
+            agent: self.agent,
         }
     }
 
@@ -184,8 +194,33 @@ impl StreamParser {
             "text" => {
                 self.push_message(&message_text(event), true);
             }
-            "result" => self.result = Some(result_line(event)),
+            // Claude: {"type":"system","subtype":"init",..}; Gemini: {"type":"init",..}.
+            "init" => self.init(event),
+            "system" if event.get("subtype").and_then(Value::as_str) == Some("init") => {
+                self.init(event)
+            }
+            "result" => {
+                if let Some(id) = str_field(event, "session_id") {
+                    self.agent.session_id = Some(id);
+                }
+                if matches!(self.agent.model.as_deref(), None | Some("auto")) {
+                    if let Some(model) = sole_model(event) {
+                        self.agent.model = Some(model);
+                    }
+                }
+                self.result = Some(result_line(event));
+            }
             _ => {}
+        }
+    }
+
+    /// The init line names the session and the model the CLI chose.
+    fn init(&mut self, event: &Value) {
+        if let Some(id) = str_field(event, "session_id") {
+            self.agent.session_id = Some(id);
+        }
+        if let Some(model) = str_field(event, "model") {
+            self.agent.model = Some(model);
         }
     }
 
@@ -245,27 +280,102 @@ fn message_text(value: &Value) -> String {
         .to_owned()
 }
 
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// The one model a result's usage map names (Claude `modelUsage`, Gemini
+/// `stats.models`), for CLIs whose init line said `auto` or nothing.
+fn sole_model(event: &Value) -> Option<String> {
+    let usage = event
+        .get("modelUsage")
+        .or_else(|| event.get("stats").and_then(|s| s.get("models")))?
+        .as_object()?;
+    match usage.keys().collect::<Vec<_>>().as_slice() {
+        [only] => Some((*only).clone()),
+        _ => None,
+    }
+}
+
+/// At most `MAX_ERROR_MESSAGE` characters.
+fn bounded(text: &str) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(MAX_ERROR_MESSAGE) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// One entry of Claude's `errors[]`: a string, or an object with a `message`
+/// (else the object itself, as JSON).
+fn error_entry(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => str_field(other, "message").unwrap_or_else(|| other.to_string()),
+    }
+}
+
+/// An HTTP status given as a number or a numeric string.
+fn status_field(v: &Value, k: &str) -> Option<u16> {
+    match v.get(k)? {
+        Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
 /// Claude: `result`, `total_cost_usd` (older: `cost_usd`), `duration_ms`,
-/// `is_error`. Gemini: `status: "error"`, `error.message`,
+/// `is_error`, `subtype`, `errors[]` (strings or objects), `api_error_status`,
+/// `api_error_type`; an error result may carry `errors[]` and no `result`.
+/// Gemini: `status: "error"`, `error: {"type", "message"}`,
 /// `stats.duration_ms`. Both are accepted.
 fn result_line(event: &Value) -> ResultLine {
-    let str_field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    let error_message = event.get("error").and_then(|e| match e {
+    let error = event.get("error").filter(|e| !e.is_null());
+    let gemini_message = error.and_then(|e| match e {
         Value::String(s) => Some(s.clone()),
         other => str_field(other, "message"),
     });
+    let errors: Vec<String> = event
+        .get("errors")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(error_entry)
+                .filter(|e| !e.trim().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let subtype = str_field(event, "subtype");
     let text = str_field(event, "result")
         .or_else(|| str_field(event, "response"))
-        .filter(|t| !t.is_empty())
-        .or(error_message.clone())
         .unwrap_or_default();
     let is_error = event.get("is_error").and_then(Value::as_bool) == Some(true)
         || event.get("status").and_then(Value::as_str) == Some("error")
-        || event
-            .get("subtype")
-            .and_then(Value::as_str)
-            .is_some_and(|s| s.starts_with("error"))
-        || error_message.is_some();
+        || subtype.as_deref().is_some_and(|s| s.starts_with("error"))
+        || gemini_message.is_some()
+        || !errors.is_empty();
+    let error_message = is_error
+        .then(|| {
+            if !errors.is_empty() {
+                Some(errors.join("; "))
+            } else {
+                gemini_message.clone().or_else(|| Some(text.clone()))
+            }
+        })
+        .flatten()
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| bounded(&m));
+    let api_error_status = status_field(event, "api_error_status")
+        .or_else(|| error.and_then(|e| status_field(e, "code")))
+        .or_else(|| error.and_then(|e| status_field(e, "status")));
+    let error_type = str_field(event, "api_error_type").or_else(|| {
+        error
+            .and_then(|e| str_field(e, "type"))
+            .filter(|t| t != "unknown")
+    });
     let cost_usd = event
         .get("total_cost_usd")
         .or_else(|| event.get("cost_usd"))
@@ -275,10 +385,19 @@ fn result_line(event: &Value) -> ResultLine {
         .or_else(|| event.get("stats").and_then(|s| s.get("duration_ms")))
         .and_then(Value::as_u64);
     ResultLine {
-        text,
+        // An error result's text is its message; the answer is empty.
+        text: if is_error && text.is_empty() {
+            error_message.clone().unwrap_or_default()
+        } else {
+            text
+        },
         cost_usd,
         duration_ms,
         is_error,
+        subtype,
+        error_message,
+        api_error_status,
+        error_type,
     }
 }
 
@@ -339,9 +458,12 @@ mod tests {
                 cost_usd: Some(0.25),
                 duration_ms: Some(1200),
                 is_error: false,
+                subtype: Some("success".into()),
+                ..ResultLine::default()
             })
         );
         assert!(out.saw_events);
+        assert_eq!(out.agent.session_id.as_deref(), Some("x"));
     }
 
     #[test]
@@ -373,6 +495,108 @@ mod tests {
         let result = out.result.unwrap();
         assert!(result.is_error);
         assert_eq!(result.text, "429 Too Many Requests");
+    }
+
+    #[test]
+    fn claude_error_result_with_errors_and_no_result() {
+        // The shape of `--resume` with an unknown id and of exhausted
+        // `--max-turns`: `errors[]` (strings or objects), no `result`.
+        let out = parse(
+            concat!(
+                r#"{"type":"result","subtype":"error_during_execution","is_error":true,"num_turns":0,"session_id":"s1","total_cost_usd":0,"#,
+                r#""errors":["No conversation found with session ID: s1",{"message":"second"},{"code":7}]}"#
+            ),
+            1024,
+        );
+        let r = out.result.unwrap();
+        assert!(r.is_error);
+        assert_eq!(r.subtype.as_deref(), Some("error_during_execution"));
+        assert_eq!(
+            r.error_message.as_deref(),
+            Some(r#"No conversation found with session ID: s1; second; {"code":7}"#)
+        );
+        assert_eq!(r.text, r.error_message.clone().unwrap());
+        assert_eq!(out.agent.session_id.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn claude_max_turns_without_any_message_is_still_an_error() {
+        let r = parse(
+            r#"{"type":"result","subtype":"error_max_turns","session_id":"s"}"#,
+            1024,
+        )
+        .result
+        .unwrap();
+        assert!(r.is_error);
+        assert_eq!(r.error_message, None);
+        assert_eq!(r.subtype.as_deref(), Some("error_max_turns"));
+    }
+
+    #[test]
+    fn claude_api_error_result_carries_status_and_type() {
+        // As Claude Code 2.1 prints a model 429 (`subtype` says success).
+        let out = parse(
+            concat!(
+                r#"{"type":"system","subtype":"init","session_id":"s2","model":"claude-opus-5-5"}"#,
+                "\n",
+                r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"api_error_type":"rate_limit_error","#,
+                r#""result":"API Error: Request rejected (429) · rate limit","session_id":"s2"}"#
+            ),
+            1024,
+        );
+        let r = out.result.unwrap();
+        assert!(r.is_error);
+        assert_eq!(r.api_error_status, Some(429));
+        assert_eq!(r.error_type.as_deref(), Some("rate_limit_error"));
+        assert_eq!(
+            r.error_message.as_deref(),
+            Some("API Error: Request rejected (429) · rate limit")
+        );
+        assert_eq!(out.agent.model.as_deref(), Some("claude-opus-5-5"));
+        // A null status (success results carry `"api_error_status":null`) is none.
+        let ok = parse(
+            r#"{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"result":"hi"}"#,
+            1024,
+        )
+        .result
+        .unwrap();
+        assert_eq!(
+            (ok.is_error, ok.api_error_status, ok.error_message),
+            (false, None, None)
+        );
+    }
+
+    #[test]
+    fn gemini_quota_error_and_model_from_usage() {
+        let out = parse(
+            concat!(
+                r#"{"type":"init","session_id":"g1","model":"auto"}"#,
+                "\n",
+                r#"{"type":"result","status":"error","error":{"type":"unknown","message":"[API Error: Resource has been exhausted (e.g. check quota).]"},"#,
+                r#""stats":{"duration_ms":0,"models":{"gemini-2.5-flash":{}}}}"#
+            ),
+            1024,
+        );
+        let r = out.result.unwrap();
+        assert!(r.is_error);
+        assert_eq!(
+            r.error_message.as_deref(),
+            Some("[API Error: Resource has been exhausted (e.g. check quota).]")
+        );
+        // "unknown" says nothing: no type.
+        assert_eq!(r.error_type, None);
+        assert_eq!(out.agent.session_id.as_deref(), Some("g1"));
+        assert_eq!(out.agent.model.as_deref(), Some("gemini-2.5-flash"));
+    }
+
+    #[test]
+    fn error_message_is_bounded() {
+        let long = "e".repeat(MAX_ERROR_MESSAGE * 3);
+        let line = format!(r#"{{"type":"result","is_error":true,"errors":["{long}"]}}"#);
+        let r = parse(&line, 1 << 20).result.unwrap();
+        let message = r.error_message.unwrap();
+        assert_eq!(message.chars().count(), MAX_ERROR_MESSAGE + 1);
+        assert!(message.ends_with('…'));
     }
 
     #[test]

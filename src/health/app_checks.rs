@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::checks::{resources_check, runtime_lag_check, Check};
+use super::checks::{resources_check, runtime_lag_check, Check, CheckFailure};
 use super::probe::self_probe_via_door;
 use crate::app::App;
+use crate::store::StoreError;
 
 /// Path the self-probe requests: `/health` answers it with 200 whenever the
 /// accept loop and a handler run, whatever the verdict (so a degraded verdict
@@ -39,16 +40,24 @@ fn state_lock_check(app: Arc<App>) -> Check {
     })
 }
 
-/// A round trip through the SQLite thread: a read, and the write lock.
+/// A round trip through the SQLite thread that commits a real write (the
+/// heartbeat row) and checks that `state.db` is still the open file and the
+/// disk has room.
+///
+/// Wedge or load: a full disk is *degraded* (reads are still served, and it
+/// clears by itself when space returns, so a restart would not help); a
+/// deleted or replaced `state.db`, an I/O error, a read-only file system and
+/// a store thread that does not answer are wedges (a restart reopens the
+/// database, on a fresh file if it was deleted).
 fn store_check(app: Arc<App>) -> Check {
-    Check::new("store", move || {
+    Check::graded("store", move || {
         let app = app.clone();
         Box::pin(async move {
-            app.store
-                .probe()
-                .await
-                .map(|_| None)
-                .map_err(|e| e.to_string())
+            match app.store.heartbeat().await {
+                Ok(()) => Ok(None),
+                Err(e @ StoreError::DiskFull(_)) => Err(CheckFailure::Degraded(e.to_string())),
+                Err(e) => Err(CheckFailure::Wedge(e.to_string())),
+            }
         })
     })
 }

@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +34,9 @@ const TEMP_PREFIX: &str = ".bundle-";
 /// name, synced, then hard-linked to its final name, which fails instead of
 /// overwriting if that name is taken.
 pub fn write_bundle(dir: &Path, value: &serde_json::Value, keep: usize) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
+    // Bundles list fds, threads and gauges: private like the rest of the
+    // state directory (0700 / 0600), whatever the umask.
+    crate::state_dir::ensure_private_dir(dir)?;
     let now = SystemTime::now();
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let temp = dir.join(format!(
@@ -52,6 +55,7 @@ fn write_temp(temp: &Path, value: &serde_json::Value) -> io::Result<()> {
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(crate::state_dir::FILE_MODE)
         .open(temp)?;
     serde_json::to_writer_pretty(&mut file, value)?;
     file.write_all(b"\n")?;
@@ -169,6 +173,17 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundles_and_their_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("diagnostics");
+        let path = write_bundle(&dir, &serde_json::json!({"x": 1}), 5).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+    }
 
     #[test]
     fn stamps_are_utc_and_millisecond_precise() {

@@ -34,8 +34,28 @@ pub const FD_LIMIT_PERCENT: i64 = 90;
 #[serde(rename_all = "lowercase")]
 pub enum CheckStatus {
     Ok,
+    /// A wedge: something that will not recover by itself. Stops the pings.
     Failed,
+    /// No answer within the deadline: treated as a wedge.
     Timeout,
+    /// Not serving fully, but not wedged: load or a condition that clears by
+    /// itself (a full disk). `/health` is 503 and `STATUS=` says why, but
+    /// the watchdog keeps petting: a restart would not help.
+    Degraded,
+}
+
+/// Why a check did not pass: a wedge (stop petting) or a degradation
+/// (report, keep petting). A plain `String` error is a wedge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckFailure {
+    Wedge(String),
+    Degraded(String),
+}
+
+impl From<String> for CheckFailure {
+    fn from(why: String) -> Self {
+        CheckFailure::Wedge(why)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -51,12 +71,15 @@ pub struct CheckResult {
 /// `Ok(detail)` passes, `Err(why)` fails.
 pub type CheckFuture = Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send>>;
 
+/// What a check's future resolves to inside the runner.
+type Outcome = Pin<Box<dyn Future<Output = Result<Option<String>, CheckFailure>> + Send>>;
+
 /// One named health check. Cloning is cheap; every run calls the function for
 /// a new future.
 #[derive(Clone)]
 pub struct Check {
     pub name: &'static str,
-    run: Arc<dyn Fn() -> CheckFuture + Send + Sync>,
+    run: Arc<dyn Fn() -> Outcome + Send + Sync>,
 }
 
 impl std::fmt::Debug for Check {
@@ -73,7 +96,23 @@ impl Check {
     {
         Check {
             name,
-            run: Arc::new(move || Box::pin(f()) as CheckFuture),
+            run: Arc::new(move || {
+                let fut = f();
+                Box::pin(async move { fut.await.map_err(CheckFailure::Wedge) }) as Outcome
+            }),
+        }
+    }
+
+    /// A check that can tell a wedge from a degradation
+    /// ([`CheckFailure`]).
+    pub fn graded<F, Fut>(name: &'static str, f: F) -> Check
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Option<String>, CheckFailure>> + Send + 'static,
+    {
+        Check {
+            name,
+            run: Arc::new(move || Box::pin(f()) as Outcome),
         }
     }
 }
@@ -94,11 +133,27 @@ impl Verdict {
         self.checks.values().all(|r| r.status == CheckStatus::Ok)
     }
 
-    /// The first check, by name, that did not pass.
-    pub fn first_failure(&self) -> Option<(&'static str, &CheckResult)> {
+    /// True when a check failed or timed out: a wedge, so no `WATCHDOG=1`.
+    /// A `Degraded` check alone is not a wedge.
+    pub fn wedged(&self) -> bool {
         self.checks
+            .values()
+            .any(|r| matches!(r.status, CheckStatus::Failed | CheckStatus::Timeout))
+    }
+
+    /// The first check, by name, that found a wedge; else the first degraded
+    /// one.
+    pub fn first_failure(&self) -> Option<(&'static str, &CheckResult)> {
+        let wedge = self
+            .checks
             .iter()
-            .find(|(_, r)| r.status != CheckStatus::Ok)
+            .find(|(_, r)| matches!(r.status, CheckStatus::Failed | CheckStatus::Timeout));
+        wedge
+            .or_else(|| {
+                self.checks
+                    .iter()
+                    .find(|(_, r)| r.status != CheckStatus::Ok)
+            })
             .map(|(name, r)| (*name, r))
     }
 }
@@ -149,8 +204,13 @@ pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
                     ms,
                     detail,
                 },
-                Ok(Err(why)) => CheckResult {
+                Ok(Err(CheckFailure::Wedge(why))) => CheckResult {
                     status: CheckStatus::Failed,
+                    ms,
+                    detail: Some(why),
+                },
+                Ok(Err(CheckFailure::Degraded(why))) => CheckResult {
+                    status: CheckStatus::Degraded,
                     ms,
                     detail: Some(why),
                 },
@@ -316,7 +376,30 @@ mod tests {
             ("b", CheckStatus::Timeout),
         ]);
         assert!(!v.passed());
+        assert!(v.wedged());
         assert_eq!(v.first_failure().map(|(n, _)| n), Some("b"));
+    }
+
+    #[test]
+    fn a_degraded_check_is_not_a_wedge_but_a_wedge_is_named_first() {
+        let v = verdict(&[("a", CheckStatus::Degraded), ("b", CheckStatus::Ok)]);
+        assert!(!v.passed());
+        assert!(!v.wedged());
+        assert_eq!(v.first_failure().map(|(n, _)| n), Some("a"));
+        let v = verdict(&[("a", CheckStatus::Degraded), ("z", CheckStatus::Failed)]);
+        assert!(v.wedged());
+        assert_eq!(v.first_failure().map(|(n, _)| n), Some("z"));
+    }
+
+    #[tokio::test]
+    async fn graded_check_reports_degraded() {
+        let checks = [Check::graded("disk", || async {
+            Err(CheckFailure::Degraded("disk full".into()))
+        })];
+        let v = run_checks(&checks, Duration::from_secs(1)).await;
+        assert_eq!(v.checks["disk"].status, CheckStatus::Degraded);
+        assert_eq!(v.checks["disk"].detail.as_deref(), Some("disk full"));
+        assert!(!v.wedged());
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //! loop that alone pets systemd, and the sentinel thread that watches the loop.
 //!
 //! * `watchdog`      — the loop: tick → checks → verdict → `WATCHDOG=1`,
-//!   keepalive touch, `STATUS=`; `HealthState`, shared with `/health`.
+//!   keepalive touch, `STATUS=`; it also takes the trend samples.
+//! * `state`         — `HealthState`, shared by the loop, `/health`, the
+//!   sentinel and `App`; below both `app` and `watchdog`, importing neither.
+//! * `trends`        — the bounded ring of gauge samples, slopes and the
+//!   suspected-leak rule, pre-rendered for `/health`.
 //! * `app_checks`    — the six checks built over the running app.
 //! * `gauges`        — `/proc/self` readers (threads, fds, rss, rlimit) and the
 //!   `ProcGauges` cache that keeps `GET /health` as cheap as a bare "hello".
@@ -25,4 +29,6 @@ pub mod gauges;
 pub mod probe;
 pub mod sentinel;
 pub mod single_flight;
+pub mod state;
+pub mod trends;
 pub mod watchdog;

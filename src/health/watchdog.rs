@@ -1,7 +1,10 @@
 //! The watchdog loop, the heart of agentd: each tick runs every check
 //! concurrently under a deadline, publishes the verdict for `/health`, and —
-//! only when every check passed — sends `WATCHDOG=1` to systemd and touches the
-//! launchd keepalive file.
+//! only when no check found a wedge — sends `WATCHDOG=1` to systemd and
+//! touches the launchd keepalive file. A check that is merely degraded (load,
+//! or a condition that clears by itself such as a full disk) is reported in
+//! `/health` and `STATUS=` but keeps the pings going. The loop also takes the
+//! leak-trend samples (`trends`) on their own cadence.
 //!
 //! Invariant: `tick` below is the only caller of `Notifier::watchdog_ping` and
 //! of `keepalive::touch` in the whole program. A wedged process therefore stops
@@ -11,180 +14,21 @@
 //! `build_checks`), watching the loop itself (`sentinel`).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
 
-use arc_swap::ArcSwapOption;
-use serde::Serialize;
-use serde_json::value::RawValue;
+use super::checks::{run_checks, CheckStatus, Verdict};
+use super::state::now_unix_ms;
+use super::trends::Sample;
 
-use super::checks::{run_checks, Check, CheckStatus, Verdict};
-use super::gauges::ProcGauges;
-use super::sentinel::Heartbeat;
-use super::single_flight::SingleFlight;
+// Re-exported: the state moved below `app` so the two no longer import each
+// other; callers that name it through the loop keep working.
+pub use super::state::{HealthState, Published, WatchdogMode};
 
 use crate::app::App;
-use crate::config::HealthConfig;
 use crate::init::keepalive;
 use crate::init::notify::Notifier;
-use crate::init::rlimit::RlimitReport;
-use crate::server::stats::now_unix_ms;
-
-/// How the loop tells the outside world it is alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WatchdogMode {
-    Systemd,
-    KeepaliveFile,
-    Both,
-    Off,
-}
-
-/// A verdict as `/health` serves it: the checks are rendered to JSON once per
-/// tick, not once per request, so `/health` stays as cheap as a bare answer.
-pub struct Published {
-    pub verdict: Verdict,
-    pub checks_json: Box<RawValue>,
-}
-
-impl Published {
-    pub fn new(verdict: Verdict) -> Published {
-        let checks_json = render_checks(&verdict);
-        Published {
-            verdict,
-            checks_json,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct CheckJson<'a> {
-    status: CheckStatus,
-    /// Rounded to 0.01 ms: finer digits are noise.
-    ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    detail: Option<&'a str>,
-}
-
-/// `{"<check>": {"status", "ms", "detail"?}, ...}`
-pub fn render_checks(verdict: &Verdict) -> Box<RawValue> {
-    let map: std::collections::BTreeMap<&str, CheckJson<'_>> = verdict
-        .checks
-        .iter()
-        .map(|(name, r)| {
-            (
-                *name,
-                CheckJson {
-                    status: r.status,
-                    ms: (r.ms * 100.0).round() / 100.0,
-                    detail: r.detail.as_deref(),
-                },
-            )
-        })
-        .collect();
-    serde_json::value::to_raw_value(&map)
-        .unwrap_or_else(|_| RawValue::from_string("{}".to_owned()).expect("valid JSON"))
-}
-
-/// Fraction of the systemd watchdog timeout used as the tick interval: one
-/// failed (or late) tick is tolerated, two are not.
-const WATCHDOG_DIVISOR: u32 = 3;
-
-/// The health state shared by the loop, `/health` and the sentinel. Only
-/// atomics and lock-free snapshots: `/health` must never wait on anything a
-/// wedged handler could hold.
-pub struct HealthState {
-    pub mode: WatchdogMode,
-    pub interval: Duration,
-    /// Per-check deadline: at most half the interval.
-    pub deadline: Duration,
-    pub notifier: Arc<Notifier>,
-    pub rlimit: RlimitReport,
-    pub gauges: Arc<ProcGauges>,
-    pub heartbeat: Arc<Heartbeat>,
-    keepalive_file: Option<PathBuf>,
-    trigger_after: Option<u32>,
-    /// The last tick's verdict, with its checks already rendered for `/health`.
-    pub last: ArcSwapOption<Published>,
-    pub last_tick_ms: AtomicU64,
-    pub last_ok_ms: AtomicU64,
-    pub consecutive_failures: AtomicU32,
-    pub ticks: AtomicU64,
-    /// The checks, installed once the listener (the self-probe's target) is
-    /// known.
-    checks: OnceLock<Vec<Check>>,
-    /// `/health?deep=1` callers share one run.
-    pub deep: SingleFlight<Arc<Verdict>>,
-}
-
-impl HealthState {
-    pub fn new(
-        config: &HealthConfig,
-        notifier: Arc<Notifier>,
-        rlimit: RlimitReport,
-        gauges: Arc<ProcGauges>,
-    ) -> HealthState {
-        let systemd = notifier.watchdog_timeout();
-        let interval = match systemd {
-            Some(timeout) => (timeout / WATCHDOG_DIVISOR).max(Duration::from_millis(10)),
-            None => config.interval,
-        };
-        let mode = match (systemd.is_some(), config.keepalive_file.is_some()) {
-            (true, true) => WatchdogMode::Both,
-            (true, false) => WatchdogMode::Systemd,
-            (false, true) => WatchdogMode::KeepaliveFile,
-            (false, false) => WatchdogMode::Off,
-        };
-        HealthState {
-            mode,
-            interval,
-            deadline: interval / 2,
-            notifier,
-            rlimit,
-            gauges,
-            heartbeat: Heartbeat::new(),
-            keepalive_file: config.keepalive_file.clone(),
-            trigger_after: config.trigger_after,
-            last: ArcSwapOption::empty(),
-            last_tick_ms: AtomicU64::new(0),
-            last_ok_ms: AtomicU64::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            ticks: AtomicU64::new(0),
-            checks: OnceLock::new(),
-            deep: SingleFlight::new(),
-        }
-    }
-
-    pub fn install_checks(&self, checks: Vec<Check>) {
-        let _ = self.checks.set(checks);
-    }
-
-    fn checks(&self) -> &[Check] {
-        self.checks.get().map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    /// Run every check now (for `/health?deep=1`); concurrent callers share
-    /// one run.
-    pub async fn deep(self: &Arc<Self>) -> Arc<Verdict> {
-        let this = self.clone();
-        self.deep
-            .run(move || async move { Arc::new(run_checks(this.checks(), this.deadline).await) })
-            .await
-    }
-
-    /// True when the last tick is older than two intervals plus a deadline:
-    /// the loop itself has stopped.
-    pub fn stale(&self) -> bool {
-        let last = self.last_tick_ms.load(Relaxed);
-        if last == 0 {
-            return false;
-        }
-        let allowed = (self.interval * 2 + self.deadline).as_millis() as u64;
-        now_unix_ms().saturating_sub(last) > allowed
-    }
-}
 
 /// Run ticks until shutdown. `first_pass` fires after the first passing tick
 /// (the daemon sends `READY=1` then).
@@ -195,9 +39,17 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     let mut status = StatusLine::default();
     let mut ticker = tokio::time::interval(health.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Trend samples keep their own cadence (a minute by default), independent
+    // of the check interval.
+    let mut sampler = tokio::time::interval(health.trends.interval);
+    sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = sampler.tick() => {
+                health.trends.record(take_sample(&app));
+                continue;
+            }
             _ = app.shutdown.triggered() => return,
         }
         let passed = tick(&app, &mut failing, &mut status).await;
@@ -209,17 +61,41 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     }
 }
 
-/// One tick. Returns whether every check passed.
+/// One reading of every trend gauge (a fresh `/proc` read: at one sample a
+/// minute it costs nothing, and a stale cached value would flatten the slope).
+fn take_sample(app: &App) -> Sample {
+    let p = app.health.gauges.refresh();
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks() as i64)
+        .unwrap_or(-1);
+    let (history, _) = app.history_gauges();
+    Sample {
+        at: now_unix_ms() as f64 / 1000.0,
+        values: [
+            p.thread_count,
+            p.open_fds,
+            p.rss_bytes,
+            tasks,
+            history as i64,
+            app.store.queued() as i64,
+        ],
+    }
+}
+
+/// One tick. Returns whether the process is free of wedges (every check
+/// passed or is only degraded by load or a condition that clears by itself;
+/// see `CheckStatus::Degraded`).
 async fn tick(
     app: &Arc<App>,
     failing: &mut BTreeSet<&'static str>,
     status: &mut StatusLine,
 ) -> bool {
     let health = &app.health;
+    app.faults.on_health_tick();
     let started = Instant::now();
     let verdict = run_checks(health.checks(), health.deadline).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    let passed = verdict.passed();
+    let passed = !verdict.wedged();
     health.ticks.fetch_add(1, Relaxed);
     health.last_tick_ms.store(now_unix_ms(), Relaxed);
     health.heartbeat.beat();
@@ -238,7 +114,14 @@ async fn tick(
                 tracing::warn!(path = %path.display(), error = %e, "cannot touch the keepalive file");
             }
         }
-        status.set(&health.notifier, status_line(app));
+        match verdict.first_failure() {
+            // Degraded, not wedged: say so, and keep petting.
+            Some((name, result)) => {
+                let detail = result.detail.as_deref().unwrap_or("degraded");
+                status.set(&health.notifier, format!("degraded: {name}: {detail}"));
+            }
+            None => status.set(&health.notifier, status_line(app)),
+        }
     } else {
         let n = health.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if let Some((name, result)) = verdict.first_failure() {
@@ -286,6 +169,7 @@ fn log_transitions(verdict: &Verdict, failing: &mut BTreeSet<&'static str>, elap
         if bad && failing.insert(name) {
             let status = match result.status {
                 CheckStatus::Timeout => "timeout",
+                CheckStatus::Degraded => "degraded",
                 _ => "failed",
             };
             tracing::warn!(

@@ -36,6 +36,49 @@ pub const EXIT_UNKNOWN: i32 = 2;
 /// starts the next one only after this one exits.
 pub const KICKSTART_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default `--max-age` of `keepalive-check`, in seconds. It must exceed the
+/// launchd job's `ThrottleInterval` (10 s) + two health intervals (2 × 10 s):
+/// a restarted agentd waits out the throttle, starts, and touches the file
+/// after its first passing tick, and one failed tick is tolerated. 60 s
+/// leaves twice that, so a healthy agentd is never restarted; the shipped
+/// plists pass the same value (tests/launchd_plist.rs checks both).
+pub const DEFAULT_MAX_AGE_SECS: u64 = 60;
+
+/// The launchd domain of the job to restart: where a LaunchDaemon or a
+/// per-user LaunchAgent lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchdDomain {
+    /// `system/<label>`: a LaunchDaemon (the check must run as root).
+    System,
+    /// `gui/<uid>/<label>` of the user running the check: a LaunchAgent.
+    Gui,
+}
+
+impl LaunchdDomain {
+    /// Parse `system` or `gui` (the names `launchctl` uses).
+    pub fn parse(s: &str) -> Option<LaunchdDomain> {
+        match s {
+            "system" => Some(LaunchdDomain::System),
+            "gui" => Some(LaunchdDomain::Gui),
+            _ => None,
+        }
+    }
+
+    /// The service target `launchctl kickstart` takes for `label`.
+    pub fn service_target(self, label: &str) -> String {
+        match self {
+            LaunchdDomain::System => format!("system/{label}"),
+            LaunchdDomain::Gui => format!("gui/{}/{label}", current_uid()),
+        }
+    }
+}
+
+/// The real user id of this process.
+fn current_uid() -> u32 {
+    // SAFETY: getuid(2) takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 /// How often the check looks whether `launchctl` has exited.
 const KICKSTART_POLL: Duration = Duration::from_millis(20);
 
@@ -106,7 +149,8 @@ pub fn check(path: &Path, max_age: Duration) -> KeepaliveVerdict {
 
 /// `agentd keepalive-check --file F --max-age S [--label L]`: print one line,
 /// and when the file is stale and a label is given, restart the job with
-/// `launchctl kickstart -k system/<label>`. Returns the process exit code
+/// `launchctl kickstart -k system/<label>` (a label that already names a
+/// domain, such as `gui/501/org.agentd.agentd`, is used as it is). Returns the process exit code
 /// (`EXIT_FRESH`, `EXIT_STALE`, `EXIT_UNKNOWN`).
 pub fn keepalive_check_main(file: &Path, max_age: Duration, label: Option<&str>) -> i32 {
     let stdout = io::stdout();
@@ -157,11 +201,16 @@ pub fn keepalive_check_with(
     code
 }
 
-/// Run `launchctl kickstart -k system/<label>`, bounded by `KICKSTART_TIMEOUT`;
-/// returns what happened, for the output line. launchctl's own error text goes
-/// to this process's stderr (the check job's log).
+/// Run `launchctl kickstart -k system/<label>` (or `-k <label>` when the label
+/// names its domain), bounded by `KICKSTART_TIMEOUT`; returns what happened,
+/// for the output line. launchctl's own error text goes to this process's
+/// stderr (the check job's log).
 fn kickstart(launchctl: &Path, label: &str) -> String {
-    let service = format!("system/{label}");
+    let service = if label.contains('/') {
+        label.to_owned()
+    } else {
+        LaunchdDomain::System.service_target(label)
+    };
     let shown = format!("launchctl kickstart -k {service}");
     let mut child = match Command::new(launchctl)
         .args(["kickstart", "-k", &service])
@@ -243,6 +292,46 @@ mod tests {
             KeepaliveVerdict::Stale(age) => assert!(age >= Duration::from_secs(120)),
             other => panic!("expected stale, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn domains_name_the_service_target() {
+        assert_eq!(LaunchdDomain::parse("system"), Some(LaunchdDomain::System));
+        assert_eq!(LaunchdDomain::parse("gui"), Some(LaunchdDomain::Gui));
+        assert_eq!(LaunchdDomain::parse("user/501"), None);
+        assert_eq!(
+            LaunchdDomain::System.service_target("org.agentd.agentd"),
+            "system/org.agentd.agentd"
+        );
+        let uid = current_uid();
+        assert_eq!(
+            LaunchdDomain::Gui.service_target("org.agentd.agentd"),
+            format!("gui/{uid}/org.agentd.agentd")
+        );
+    }
+
+    #[test]
+    fn a_label_with_its_domain_is_kickstarted_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keepalive");
+        touch(&path).unwrap();
+        set_age(&path, Duration::from_secs(600));
+        // `echo` stands in for launchctl: it succeeds, and the output line
+        // shows the exact target that would have been restarted.
+        let mut out = Vec::new();
+        let code = keepalive_check_with(
+            &path,
+            Duration::from_secs(30),
+            Some("gui/501/org.agentd.agentd"),
+            Path::new("echo"),
+            &mut out,
+        );
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(code, EXIT_STALE, "{line}");
+        assert!(
+            line.contains("ran `launchctl kickstart -k gui/501/org.agentd.agentd`"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! `/api/*` handlers: chat, history, sessions. Input is validated before
-//! anything changes; bad input gets a 4xx that names the problem.
+//! anything changes; bad input gets a 4xx that names the problem. Session ids
+//! are normalised here (UUID spellings, see `agent::sessions`), and a chat's
+//! resume-vs-new decision is read from the store, never from the in-memory
+//! history.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,34 +13,35 @@ use serde_json::{json, Map, Value};
 
 use super::executions::finish_json;
 use super::http::{json as json_response, parse_json_object, read_body, ApiError, Body};
-use crate::agent::executor::{Finish, Submission};
+use crate::agent::executor::{Execution, Finish, Submission};
 use crate::agent::history::{Message, Role};
 use crate::agent::runtime::ExecutionKind;
+use crate::agent::sessions::{normalise_session_id, MAX_SESSION_ID_LEN};
 use crate::app::{unix_now, App};
+use crate::store::CliSessionRecord;
 
 /// Session used when a chat names none.
 pub const DEFAULT_SESSION: &str = "default";
-
-/// Longest accepted session id.
-const MAX_SESSION_ID_LEN: usize = 128;
 
 /// Most messages one history request returns.
 const MAX_HISTORY_PAGE: usize = 10_000;
 
 pub fn valid_session_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SESSION_ID_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    normalise_session_id(s).is_some()
 }
 
 fn session_error(s: &str) -> ApiError {
     ApiError::bad(
         format!(
-            "invalid session_id {s:?}: use 1-{MAX_SESSION_ID_LEN} characters from A-Z a-z 0-9 - _ . :"
+            "invalid session_id {s:?}: use 1-{MAX_SESSION_ID_LEN} characters from A-Z a-z 0-9 - _ . : or a UUID"
         ),
         "invalid_session_id",
     )
+}
+
+/// The canonical session id, or the 400 naming what was sent.
+fn session_key(s: &str) -> Result<String, ApiError> {
+    normalise_session_id(s).ok_or_else(|| session_error(s))
 }
 
 /// Query parameters as pairs; an undecodable query is a 400.
@@ -48,12 +52,18 @@ fn query<B>(req: &Request<B>) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn query_session<B>(req: &Request<B>) -> Result<Option<String>, ApiError> {
+/// `?session_id=`: absent → `None`; empty → `None` when `empty_means_all`
+/// (reading), else a 400 (deleting: an empty value must not mean "every
+/// session"); otherwise the canonical id.
+fn query_session<B>(req: &Request<B>, empty_means_all: bool) -> Result<Option<String>, ApiError> {
     match query(req).into_iter().find(|(k, _)| k == "session_id") {
         None => Ok(None),
-        Some((_, v)) if v.is_empty() => Ok(None),
-        Some((_, v)) if valid_session_id(&v) => Ok(Some(v)),
-        Some((_, v)) => Err(session_error(&v)),
+        Some((_, v)) if v.is_empty() && empty_means_all => Ok(None),
+        Some((_, v)) if v.is_empty() => Err(ApiError::bad(
+            "`session_id` is empty: name a session, or leave the parameter out to delete every session's history",
+            "invalid_session_id",
+        )),
+        Some((_, v)) => session_key(&v).map(Some),
     }
 }
 
@@ -126,24 +136,53 @@ pub async fn json_body(app: &App, req: Request<Incoming>) -> Result<Map<String, 
     parse_json_object(&bytes)
 }
 
+/// The response for a finished execution: `finish_json`'s status and body,
+/// plus `Retry-After` when a rate-limited agent named a delay.
+pub fn finish_response(
+    exec: &Execution,
+    finish: &Finish,
+    session_id: Option<&str>,
+) -> Response<Body> {
+    let (status, mut body) = finish_json(exec, finish);
+    if let Some(session_id) = session_id {
+        body["session_id"] = json!(session_id);
+    }
+    let mut resp = json_response(status, &body);
+    if let Finish::Ran { classified, .. } = finish {
+        if let Some(seconds) = classified.retry_after_s {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        }
+    }
+    resp
+}
+
 /// `POST /api/chat`
 pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let obj = json_body(app, req).await?;
     let message = required_text(&obj, "message")?;
     let session_id = match optional_string(&obj, "session_id")? {
         None => DEFAULT_SESSION.to_owned(),
-        Some(s) if valid_session_id(&s) => s,
-        Some(s) => return Err(session_error(&s)),
+        Some(s) => session_key(&s)?,
     };
     let timeout = timeout_field(&obj, app)?;
-    let resume = app.runtime().name() == "claude-code" && app.session_seen(&session_id).await;
+    let runtime = app.runtime().name();
+    let cli_session = if app.runtime().keeps_sessions() {
+        Some(
+            app.store
+                .cli_session(session_id.clone(), runtime.to_owned())
+                .await?,
+        )
+    } else {
+        None
+    };
     let asked_at = unix_now();
     let exec = app.executor.submit(Submission {
         kind: ExecutionKind::Chat,
         session_id: session_id.clone(),
         prompt: message.clone(),
         timeout,
-        resume,
+        cli_session: cli_session.clone(),
     })?;
     let finish = exec.finished().await;
     let Finish::Ran {
@@ -152,32 +191,35 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         duration_ms,
     } = &finish
     else {
-        let (status, mut body) = finish_json(&exec, &finish);
-        body["session_id"] = json!(session_id);
-        return Ok(json_response(status, &body));
+        return Ok(finish_response(&exec, &finish, Some(&session_id)));
     };
     if classified.status != "success" {
         // Nothing is recorded for a chat that did not succeed: it was not
         // acknowledged.
-        let (status, mut body) = finish_json(&exec, &finish);
-        body["session_id"] = json!(session_id);
-        return Ok(json_response(status, &body));
+        return Ok(finish_response(&exec, &finish, Some(&session_id)));
     }
     let response = classified.response.clone();
-    app.record(vec![
-        Message {
-            role: Role::User,
-            content: message,
-            timestamp: asked_at,
+    app.record_turn(
+        vec![
+            Message {
+                role: Role::User,
+                content: message,
+                timestamp: asked_at,
+                session_id: session_id.clone(),
+            },
+            Message {
+                role: Role::Assistant,
+                content: response.clone(),
+                timestamp: unix_now(),
+                session_id: session_id.clone(),
+            },
+        ],
+        cli_session.map(|c| CliSessionRecord {
+            runtime: runtime.to_owned(),
+            cli_session_id: c.id,
             session_id: session_id.clone(),
-        },
-        Message {
-            role: Role::Assistant,
-            content: response.clone(),
-            timestamp: unix_now(),
-            session_id: session_id.clone(),
-        },
-    ])
+        }),
+    )
     .await?;
     let cost = outcome.result.as_ref().and_then(|r| r.cost_usd);
     Ok(json_response(
@@ -189,6 +231,8 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             "metadata": {
                 "duration_ms": duration_ms,
                 "cost_usd": cost,
+                "agent_session_id": outcome.agent.session_id,
+                "model": outcome.agent.model,
             },
         }),
     ))
@@ -196,7 +240,7 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
 
 /// `GET /api/chat/history?session_id=&limit=`
 pub async fn history(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let session = query_session(req)?;
+    let session = query_session(req, true)?;
     let limit = match query(req).into_iter().find(|(k, _)| k == "limit") {
         None => MAX_HISTORY_PAGE,
         Some((_, v)) => match v.parse::<usize>() {
@@ -225,12 +269,13 @@ pub async fn history(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response
     ))
 }
 
-/// `DELETE /api/chat/history[?session_id=]`
+/// `DELETE /api/chat/history[?session_id=]`: one session's history, or with
+/// no parameter every session's; the next turn starts a new CLI session.
 pub async fn clear_history(
     app: &Arc<App>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let session = query_session(req)?;
+    let session = query_session(req, false)?;
     let (cleared, deleted) = app.clear_history(session.as_deref()).await?;
     Ok(json_response(
         StatusCode::OK,
@@ -266,5 +311,33 @@ mod tests {
         assert!(!valid_session_id("has space"));
         assert!(!valid_session_id("../etc"));
         assert!(!valid_session_id(&"x".repeat(129)));
+        assert!(valid_session_id("{123E4567-E89B-12D3-A456-426614174000}"));
+    }
+
+    fn req(uri: &str) -> Request<()> {
+        Request::builder().uri(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn an_empty_session_id_deletes_nothing() {
+        let err = query_session(&req("/api/chat/history?session_id="), false).unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            query_session(&req("/api/chat/history?session_id="), true).unwrap(),
+            None
+        );
+        assert_eq!(
+            query_session(&req("/api/chat/history"), false).unwrap(),
+            None
+        );
+        assert_eq!(
+            query_session(
+                &req("/api/chat/history?session_id=urn:uuid:123E4567-E89B-12D3-A456-426614174000"),
+                false
+            )
+            .unwrap()
+            .as_deref(),
+            Some("123e4567-e89b-12d3-a456-426614174000")
+        );
     }
 }

@@ -68,11 +68,16 @@ pub fn finish_json(exec: &Execution, finish: &Finish) -> (StatusCode, Value) {
                     "exit_code": c.exit_code,
                     "stdout_truncated": outcome.stdout_truncated,
                     "stderr_truncated": outcome.stderr_truncated,
+                    "agent_session_id": outcome.agent.session_id,
+                    "model": outcome.agent.model,
                 },
             });
             if let Some(code) = c.code {
                 body["error"] =
                     json!({"code": code, "message": c.message.clone().unwrap_or_default()});
+                if let Some(seconds) = c.retry_after_s {
+                    body["error"]["retry_after_s"] = json!(seconds);
+                }
             }
             if let Some(tail) = &c.stderr_tail {
                 body["stderr_tail"] = json!(tail);
@@ -99,7 +104,7 @@ pub async fn task(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         session_id: format!("task-{}", uuid::Uuid::new_v4()),
         prompt,
         timeout,
-        resume: false,
+        cli_session: None,
     })?;
     if asynchronous {
         return Ok(json_response(
@@ -108,8 +113,7 @@ pub async fn task(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         ));
     }
     let finish = exec.finished().await;
-    let (status, body) = finish_json(&exec, &finish);
-    Ok(json_response(status, &body))
+    Ok(super::api::finish_response(&exec, &finish, None))
 }
 
 /// `GET /api/executions/running`

@@ -1,4 +1,5 @@
-//! `GET /health`, `GET /metrics` and the fault-injection endpoint.
+//! `GET /health`, `GET /health/trends`, `GET /metrics` and the
+//! fault-injection endpoint.
 //!
 //! `/health` is cheap by rule: it takes no lock that handlers take and never
 //! touches the database. Everything it reports is an atomic or a snapshot.
@@ -126,7 +127,12 @@ struct HealthBody<'a> {
     diagnostics: Diagnostics,
     watchdog: WatchdogReport,
     rlimit_nofile: RlimitJson,
+    /// The configured runtime, its program, and the CLI's version (read once
+    /// at start).
+    runtime: &'a crate::agent::runtimes::RuntimeReport,
     checks: &'a RawValue,
+    /// Leak trends, pre-rendered when the last sample was taken.
+    trends: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     deep: Option<DeepJson>,
 }
@@ -187,6 +193,7 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     };
     let r = &app.health.rlimit;
     let empty = RawValue::from_string("{}".to_owned()).expect("valid JSON");
+    let trends = app.health.trends.summary_json();
     let body = HealthBody {
         status,
         detail,
@@ -200,16 +207,29 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
             soft: r.soft,
             hard: r.hard,
         },
+        runtime: &app.runtime_report,
         checks: published
             .as_ref()
             .map(|p| &*p.checks_json)
             .unwrap_or(&empty),
+        trends: &trends,
         deep: deep.then(|| DeepJson {
             elapsed_ms: verdict.map(|v| v.elapsed_ms).unwrap_or(0.0),
             runs: app.health.deep.runs(),
         }),
     };
     json(code, &body)
+}
+
+/// `GET /health/trends`: every trend sample in the window, oldest first.
+/// Rendered under the trend ring's own lock, which no handler takes.
+pub fn trends(app: &App) -> Response<Body> {
+    let mut resp = Response::new(full(app.health.trends.samples_json()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// `GET /metrics`: Prometheus text exposition of the same lock-free gauges.
@@ -289,7 +309,24 @@ pub fn metrics(app: &Arc<App>) -> Response<Body> {
 pub async fn fault(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     #[cfg(feature = "fault-injection")]
     {
-        crate::faults::inject(app, req).await
+        use crate::faults::FaultError;
+        use std::sync::atomic::Ordering;
+        let path = req.uri().path().to_owned();
+        let kind = path.trim_start_matches("/debug/fault/").to_owned();
+        if !app.config.fault_injection || !app.faults.loopback_listener.load(Ordering::SeqCst) {
+            return Err(ApiError::NotFound(path));
+        }
+        if req.method() != http::Method::POST {
+            return Err(crate::server::router::not_allowed(&req, "POST"));
+        }
+        match crate::faults::inject(app, &kind) {
+            Ok(()) => Ok(json(
+                StatusCode::OK,
+                &json!({"fault": kind, "injected": true}),
+            )),
+            Err(e @ FaultError::Unknown(_)) => Err(ApiError::bad(e.to_string(), "unknown_fault")),
+            Err(e @ FaultError::Unavailable(_)) => Err(ApiError::Unavailable(e.to_string())),
+        }
     }
     #[cfg(not(feature = "fault-injection"))]
     {

@@ -57,6 +57,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Unavailable(String),
+    /// 507: the write could not be stored for lack of space.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -90,6 +94,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::InsufficientStorage(_) => "disk_full",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -123,9 +128,13 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Busy(_) | StoreError::Stopped | StoreError::NoAnswer(_) => {
-                ApiError::Unavailable(e.to_string())
-            }
+            StoreError::Busy(_)
+            | StoreError::Stopped
+            | StoreError::NoAnswer(_)
+            | StoreError::Lost(_) => ApiError::Unavailable(e.to_string()),
+            StoreError::DiskFull(_) => ApiError::InsufficientStorage(format!(
+                "not stored: {e}; free space in the state directory"
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -29,6 +29,11 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Ok(()) => api_route(app, req).await,
             Err(e) => Err(e),
         }
+    } else if path == "/health/trends" {
+        match *req.method() {
+            Method::GET => Ok(health::trends(app)),
+            _ => Err(not_allowed(&req, "GET")),
+        }
     } else if path == "/metrics" {
         match *req.method() {
             Method::GET => Ok(health::metrics(app)),

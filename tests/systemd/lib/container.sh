@@ -17,6 +17,11 @@
 CT_NAME=${CT_NAME:-agentd-e2e-$$}
 CT_CGROUP=$CT_NAME
 CT_PAYLOAD= # host dir, read-only at /run/e2e inside the container
+# Optional root file system with its own /usr and dpkg database (the package
+# test installs a .deb there). Booted with --volatile=overlay: every change
+# goes to a tmpfs and the directory itself stays untouched. Empty: the host's
+# / with a tmpfs root and a throw-away overlay on /usr.
+CT_ROOTFS=${CT_ROOTFS:-}
 CT_NSPAWN_PID=
 CT_LEADER=
 CT_LEADER_PIDNS= # the PID namespace CT_LEADER was found in, re-checked by C and N
@@ -38,14 +43,16 @@ ct_cgroup_dirs() {
 ct_boot() {
   CT_PAYLOAD=$1
   local log=$2 d c st
+  local root_args=(-D / --volatile=yes --overlay=/usr::/usr)
+  [ -n "$CT_ROOTFS" ] && root_args=(-D "$CT_ROOTFS" --volatile=overlay)
   ct_cgroup_dirs
   for d in "${CT_CGDIRS[@]}"; do mkdir -p "$d"; done
   # The sh moves itself into the dedicated cgroup(s), then execs nspawn (same PID).
   sh -c 'for d in "$@"; do [ "$d" = -- ] && break; echo $$ > "$d/cgroup.procs"; done
          while [ "$1" != -- ]; do shift; done; shift; exec "$@"' sh "${CT_CGDIRS[@]}" -- \
-    systemd-nspawn -D / --volatile=yes --private-network --boot \
+    systemd-nspawn "${root_args[@]}" --private-network --boot \
       --register=no --keep-unit -M "$CT_NAME" --console=passive \
-      --overlay=/usr::/usr --bind-ro="$CT_PAYLOAD":/run/e2e \
+      --bind-ro="$CT_PAYLOAD":/run/e2e \
       -- systemd.firstboot=off >"$log" 2>&1 </dev/null &
   CT_NSPAWN_PID=$!
   for _ in $(seq 200); do
