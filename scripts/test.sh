@@ -49,6 +49,16 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "skipped: needs root (bash tests/packaging/deb.sh as root)"
 fi
+
+echo "== agent CLIs end-to-end (real Claude Code and Gemini CLI, fake model on loopback)"
+if [ "$(id -u)" = 0 ]; then
+  bash tests/agent_clis/run.sh 2>&1 | tee "$log"
+  read -r checks clis_failed < <(grep -oE 'checks: [0-9]+, failed: [0-9]+' "$log" | tail -n1 | tr -dc '0-9 \n' | awk '{print $1, $2}')
+  passed=$((passed + checks - clis_failed))
+  failed=$((failed + clis_failed))
+else
+  echo "skipped: needs root (sudo bash tests/agent_clis/run.sh)"
+fi
 echo "== people: promtool, a real Prometheus scraping agentd, /status in headless Chromium"
 if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v chromium >/dev/null; then
   bash tests/people/run.sh 2>&1 | tee "$log"

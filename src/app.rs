@@ -58,6 +58,9 @@ pub struct App {
     /// The runtime as `/health` reports it, computed at start (no I/O per
     /// request).
     pub runtime_report: RuntimeReport,
+    /// The self-probe's own way into the accept loop, so it never competes
+    /// with clients for a slot or the listen backlog.
+    pub probe_door: Arc<crate::server::ProbeDoor>,
     lifecycle: AtomicU8,
 }
 
@@ -114,6 +117,7 @@ impl App {
             faults: Faults::default(),
             health: Arc::new(health),
             runtime_report: RuntimeReport::new(&config.runtime),
+            probe_door: Arc::default(),
             lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
             config,
         };

@@ -175,6 +175,10 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Bytes a request's start line and headers may take; more get 431. Also
+    /// caps each connection's read buffer, so header memory is bounded by
+    /// `max_connections` × this value.
+    pub max_header_bytes: usize,
     /// On shutdown, how long in-flight requests may take to finish.
     pub drain_timeout: Duration,
     pub store: StoreConfig,
@@ -218,6 +222,7 @@ settings! {
     header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
     idle_timeout => "AGENTD_IDLE_TIMEOUT",
     max_body_bytes => "AGENTD_MAX_BODY_BYTES",
+    max_header_bytes => "AGENTD_MAX_HEADER_BYTES",
     drain_timeout => "AGENTD_DRAIN_TIMEOUT",
     store_queue => "AGENTD_STORE_QUEUE",
     store_max_batch => "AGENTD_STORE_MAX_BATCH",
@@ -567,6 +572,15 @@ fn build(
     })?;
     let api_token = text(raw, "api_token");
     if let Some((token, name)) = raw.get("api_token") {
+        // A token with surrounding whitespace would pass and then match no
+        // request (clients send it trimmed): refuse it, never echo it.
+        if !token.is_empty() && token.trim() != token {
+            return Err(invalid(
+                name,
+                "<hidden>",
+                "the token has leading or trailing whitespace; remove it",
+            ));
+        }
         if !token.is_empty() && token.trim().len() < 16 {
             return Err(invalid(
                 name,
@@ -715,6 +729,9 @@ fn build(
             DAY,
         )?,
         max_body_bytes: bytes(raw, "max_body_bytes", 1 << 20, 1, 1 << 30)? as usize,
+        // 64 KiB holds any real client's headers (browsers stay under 16 KiB)
+        // while 1,024 connections then hold at most 64 MiB of header buffers.
+        max_header_bytes: bytes(raw, "max_header_bytes", 64 << 10, 1 << 10, 16 << 20)? as usize,
         drain_timeout: duration(raw, "drain_timeout", 20 * SEC, Duration::ZERO, 3600 * SEC)?,
         store,
         runtime,
@@ -857,6 +874,36 @@ mod tests {
             ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
         ]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn token_with_surrounding_whitespace_is_refused_without_echoing_it() {
+        for bad in [
+            " 0123456789abcdef0123",
+            "0123456789abcdef0123\n",
+            "\t0123456789abcdef0123 ",
+        ] {
+            let err = load(&[("AGENTD_API_TOKEN", bad)]).unwrap_err().to_string();
+            assert!(err.contains("AGENTD_API_TOKEN"), "{err}");
+            assert!(err.contains("whitespace"), "{err}");
+            assert!(!err.contains("0123456789abcdef"), "token echoed: {err}");
+        }
+        assert!(load(&[("AGENTD_API_TOKEN", "0123456789abcdef0123")]).is_ok());
+    }
+
+    #[test]
+    fn header_limit_defaults_to_64_kib_and_names_itself_when_invalid() {
+        assert_eq!(load(&[]).unwrap().max_header_bytes, 64 << 10);
+        assert_eq!(
+            load(&[("AGENTD_MAX_HEADER_BYTES", "16KiB")])
+                .unwrap()
+                .max_header_bytes,
+            16 << 10
+        );
+        let err = load(&[("AGENTD_MAX_HEADER_BYTES", "12")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AGENTD_MAX_HEADER_BYTES"), "{err}");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //! 4. listener (inherited by socket activation, or bound)
 //! 5. server + health loop + sentinel; `READY=1` after the first passing tick
 //! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
+//!    (SIGINT cancels executions at once; a second signal exits at once)
 //!    SIGHUP → `RELOADING=1`, re-read the config file, `READY=1`
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::agent::runtimes;
 use crate::app::{App, Lifecycle};
 use crate::config::{Config, Overrides};
-use crate::health::app_checks::{build_checks, probe_target_for_tcp, probe_target_for_unix};
+use crate::health::app_checks::build_checks;
 use crate::health::gauges::ProcGauges;
 use crate::health::sentinel::{self, SentinelConfig};
 use crate::health::watchdog::{self, HealthState, WatchdogMode};
@@ -200,23 +200,11 @@ pub struct Serving {
     pub health_loop: JoinHandle<()>,
 }
 
-/// Install the checks (the self-probe targets this listener), start the accept
+/// Install the checks (the self-probe enters through the probe door), start the accept
 /// loop and the health loop. The receiver fires after the first passing tick.
 /// Shared by `serve` and the in-process tests, so both run the same path.
 pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::Receiver<()>) {
-    let probe = match &listener {
-        Listener::Tcp(l) => probe_target_for_tcp(
-            l.local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
-        ),
-        Listener::Unix(l) => probe_target_for_unix(
-            l.local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
-                .unwrap_or_default(),
-        ),
-    };
-    app.health.install_checks(build_checks(app, probe));
+    app.health.install_checks(build_checks(app));
     // The CLI's version, once, beside start-up (a Node CLI takes seconds to
     // answer; READY=1 must not wait for it). `/health` shows null until then.
     {
@@ -297,6 +285,22 @@ async fn listen(config: &Config) -> Result<Listener, (String, Option<i32>)> {
     }
 }
 
+/// How long a forced exit (a second SIGINT/SIGTERM) waits for the store to
+/// close: a hung store must not turn "exit now" into "exit eventually".
+const FORCED_EXIT_STORE_CLOSE: Duration = Duration::from_secs(2);
+
+/// Signals: SIGHUP reloads. The first SIGTERM or SIGINT starts the graceful
+/// stop; a second one during it exits at once.
+///
+/// SIGTERM (systemd, launchd, `kill`) drains: in-flight requests get up to
+/// `AGENTD_DRAIN_TIMEOUT`, running executions too, then they are cancelled.
+/// SIGINT is a person at a terminal pressing Ctrl-C: running executions are
+/// cancelled at once (their process groups get SIGINT → SIGTERM → SIGKILL),
+/// so the requests waiting on them are answered "cancelled" and the drain
+/// ends as soon as those answers are written, instead of waiting out the
+/// whole drain for work nobody will read. Either way a second signal closes
+/// the store (bounded), kills every execution's process group and exits
+/// with 128 + the signal number.
 fn spawn_signal_handlers(app: Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
@@ -308,23 +312,58 @@ fn spawn_signal_handlers(app: Arc<App>) {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        loop {
+        let interactive = loop {
             tokio::select! {
                 _ = term.recv() => {
-                    tracing::info!("SIGTERM: shutting down");
-                    break;
+                    tracing::info!("SIGTERM: shutting down (a second signal exits at once)");
+                    break false;
                 }
                 _ = int.recv() => {
-                    tracing::info!("SIGINT: shutting down");
-                    break;
+                    tracing::info!(
+                        "SIGINT: shutting down, cancelling running executions \
+                         (a second signal exits at once)"
+                    );
+                    break true;
                 }
                 _ = hup.recv() => reload(&app).await,
             }
-        }
+        };
         app.health.notifier.stopping();
         app.health.notifier.status("stopping: draining requests");
+        if interactive {
+            app.executor.close_and_cancel_all();
+        }
         app.shutdown.trigger();
+        let signo = tokio::select! {
+            _ = term.recv() => libc::SIGTERM,
+            _ = int.recv() => libc::SIGINT,
+        };
+        forced_exit(&app, signo).await;
     });
+}
+
+/// A second SIGINT/SIGTERM during the stop: close the store, kill what still
+/// runs, exit non-zero now.
+async fn forced_exit(app: &App, signo: i32) -> ! {
+    tracing::warn!(signal = signo, "second signal during the stop: exiting now");
+    app.health
+        .notifier
+        .status("stopping: second signal, exiting now");
+    for execution in app.executor.active() {
+        if let Some(pid) = execution.pid() {
+            // Each child leads its own process group (pgid = pid).
+            // SAFETY: kill(2) with a negative pid signals that group only.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+    match tokio::time::timeout(FORCED_EXIT_STORE_CLOSE, app.store.close()).await {
+        Ok(Ok(())) => tracing::info!("store closed"),
+        Ok(Err(e)) => tracing::error!("closing the store: {e}"),
+        Err(_) => tracing::error!(
+            "the store did not close within {FORCED_EXIT_STORE_CLOSE:?}; exiting anyway"
+        ),
+    }
+    std::process::exit(128 + signo)
 }
 
 /// SIGHUP: re-read the configuration and apply what can change while running.

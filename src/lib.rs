@@ -3,8 +3,9 @@
 //! Map of the crate (one concern per room):
 //!
 //! * `config`   — every knob: defaults, TOML file, env vars, flags; validation.
-//! * `server`   — the hyper accept loop (counters, connection limit, timeouts,
-//!   graceful shutdown), the router and the HTTP handlers.
+//! * `server`   — the hyper accept loop (counters, connection limit, the
+//!   self-probe's door, header size and time limits, graceful shutdown), the
+//!   router and the HTTP handlers.
 //! * `agent`    — bounded conversation history and the runtimes that answer
 //!   prompts.
 //! * `store`    — the single SQLite connection, owned by one thread (actor).

@@ -146,6 +146,14 @@ fn metrics_carry_every_health_gauge_and_count_executions() {
         diag["conversation_history_size"].as_f64().unwrap()
     );
     assert!(s["agentd_store_commits_total"] >= 1.0);
+    let a = &h["accept_loop"];
+    assert_eq!(
+        s["agentd_connections_max"],
+        a["connections_max"].as_f64().unwrap()
+    );
+    assert_eq!(s["agentd_accept_loop_saturated"], 0.0);
+    assert_eq!(a["saturated"], false);
+    assert_eq!(s["agentd_connections_rejected_per_second"], 0.0);
     assert_eq!(s["agentd_health_status{status=\"healthy\"}"], 1.0);
     for check in ["self_probe", "state_lock", "store", "executor"] {
         assert_eq!(

@@ -4,13 +4,11 @@
 //! Each proves one part of the data path still moves; the runner gives each its
 //! own deadline, so a check here may simply await and let the deadline decide.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::checks::{resources_check, runtime_lag_check, Check, CheckFailure};
-use super::probe::{self_probe_check, ProbeTarget};
+use super::probe::self_probe_via_door;
 use crate::app::App;
 use crate::store::StoreError;
 
@@ -19,25 +17,10 @@ use crate::store::StoreError;
 /// cannot keep itself degraded).
 pub const PROBE_PATH: &str = "/health?probe=1";
 
-/// Where the self-probe connects for a listener bound to `addr`: the wildcard
-/// addresses are reached over loopback.
-pub fn probe_target_for_tcp(addr: SocketAddr) -> ProbeTarget {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    ProbeTarget::Tcp(SocketAddr::new(ip, addr.port()))
-}
-
-pub fn probe_target_for_unix(path: PathBuf) -> ProbeTarget {
-    ProbeTarget::Unix(path)
-}
-
-pub fn build_checks(app: &Arc<App>, probe: ProbeTarget) -> Vec<Check> {
+pub fn build_checks(app: &Arc<App>) -> Vec<Check> {
     let deadline = app.health.deadline;
     vec![
-        self_probe_check(probe, PROBE_PATH),
+        self_probe_via_door(app.probe_door.clone(), PROBE_PATH),
         runtime_lag_check(deadline),
         state_lock_check(app.clone()),
         store_check(app.clone()),
@@ -117,17 +100,4 @@ fn executor_check(app: Arc<App>, deadline: Duration) -> Check {
             ))
         })
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcard_listeners_are_probed_over_loopback() {
-        let t = probe_target_for_tcp("0.0.0.0:8420".parse().unwrap());
-        assert!(matches!(t, ProbeTarget::Tcp(a) if a.to_string() == "127.0.0.1:8420"));
-        let t = probe_target_for_tcp("[::]:1".parse().unwrap());
-        assert!(matches!(t, ProbeTarget::Tcp(a) if a.to_string() == "[::1]:1"));
-    }
 }

@@ -5,11 +5,18 @@
 //! that broke when a server kept its port in LISTEN while answering nothing.
 //! It passes only on status 200.
 //!
+//! `self_probe_check` connects to a listener address (TCP or Unix). agentd's
+//! own tick uses `self_probe_via_door`: the same request over a connection
+//! handed straight to the accept loop (`server::ProbeDoor`), so a flood that
+//! fills every client slot and the listen backlog cannot fail it, while a
+//! stalled accept loop still does.
+//!
 //! Not for: probing other services, or reusing connections (a kept-alive
 //! connection would bypass the accept loop, which is the thing under test).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
@@ -20,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::checks::Check;
+use crate::server::ProbeDoor;
 
 /// Where the server's own listener is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +64,25 @@ pub fn self_probe_check(target: ProbeTarget, path_and_query: &'static str) -> Ch
                     request(stream, "localhost", path_and_query).await?
                 }
             };
+            if status == StatusCode::OK {
+                Ok(Some("HTTP 200".into()))
+            } else {
+                Err(format!("HTTP {}", status.as_u16()))
+            }
+        }
+    })
+}
+
+/// The `self_probe` check over the accept loop's probe door: a new
+/// connection each run, served by the accept loop, hyper and the handler;
+/// passes on 200. A door that is not taken (the loop stalled) ends at the
+/// runner's deadline.
+pub fn self_probe_via_door(door: Arc<ProbeDoor>, path_and_query: &'static str) -> Check {
+    Check::new("self_probe", move || {
+        let door = door.clone();
+        async move {
+            let stream = door.connect().await.map_err(|e| e.to_string())?;
+            let status = request(stream, "localhost", path_and_query).await?;
             if status == StatusCode::OK {
                 Ok(Some("HTTP 200".into()))
             } else {

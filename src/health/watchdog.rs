@@ -197,8 +197,15 @@ pub fn status_line(app: &App) -> String {
     let g = app.executor.gauges();
     let (size, limit) = app.history_gauges();
     let p = app.health.gauges.get();
+    // Saturation is load, not a wedge: said here, while the pings go on.
+    let busy = app
+        .stats
+        .saturation()
+        .busy_summary()
+        .map(|b| format!(" · {b}"))
+        .unwrap_or_default();
     format!(
-        "healthy · {} running · {} queued · history {size}/{limit} · fds {}/{}",
+        "healthy{busy} · {} running · {} queued · history {size}/{limit} · fds {}/{}",
         g.running, g.queued, p.open_fds, p.fd_soft
     )
 }

@@ -319,6 +319,30 @@ fn accept_loop(m: &mut Exposition, app: &App) {
         s.connections_rejected as f64,
     );
     m.one(
+        "agentd_connections_max",
+        Kind::Gauge,
+        "Client connections served at once before new ones get a fast 503 (AGENTD_MAX_CONNECTIONS).",
+        s.connections_max as f64,
+    );
+    m.one(
+        "agentd_accept_loop_saturated",
+        Kind::Gauge,
+        "1 while every client slot is taken or connections were turned away in the last few seconds (load, not a wedge).",
+        f64::from(u8::from(s.saturated)),
+    );
+    m.one(
+        "agentd_connections_rejected_per_second",
+        Kind::Gauge,
+        "Connections turned away per second over the last few seconds.",
+        s.rejected_per_second,
+    );
+    m.one(
+        "agentd_probe_connections_reserved_total",
+        Kind::Counter,
+        "Self-probe connections served while every client slot was taken.",
+        s.probe_connections_reserved as f64,
+    );
+    m.one(
         "agentd_requests_total",
         Kind::Counter,
         "HTTP requests completed.",

@@ -3,9 +3,23 @@
 //! The accept loop is ours (no framework hides it) because health depends on
 //! it: it counts accepts and completed requests, caps concurrent connections
 //! (an over-limit connection gets a fast 503 + `Connection: close`, never an
-//! unbounded queue), bounds header reads (slowloris) and idle keep-alive
-//! connections, and drains in-flight requests on shutdown. Connections are
-//! tasks, never threads.
+//! unbounded queue), bounds header reads in time (slowloris) and in bytes
+//! (`AGENTD_MAX_HEADER_BYTES`, 431), closes idle keep-alive connections, and
+//! drains in-flight requests on shutdown. Connections are tasks, never
+//! threads.
+//!
+//! Busy is not wedged: the self-probe never competes with clients, neither
+//! for a connection slot nor for a place in the kernel's accept queue. It
+//! enters through its own door into this same loop (`ProbeDoor`: one end of
+//! a Unix socket pair, handed over a bounded channel that the loop selects
+//! on beside the listener) and is served on one of `PROBE_RESERVED_SLOTS`
+//! slots no client can take, through hyper and the `/health` handler like
+//! any request. A stalled loop therefore still fails the probe (the door is
+//! not taken), while a flood that fills every client slot and overflows the
+//! listen backlog only shows as `saturated` in `/health` and `busy:` in
+//! `STATUS=`. The listening socket itself is watched by what the loop counts
+//! (`accept_errors`, `last_accept_at`) and, under systemd, by the end-to-end
+//! suite's wedges.
 //!
 //! `run` takes its listener and its shutdown future as arguments, so tests bind
 //! port 0 and pass a future they control. Routing and handlers live in
@@ -17,6 +31,7 @@ pub mod executions;
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod parse_errors;
 pub mod router;
 pub mod stats;
 pub mod status;
@@ -38,6 +53,56 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use parse_errors::JsonParseErrors;
+
+/// Self-probe connections served at once (a tick and a `?deep=1` run may
+/// overlap); slots beside the client cap that only the probe takes, and the
+/// bound of the probe door's queue.
+pub const PROBE_RESERVED_SLOTS: usize = 2;
+
+/// The self-probe's own way into the accept loop (see the module doc).
+pub struct ProbeDoor {
+    tx: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    /// Taken once by the accept loop.
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>>>,
+}
+
+/// Why the probe could not get through its door.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeDoorError {
+    #[error("cannot create a socket pair: {0}")]
+    SocketPair(io::Error),
+    #[error("the accept loop has stopped")]
+    Closed,
+}
+
+impl Default for ProbeDoor {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(PROBE_RESERVED_SLOTS);
+        ProbeDoor {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl ProbeDoor {
+    /// A connection to the accept loop: our end of a socket pair whose other
+    /// end the loop serves. Waits for room in the door's queue (a stalled
+    /// loop never makes room; the caller's deadline decides).
+    pub async fn connect(&self) -> Result<tokio::net::UnixStream, ProbeDoorError> {
+        let (ours, theirs) = tokio::net::UnixStream::pair().map_err(ProbeDoorError::SocketPair)?;
+        self.tx
+            .send(theirs)
+            .await
+            .map_err(|_| ProbeDoorError::Closed)?;
+        Ok(ours)
+    }
+
+    fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>> {
+        self.rx.lock().ok().and_then(|mut rx| rx.take())
+    }
+}
 
 /// Connections being turned away at once. Rejecting costs a task for up to
 /// `REJECT_BUDGET`; past this many, extra connections are closed without an
@@ -55,6 +120,9 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// (`accept_errors` in `/health`) and logged at debug, so an fd storm cannot
 /// flood the journal.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// hyper's smallest allowed read buffer (`max_buf_size` panics below it).
+const HYPER_MIN_BUF: usize = 8192;
 
 /// Body of the over-limit answer, written by hand: no hyper connection (and no
 /// allocation per byte) is spent on a connection we will not serve.
@@ -104,13 +172,18 @@ impl Listener {
 pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let max = app.config.max_connections;
     let slots = Arc::new(Semaphore::new(max));
+    // Beside the client cap, never taken by a client: see the module doc.
+    let probe_slots = Arc::new(Semaphore::new(PROBE_RESERVED_SLOTS));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let draining = CancellationToken::new();
+    app.stats.connections_max.store(max, Relaxed);
     app.faults
         .loopback_listener
         .store(listener.is_loopback(), Relaxed);
     let mut shutdown = pin!(shutdown);
     let mut last_accept_warning: Option<Instant> = None;
+    // Only one accept loop serves the door; a second `run` (tests) has none.
+    let mut door = app.probe_door.take_receiver();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -119,6 +192,10 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
                 // Fault injection: stop accepting, keep the socket in LISTEN.
                 shutdown.as_mut().await;
                 break;
+            }
+            Some(stream) = async { door.as_mut()?.recv().await } => {
+                serve_probe(stream, &app, &slots, &probe_slots, &draining);
+                continue;
             }
             r = accept(&listener) => r,
         };
@@ -137,22 +214,25 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
             }
         };
         app.stats.accepted();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let slot = slots.clone().try_acquire_owned().ok();
+        match slot {
+            Some(permit) => {
                 let app = app.clone();
                 let draining = draining.clone();
                 tokio::spawn(async move {
                     app.stats.connections_open.fetch_add(1, Relaxed);
+                    app.stats.client_slots_used.fetch_add(1, Relaxed);
                     match conn {
                         Conn::Tcp(s) => serve(s, &app, draining).await,
                         Conn::Unix(s) => serve(s, &app, draining).await,
                     }
+                    app.stats.client_slots_used.fetch_sub(1, Relaxed);
                     app.stats.connections_open.fetch_sub(1, Relaxed);
                     drop(permit);
                 });
             }
-            Err(_) => {
-                app.stats.connections_rejected.fetch_add(1, Relaxed);
+            None => {
+                app.stats.rejected();
                 if let Ok(permit) = rejecting.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         match conn {
@@ -169,8 +249,11 @@ pub async fn run(listener: Listener, app: Arc<App>, shutdown: impl Future<Output
     draining.cancel();
     let open = max - slots.available_permits();
     tracing::info!(open_connections = open, "stopped accepting; draining");
-    let drained =
-        tokio::time::timeout(app.config.drain_timeout, slots.acquire_many(max as u32)).await;
+    let drained = tokio::time::timeout(app.config.drain_timeout, async {
+        let _clients = slots.acquire_many(max as u32).await;
+        let _probes = probe_slots.acquire_many(PROBE_RESERVED_SLOTS as u32).await;
+    })
+    .await;
     if drained.is_err() {
         tracing::warn!(
             still_open = max - slots.available_permits(),
@@ -194,6 +277,30 @@ async fn accept(listener: &Listener) -> io::Result<Conn> {
         }
         Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
     }
+}
+
+/// Serve a connection that came through the probe door on a reserved slot.
+/// With both reserved slots busy (two probes still running), it is dropped:
+/// the probe then fails, which is right, because probes should not pile up.
+fn serve_probe(
+    stream: tokio::net::UnixStream,
+    app: &Arc<App>,
+    slots: &Semaphore,
+    probe_slots: &Arc<Semaphore>,
+    draining: &CancellationToken,
+) {
+    let Ok(permit) = probe_slots.clone().try_acquire_owned() else {
+        return;
+    };
+    if slots.available_permits() == 0 {
+        app.stats.probe_connections_reserved.fetch_add(1, Relaxed);
+    }
+    let app = app.clone();
+    let draining = draining.clone();
+    tokio::spawn(async move {
+        serve(stream, &app, draining).await;
+        drop(permit);
+    });
 }
 
 /// Serve one connection until it closes, goes idle too long, or the drain asks
@@ -221,11 +328,19 @@ where
             }
         })
     };
+    let max_header_bytes = app.config.max_header_bytes;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.header_read_timeout)
+        // Headers over the limit get 431; the read buffer never grows past
+        // it (hyper's floor is 8 KiB), so header memory per connection is
+        // bounded whatever a client sends.
+        .max_header_size(max_header_bytes)
+        .max_buf_size(max_header_bytes.max(HYPER_MIN_BUF))
+        .max_headers(parse_errors::MAX_HEADER_FIELDS)
         .keep_alive(true);
+    let io = JsonParseErrors::new(io, max_header_bytes);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = pin!(conn);
     let idle_timeout = app.config.idle_timeout;

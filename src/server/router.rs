@@ -1,9 +1,10 @@
-//! Routing: path + method → handler, the bearer-token gate on `/api/*`, and
-//! 404/405 answers. Every handler error becomes a response here, in one place.
+//! Routing: path + method → handler, the `Host` rule, the bearer-token gate on
+//! `/api/*`, and 404/405 answers. Every handler error becomes a response here,
+//! in one place.
 
 use std::sync::Arc;
 
-use http::{Method, Request, Response};
+use http::{header, Method, Request, Response, Version};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
@@ -12,6 +13,9 @@ use super::{api, executions, health, metrics, status};
 use crate::app::App;
 
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    if let Err(e) = check_host(&req) {
+        return e.into_response();
+    }
     let path = req.uri().path();
     // `/health` first: it is the hot, cheap path.
     if path == "/health" {
@@ -88,6 +92,33 @@ pub fn not_allowed<B>(req: &Request<B>, allowed: &'static str) -> ApiError {
     }
 }
 
+/// RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request without a
+/// `Host` field, and to any request with more than one. (HTTP/1.0 clients may
+/// omit it.)
+fn check_host<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ApiError::bad(
+            format!("{hosts} Host header fields; a request must carry exactly one"),
+            "bad_host",
+        ));
+    }
+    if hosts == 0 && req.version() == Version::HTTP_11 {
+        return Err(ApiError::bad(
+            "missing Host header field (required in HTTP/1.1)",
+            "bad_host",
+        ));
+    }
+    Ok(())
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme
+/// is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are `Bearer`.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// `Authorization: Bearer <token>` when a token is configured; constant-time
 /// comparison so the token cannot be guessed byte by byte.
 fn authorize<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
@@ -98,12 +129,42 @@ fn authorize<B>(app: &App, req: &Request<B>) -> Result<(), ApiError> {
         .headers()
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_other_schemes_are_not_bearer() {
+        for v in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR   abc  "] {
+            assert_eq!(bearer_token(v), Some("abc"), "{v:?}");
+        }
+        for v in ["Basic abc", "Bearerabc", "Token abc", "abc", ""] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn host_must_appear_once_in_http_1_1() {
+        let req = |version, hosts: &[&str]| {
+            let mut b = Request::builder().uri("/health").version(version);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(check_host(&req(Version::HTTP_11, &["a"])).is_ok());
+        assert!(check_host(&req(Version::HTTP_11, &[])).is_err());
+        assert!(check_host(&req(Version::HTTP_11, &["a", "b"])).is_err());
+        assert!(check_host(&req(Version::HTTP_10, &[])).is_ok());
+        assert!(check_host(&req(Version::HTTP_10, &["a", "a"])).is_err());
     }
 }

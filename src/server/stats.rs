@@ -1,7 +1,8 @@
 //! Accept-loop counters: plain atomics, so `/health` reads them without a lock
-//! and a wedged handler cannot hide them.
+//! and a wedged handler cannot hide them. Also the recent rejection rate and
+//! the saturation flag (load, reported; never a reason to stop petting).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -14,16 +15,39 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds of rejections the recent rate averages over. Long enough that a
+/// burst shows in a `/health` read a second later, short enough that the rate
+/// falls back to 0 soon after a flood ends.
+pub const REJECT_RATE_WINDOW_S: u64 = 5;
+
+/// One-second buckets kept (the window plus the second being filled).
+const REJECT_BUCKETS: usize = REJECT_RATE_WINDOW_S as usize + 1;
+
 #[derive(Debug, Default)]
 pub struct AcceptStats {
     pub connections_total: AtomicU64,
     /// Connections turned away with 503 because the connection limit was hit.
     pub connections_rejected: AtomicU64,
     pub connections_open: AtomicU64,
+    /// Client slots in use (the probe's reserved slots not counted), compared
+    /// with `connections_max` to say "saturated".
+    pub client_slots_used: AtomicUsize,
+    /// The client connection cap (`AGENTD_MAX_CONNECTIONS`), set when the
+    /// accept loop starts.
+    pub connections_max: AtomicUsize,
+    /// Self-probe connections served while every client slot was taken:
+    /// proof that the probe did not compete with clients.
+    pub probe_connections_reserved: AtomicU64,
     pub requests_total: AtomicU64,
     pub accept_errors: AtomicU64,
     last_accept_ms: AtomicU64,
     last_request_completed_ms: AtomicU64,
+    /// Rejections per second for the last few seconds: bucket i counts the
+    /// rejections of the second stored in `reject_epochs[i]`. Racy by design
+    /// (two threads may reset a bucket at once and lose a count): it is a
+    /// rate for people, not a counter; `connections_rejected` is exact.
+    reject_counts: [AtomicU64; REJECT_BUCKETS],
+    reject_epochs: [AtomicU64; REJECT_BUCKETS],
 }
 
 #[derive(Debug, Serialize)]
@@ -31,6 +55,16 @@ pub struct AcceptSnapshot {
     pub connections_total: u64,
     pub connections_open: u64,
     pub connections_rejected: u64,
+    /// Client connection cap (`AGENTD_MAX_CONNECTIONS`).
+    pub connections_max: usize,
+    /// True when every client slot is taken or connections were turned away
+    /// in the last `REJECT_RATE_WINDOW_S` seconds. Load, not a wedge.
+    pub saturated: bool,
+    /// Connections turned away per second over the last
+    /// `REJECT_RATE_WINDOW_S` seconds.
+    pub rejected_per_second: f64,
+    /// Self-probe connections served while every client slot was taken.
+    pub probe_connections_reserved: u64,
     pub requests_total: u64,
     pub accept_errors: u64,
     /// Unix seconds, or null before the first one.
@@ -56,17 +90,144 @@ impl AcceptStats {
         self.last_request_completed_ms.store(now_unix_ms(), Relaxed);
     }
 
+    /// Count one connection turned away at the cap.
+    pub fn rejected(&self) {
+        self.connections_rejected.fetch_add(1, Relaxed);
+        self.count_rejection_at(now_unix_ms() / 1000);
+    }
+
+    fn count_rejection_at(&self, second: u64) {
+        let i = (second % REJECT_BUCKETS as u64) as usize;
+        if self.reject_epochs[i].swap(second, Relaxed) != second {
+            self.reject_counts[i].store(0, Relaxed);
+        }
+        self.reject_counts[i].fetch_add(1, Relaxed);
+    }
+
+    /// Rejections per second over the last `REJECT_RATE_WINDOW_S` whole
+    /// seconds before `now_s`.
+    fn rejected_per_second_at(&self, now_s: u64) -> f64 {
+        let since = now_s.saturating_sub(REJECT_RATE_WINDOW_S);
+        let total: u64 = (0..REJECT_BUCKETS)
+            .filter(|&i| {
+                let epoch = self.reject_epochs[i].load(Relaxed);
+                epoch >= since && epoch < now_s
+            })
+            .map(|i| self.reject_counts[i].load(Relaxed))
+            .sum();
+        total as f64 / REJECT_RATE_WINDOW_S as f64
+    }
+
+    /// Rejections per second, recently (see `REJECT_RATE_WINDOW_S`).
+    pub fn rejected_per_second(&self) -> f64 {
+        self.rejected_per_second_at(now_unix_ms() / 1000)
+    }
+
+    /// Whether the last second being filled saw a rejection (the rate only
+    /// counts whole seconds).
+    fn rejected_this_second(&self, now_s: u64) -> bool {
+        let i = (now_s % REJECT_BUCKETS as u64) as usize;
+        self.reject_epochs[i].load(Relaxed) == now_s && self.reject_counts[i].load(Relaxed) > 0
+    }
+
+    /// Saturated: every client slot is taken, or connections were turned
+    /// away recently.
+    pub fn saturation(&self) -> Saturation {
+        let now_s = now_unix_ms() / 1000;
+        let rate = self.rejected_per_second_at(now_s);
+        let used = self.client_slots_used.load(Relaxed);
+        let max = self.connections_max.load(Relaxed);
+        Saturation {
+            saturated: (max > 0 && used >= max) || rate > 0.0 || self.rejected_this_second(now_s),
+            used,
+            max,
+            rejected_per_second: rate,
+        }
+    }
+
     pub fn snapshot(&self) -> AcceptSnapshot {
         let completed = secs(self.last_request_completed_ms.load(Relaxed));
+        let sat = self.saturation();
         AcceptSnapshot {
             connections_total: self.connections_total.load(Relaxed),
             connections_open: self.connections_open.load(Relaxed),
             connections_rejected: self.connections_rejected.load(Relaxed),
+            connections_max: sat.max,
+            saturated: sat.saturated,
+            rejected_per_second: sat.rejected_per_second,
+            probe_connections_reserved: self.probe_connections_reserved.load(Relaxed),
             requests_total: self.requests_total.load(Relaxed),
             accept_errors: self.accept_errors.load(Relaxed),
             last_accept_at: secs(self.last_accept_ms.load(Relaxed)),
             last_request_completed_at: completed,
             last_request_at: completed,
         }
+    }
+}
+
+/// The accept loop's load, as `/health` and `STATUS=` report it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Saturation {
+    pub saturated: bool,
+    /// Client slots in use and the cap.
+    pub used: usize,
+    pub max: usize,
+    pub rejected_per_second: f64,
+}
+
+impl Saturation {
+    /// `busy: connections 1024/1024, 35 rejected/s` when saturated.
+    pub fn busy_summary(&self) -> Option<String> {
+        self.saturated.then(|| {
+            format!(
+                "busy: connections {}/{}, {} rejected/s",
+                self.used,
+                self.max,
+                self.rejected_per_second.round() as u64
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_rate_counts_whole_recent_seconds_only() {
+        let s = AcceptStats::default();
+        for _ in 0..10 {
+            s.count_rejection_at(100);
+        }
+        for _ in 0..5 {
+            s.count_rejection_at(101);
+        }
+        // At 102 both seconds are in the window: 15 over 5 s.
+        assert_eq!(s.rejected_per_second_at(102), 3.0);
+        // The second being filled does not count yet.
+        s.count_rejection_at(102);
+        assert_eq!(s.rejected_per_second_at(102), 3.0);
+        // Long after, the window is empty again, and a reused bucket restarts.
+        assert_eq!(s.rejected_per_second_at(200), 0.0);
+        // 300 lands in the bucket that held 102: it restarts from zero.
+        assert_eq!(300 % REJECT_BUCKETS, 102 % REJECT_BUCKETS);
+        s.count_rejection_at(300);
+        assert_eq!(s.rejected_per_second_at(301), 0.2);
+    }
+
+    #[test]
+    fn saturated_when_every_client_slot_is_taken() {
+        let s = AcceptStats::default();
+        s.connections_max.store(4, Relaxed);
+        s.client_slots_used.store(3, Relaxed);
+        assert!(!s.saturation().saturated);
+        assert_eq!(s.saturation().busy_summary(), None);
+        s.client_slots_used.store(4, Relaxed);
+        let sat = s.saturation();
+        assert!(sat.saturated);
+        assert_eq!(
+            sat.busy_summary().as_deref(),
+            Some("busy: connections 4/4, 0 rejected/s")
+        );
     }
 }
