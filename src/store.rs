@@ -173,6 +173,11 @@ enum Request {
         runtime: String,
         reply: Reply<CliSession>,
     },
+    NextGeneration {
+        session_id: String,
+        runtime: String,
+        reply: Reply<CliSession>,
+    },
     Recent {
         limit: usize,
         reply: Reply<Vec<Message>>,
@@ -333,6 +338,22 @@ impl Store {
         runtime: String,
     ) -> Result<CliSession, StoreError> {
         self.call(|reply| Request::CliSession {
+            session_id,
+            runtime,
+            reply,
+        })
+        .await
+    }
+
+    /// Move `session_id` to its next generation without deleting its
+    /// messages, and return the new CLI session its next turn runs in: for a
+    /// CLI session the CLI refuses both to create and to resume.
+    pub async fn next_cli_session(
+        &self,
+        session_id: String,
+        runtime: String,
+    ) -> Result<CliSession, StoreError> {
+        self.call(|reply| Request::NextGeneration {
             session_id,
             runtime,
             reply,
@@ -541,6 +562,17 @@ impl Worker {
                 } => {
                     let _ = reply.send(self.cli_session(&session_id, &runtime).map_err(Into::into));
                 }
+                Request::NextGeneration {
+                    session_id,
+                    runtime,
+                    reply,
+                } => {
+                    let r = self.still_ours().and_then(|()| {
+                        self.next_generation(&session_id, &runtime)
+                            .map_err(Into::into)
+                    });
+                    let _ = reply.send(r);
+                }
                 Request::Recent { limit, reply } => {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
                 }
@@ -671,6 +703,24 @@ impl Worker {
             )?
             .exists(params![runtime, id])?;
         Ok(CliSession { id, exists })
+    }
+
+    /// Raise the session's generation by one (its messages stay) and name
+    /// the CLI session that generation maps to.
+    fn next_generation(&mut self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
+        let next = self.generation(session_id)? + 1;
+        self.set_generation(session_id, next)?;
+        self.cli_session(session_id, runtime)
+    }
+
+    fn set_generation(&self, key: &str, generation: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
+                 ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
+            )?
+            .execute(params![key, generation as i64])?;
+        Ok(())
     }
 
     /// Keep the newest `retention` rows (ids grow monotonically).

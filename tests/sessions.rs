@@ -163,21 +163,36 @@ async fn a_failed_first_turn_is_repaired_by_resuming() {
         );
         // The CLI kept the failed turn's session; the store did not record it.
         // The next turn's --session-id is refused and retried with --resume.
+        // Claude Code resumes it; Gemini CLI cannot resume a session with no
+        // answered turn either, so agentd moves on to a new CLI session.
         let body = turn(&server, Some("demo"), "two").await;
-        assert_eq!(body["response"], "seen: FAIL one | two", "{runtime}");
         let id = v5("demo");
-        assert_eq!(
-            calls(dir.path()),
-            [
-                format!("--session-id {id}"),
-                format!("--session-id {id}"),
-                format!("--resume {id}")
-            ],
-            "{runtime}"
-        );
+        let mut expected = vec![
+            format!("--session-id {id}"),
+            format!("--session-id {id}"),
+            format!("--resume {id}"),
+        ];
+        let resumed = if runtime == "claude-code" {
+            assert_eq!(body["response"], "seen: FAIL one | two");
+            id
+        } else {
+            assert_eq!(body["response"], "seen: two");
+            let fresh = v5("demo#1");
+            expected.push(format!("--session-id {fresh}"));
+            fresh
+        };
+        assert_eq!(body["metadata"]["agent_session_id"], resumed.as_str());
+        assert_eq!(calls(dir.path()), expected, "{runtime}");
         // Now recorded: the third turn resumes at once.
-        turn(&server, Some("demo"), "three").await;
-        assert_eq!(calls(dir.path())[3..], [format!("--resume {id}")]);
+        let body = turn(&server, Some("demo"), "three").await;
+        assert!(
+            body["response"].as_str().unwrap().ends_with("two | three"),
+            "{runtime}: {body}"
+        );
+        assert_eq!(
+            calls(dir.path())[expected.len()..],
+            [format!("--resume {resumed}")]
+        );
         server.stop().await;
     }
 }

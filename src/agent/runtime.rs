@@ -126,6 +126,12 @@ pub struct ResultLine {
 pub struct AgentReport {
     pub session_id: Option<String>,
     pub model: Option<String>,
+    /// The CLI refused both to create (`--session-id`) and to resume
+    /// (`--resume`) the CLI session the store named: its copy is unusable
+    /// (Gemini CLI keeps the session of a failed first turn but cannot resume
+    /// it). The chat handler then moves the agentd session to a new CLI
+    /// session instead of failing every later turn.
+    pub session_refused: bool,
 }
 
 /// Everything a runtime learned about one execution.

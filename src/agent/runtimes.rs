@@ -330,7 +330,10 @@ async fn run_with_session_recovery(
     );
     let mut again = req.clone();
     again.timeout = left;
-    run_child(command(Some(retry)), &again, ctx, limits).await
+    let mut outcome = run_child(command(Some(retry)), &again, ctx, limits).await;
+    // Refused both ways: no flag can reach this CLI session any more.
+    outcome.agent.session_refused = recovery(retry, &outcome).is_some();
+    outcome
 }
 
 /// The session arguments of a chat turn (`--session-id U` / `--resume U`), or

@@ -5,7 +5,7 @@
 //! history.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -16,7 +16,7 @@ use super::http::{json as json_response, parse_json_object, read_body, ApiError,
 use crate::agent::executor::{Execution, Finish, Submission};
 use crate::agent::history::{Message, Role};
 use crate::agent::runtime::ExecutionKind;
-use crate::agent::sessions::{normalise_session_id, MAX_SESSION_ID_LEN};
+use crate::agent::sessions::{normalise_session_id, CliSession, MAX_SESSION_ID_LEN};
 use crate::app::{unix_now, App};
 use crate::store::CliSessionRecord;
 
@@ -167,7 +167,7 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     };
     let timeout = timeout_field(&obj, app)?;
     let runtime = app.runtime().name();
-    let cli_session = if app.runtime().keeps_sessions() {
+    let mut cli_session = if app.runtime().keeps_sessions() {
         Some(
             app.store
                 .cli_session(session_id.clone(), runtime.to_owned())
@@ -177,14 +177,37 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         None
     };
     let asked_at = unix_now();
-    let exec = app.executor.submit(Submission {
-        kind: ExecutionKind::Chat,
-        session_id: session_id.clone(),
-        prompt: message.clone(),
-        timeout,
-        cli_session: cli_session.clone(),
-    })?;
-    let finish = exec.finished().await;
+    let asked = Instant::now();
+    let submit = |cli_session: Option<CliSession>, timeout: Duration| {
+        app.executor.submit(Submission {
+            kind: ExecutionKind::Chat,
+            session_id: session_id.clone(),
+            prompt: message.clone(),
+            timeout,
+            cli_session,
+        })
+    };
+    let mut exec = submit(cli_session.clone(), timeout)?;
+    let mut finish = exec.finished().await;
+    let refused = matches!(&finish, Finish::Ran { outcome, .. } if outcome.agent.session_refused);
+    let left = timeout.saturating_sub(asked.elapsed());
+    if let (true, Some(old)) = (refused && !left.is_zero(), &cli_session) {
+        // The CLI can neither create nor resume the session the store names:
+        // without a new one, every later turn of this session would fail too.
+        let fresh = app
+            .store
+            .next_cli_session(session_id.clone(), runtime.to_owned())
+            .await?;
+        tracing::warn!(
+            session_id = %session_id,
+            refused = %old.id,
+            fresh = %fresh.id,
+            "the agent CLI refuses to create or resume its session; the turn runs in a new CLI session"
+        );
+        cli_session = Some(fresh.clone());
+        exec = submit(Some(fresh), left)?;
+        finish = exec.finished().await;
+    }
     let Finish::Ran {
         outcome,
         classified,
