@@ -6,12 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{get, post_json, Daemon, TestServer, WAIT};
@@ -152,7 +150,7 @@ fn state_dir_is_0700_and_its_files_0600_under_umask_022() {
             Ok(())
         });
     }
-    let mut daemon = spawn(cmd);
+    let mut daemon = Daemon::spawn(cmd);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // A chat makes SQLite write the WAL and shared memory files.
     let r = rt.block_on(post_json(daemon.addr, "/api/chat", &chat(0)));
@@ -163,33 +161,6 @@ fn state_dir_is_0700_and_its_files_0600_under_umask_022() {
     }
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(daemon.wait(), Some(0));
-}
-
-/// Start a prepared `agentd serve` command and wait for "listening on".
-fn spawn(mut cmd: Command) -> Daemon {
-    let mut child = cmd.spawn().expect("spawn");
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
-    let addr = match rx.recv_timeout(WAIT) {
-        Ok(a) => a.parse().expect("listening address"),
-        Err(_) => {
-            let _ = child.kill();
-            panic!("agentd did not start: {:?}", log.lock().unwrap());
-        }
-    };
-    Daemon { child, addr, log }
 }
 
 /// Write zeros to `path` until the file system says it is full.
@@ -234,7 +205,7 @@ fn full_disk_is_507_degraded_without_a_wedge_and_recovers() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut daemon = spawn(cmd);
+    let mut daemon = Daemon::spawn(cmd);
     let inside: PathBuf = format!("/proc/{}/root{}", daemon.pid(), state.display()).into();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -281,6 +281,12 @@ impl Daemon {
         for (k, v) in vars {
             cmd.env(k, v);
         }
+        Self::spawn(cmd)
+    }
+
+    /// Start a prepared `agentd serve` command (stderr piped) and wait for
+    /// its "listening on" line.
+    pub fn spawn(mut cmd: Command) -> Daemon {
         let mut child = cmd.spawn().expect("spawn agentd");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
