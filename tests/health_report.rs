@@ -160,14 +160,8 @@ fn degraded_server_exits_1_and_lists_the_failing_check_first() {
     let u = url(d.addr);
     let _ = await_code(&["--url", &u], 0);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let injected = rt.block_on(common::request(
-        d.addr,
-        "POST",
-        "/debug/fault/deadlock-state",
-        &[],
-        bytes::Bytes::new(),
-    ));
-    assert_eq!(injected.status, 200);
+    let injected = rt.block_on(common::inject_fault(d.addr, "deadlock-state"));
+    assert_eq!(injected, 200);
     let r = await_code(&["--url", &u], 1);
     assert!(r.stdout.contains(": DEGRADED"), "{}", r.stdout);
     let first_check = r

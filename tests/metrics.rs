@@ -196,14 +196,8 @@ fn a_failing_check_shows_in_check_and_watchdog_series() {
         dir.path(),
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let injected = rt.block_on(common::request(
-        d.addr,
-        "POST",
-        "/debug/fault/deadlock-state",
-        &[],
-        bytes::Bytes::new(),
-    ));
-    assert_eq!(injected.status, 200);
+    let injected = rt.block_on(common::inject_fault(d.addr, "deadlock-state"));
+    assert_eq!(injected, 200);
     let deadline = Instant::now() + WAIT;
     let s = loop {
         let s = samples(&get(&rt, d.addr, "/metrics").text());

@@ -229,14 +229,6 @@ mod faults {
         std::fs::metadata(p).unwrap().modified().unwrap()
     }
 
-    /// `POST /debug/fault/{kind}`; returns the HTTP status.
-    async fn inject(addr: std::net::SocketAddr, kind: &str) -> u16 {
-        let path = format!("/debug/fault/{kind}");
-        common::request(addr, "POST", &path, &[], bytes::Bytes::new())
-            .await
-            .status
-    }
-
     /// Inject `kind`, then prove: pings stop within two intervals, the
     /// keepalive file stops advancing, and (unless the loop itself is wedged)
     /// `STATUS=degraded: <check>` names the check.
@@ -249,7 +241,11 @@ mod faults {
         let d = start(&rx, dir.path(), &[("AGENTD_NOFILE_TARGET", "1024")]);
         assert!(rx.wait_for_count(is_ping, 3, common::WAIT));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        assert_eq!(rt.block_on(inject(d.addr, kind)), 200, "{kind}");
+        assert_eq!(
+            rt.block_on(common::inject_fault(d.addr, kind)),
+            200,
+            "{kind}"
+        );
         let injected = Instant::now();
         if let Some(check) = expect_check {
             let want = format!("STATUS=degraded: {check}");
@@ -373,7 +369,7 @@ mod faults {
         let rx = NotifyReceiver::path();
         let d = start(&rx, dir.path(), &[("AGENTD_WATCHDOG_TRIGGER_AFTER", "2")]);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        assert_eq!(rt.block_on(inject(d.addr, "hang-store")), 200);
+        assert_eq!(rt.block_on(common::inject_fault(d.addr, "hang-store")), 200);
         assert!(
             rx.wait_for(|m| has_line(m, "WATCHDOG=trigger"), common::WAIT)
                 .is_some(),
@@ -387,7 +383,7 @@ mod faults {
         let dir = tempfile::tempdir().unwrap();
         let d = Daemon::start(&[], dir.path());
         let rt = tokio::runtime::Runtime::new().unwrap();
-        assert_eq!(rt.block_on(inject(d.addr, "hang-store")), 404);
+        assert_eq!(rt.block_on(common::inject_fault(d.addr, "hang-store")), 404);
     }
 
     /// launchd mode (keepalive file, no systemd watchdog): when the loop stalls
@@ -418,7 +414,10 @@ mod faults {
         let h = rt.block_on(common::get(d.addr, "/health")).json();
         assert_eq!(h["watchdog"]["mode"], "keepalive-file");
         assert!(keepalive.exists());
-        assert_eq!(rt.block_on(inject(d.addr, "block-runtime")), 200);
+        assert_eq!(
+            rt.block_on(common::inject_fault(d.addr, "block-runtime")),
+            200
+        );
         // Bounded by Daemon::wait; SIGABRT is signal 6 (no exit code).
         let status = d.wait_status();
         use std::os::unix::process::ExitStatusExt;
@@ -444,7 +443,7 @@ mod faults {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let addr = d.addr;
         rt.block_on(async move {
-            assert_eq!(inject(addr, "deadlock-state").await, 200);
+            assert_eq!(common::inject_fault(addr, "deadlock-state").await, 200);
             let tasks: Vec<_> = (0..100)
                 .map(|_| tokio::spawn(async move { common::get(addr, "/health?deep=1").await }))
                 .collect();

@@ -373,3 +373,13 @@ fn placeholder_child() -> Child {
     let _ = c.wait();
     c
 }
+
+/// `POST /debug/fault/{kind}` (builds with the `fault-injection` feature);
+/// returns the HTTP status.
+#[allow(dead_code)]
+pub async fn inject_fault(addr: std::net::SocketAddr, kind: &str) -> u16 {
+    let path = format!("/debug/fault/{kind}");
+    request(addr, "POST", &path, &[], bytes::Bytes::new())
+        .await
+        .status
+}
