@@ -14,8 +14,13 @@ if body and body ~= "" then
   local sessions = tonumber(os.getenv("BENCH_SESSIONS") or "")
   if sessions and sessions > 1 then
     local bodies = {}
-    for i = 1, sessions do
-      bodies[i] = wrk.format(nil, nil, nil, (body:gsub("SESSION", "bench-" .. i)))
+    -- Formatted in init(), after wrk.init has added the Host header:
+    -- requests formatted at load time would have none (agentd answers an
+    -- HTTP/1.1 request without Host with 400).
+    function init(args)
+      for i = 1, sessions do
+        bodies[i] = wrk.format(nil, nil, nil, (body:gsub("SESSION", "bench-" .. i)))
+      end
     end
     local n = 0
     function request()
