@@ -98,6 +98,17 @@ const MIGRATIONS: &[&str] = &[
 /// session id.
 const GENERATION_FLOOR_KEY: &str = "*";
 
+/// Set the generation of `key` (a session id, or the floor), on the store
+/// connection or inside one of its transactions.
+fn set_generation(conn: &Connection, key: &str, generation: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
+         ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
+    )?
+    .execute(params![key, generation as i64])?;
+    Ok(())
+}
+
 #[derive(Debug, Error, Clone)]
 pub enum StoreError {
     #[error("state dir {path} is not usable: {reason}")]
@@ -709,18 +720,8 @@ impl Worker {
     /// the CLI session that generation maps to.
     fn next_generation(&mut self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
         let next = self.generation(session_id)? + 1;
-        self.set_generation(session_id, next)?;
+        set_generation(&self.conn, session_id, next)?;
         self.cli_session(session_id, runtime)
-    }
-
-    fn set_generation(&self, key: &str, generation: u64) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
-                 ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
-            )?
-            .execute(params![key, generation as i64])?;
-        Ok(())
     }
 
     /// Keep the newest `retention` rows (ids grow monotonically).
@@ -801,11 +802,7 @@ impl Worker {
                 tx.execute("DELETE FROM messages", [])?
             }
         };
-        tx.execute(
-            "INSERT INTO session_generations (session_id, generation) VALUES (?1, ?2)
-             ON CONFLICT (session_id) DO UPDATE SET generation = excluded.generation",
-            params![session.unwrap_or(GENERATION_FLOOR_KEY), next as i64],
-        )?;
+        set_generation(&tx, session.unwrap_or(GENERATION_FLOOR_KEY), next)?;
         tx.commit()?;
         Ok(n as u64)
     }

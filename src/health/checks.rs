@@ -94,13 +94,10 @@ impl Check {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Option<String>, String>> + Send + 'static,
     {
-        Check {
-            name,
-            run: Arc::new(move || {
-                let fut = f();
-                Box::pin(async move { fut.await.map_err(CheckFailure::Wedge) }) as Outcome
-            }),
-        }
+        Check::graded(name, move || {
+            let fut = f();
+            async move { fut.await.map_err(CheckFailure::Wedge) }
+        })
     }
 
     /// A check that can tell a wedge from a degradation
