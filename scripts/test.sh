@@ -9,24 +9,69 @@
 #   tests/agent_clis/run.sh    the real Claude Code and Gemini CLI (root)
 #   tests/people/run.sh        promtool, a real Prometheus, /status in Chromium
 #
-# Every suite runs even when an earlier one failed; the exit code is non-zero
-# when anything failed. `bash .ci/run` (as root) installs what they need.
+# Every step runs even when an earlier one failed (a failed fmt, clippy or
+# `cargo test` counts as a failure, and the suites after it still run); the
+# last line is `total: N passed, M failed` and the exit code is non-zero when
+# anything failed. The runtime tests run a second time with SIGINT ignored. `bash .ci/run` (as root) installs what they need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy (default features, then all features)"
-cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --all-targets --all-features -- -D warnings
+passed=0
+failed=0
+
+# step TITLE COMMAND...: a step with no count of its own (fmt, clippy); a
+# failure counts as one and the run goes on.
+step() {
+  local title=$1
+  shift
+  echo "== $title"
+  "$@" || { echo "$title failed"; failed=$((failed + 1)); }
+}
+
+# tests_ran TITLE EXIT-CODE: add the `test result:` lines in $log to the
+# totals. A non-zero exit with no failed test among them (a build error, a
+# crashed binary) counts as one failure.
+tests_ran() {
+  local p f
+  read -r p f < <(awk '/^test result:/ {
+    for (i = 2; i <= NF; i++) { if ($i ~ /^passed;/) p += $(i-1); if ($i ~ /^failed;/) f += $(i-1) }
+  } END { print p + 0, f + 0 }' "$log")
+  passed=$((passed + p))
+  failed=$((failed + f))
+  if [ "$2" != 0 ] && [ "$f" = 0 ]; then
+    echo "$1 exited $2 without a failed test (build error or crash)"
+    failed=$((failed + 1))
+  fi
+}
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy (default features)" cargo clippy --locked --all-targets -- -D warnings
+step "cargo clippy (all features)" cargo clippy --locked --all-targets --all-features -- -D warnings
+
 echo "== cargo test"
-cargo test --locked --all-features --lib --bins --tests 2>&1 | tee "$log"
-read -r passed failed < <(awk '/^test result:/ {
-  for (i = 2; i <= NF; i++) { if ($i ~ /^passed;/) p += $(i-1); if ($i ~ /^failed;/) f += $(i-1) }
-} END { print p + 0, f + 0 }' "$log")
+rc=0
+cargo test --locked --all-features --lib --bins --tests 2>&1 | tee "$log" || rc=$?
+tests_ran "cargo test" "$rc"
+
+# One runtime test binary again, started with SIGINT ignored and no stdin, as
+# `nohup`, `&` in a script and some CI runners start a job: agents must still
+# get SIGINT's default action, or SIGINT-first termination silently waits out
+# the grace period. The binary runs directly, so nothing between this shell
+# and the tests installs a SIGINT handler of its own.
+echo "== tests/runtimes.rs, started with SIGINT ignored"
+rc=0
+runtimes_bin=$(cargo test --locked --all-features --test runtimes --no-run 2>&1 \
+  | sed -n 's/^ *Executable tests\/runtimes\.rs (\(.*\))$/\1/p' | tail -n1) || true
+if [ -n "$runtimes_bin" ] && [ -x "$runtimes_bin" ]; then
+  (trap '' INT; exec "$runtimes_bin" --test-threads=2) </dev/null 2>&1 | tee "$log" || rc=$?
+  tests_ran "tests/runtimes.rs with SIGINT ignored" "$rc"
+else
+  echo "cannot find the runtimes test binary"
+  failed=$((failed + 1))
+fi
 
 # suite TITLE SKIP-REASON|"" SCRIPT [ARGS...]: run one end-to-end script and
 # add its `checks: N, failed: M` to the totals. A script that exits non-zero

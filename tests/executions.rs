@@ -484,6 +484,58 @@ fn setsid_and_double_forked_escapees_die_with_their_execution() {
     }
 }
 
+/// An agent that exits leaving a background shell and a `sleep` in its group:
+/// when the execution's answer arrives, both were killed *and reaped* (agentd
+/// has no child left, not even a zombie), and the answer says what was killed.
+#[test]
+fn an_execution_answers_with_no_process_and_no_zombie_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &[
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", &fixture("background-children.sh")),
+            ("AGENTD_HEALTH_INTERVAL", "1h"),
+        ],
+        dir.path(),
+    );
+    let agentd = d.pid();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..3 {
+        let r = rt.block_on(post_json(d.addr, "/api/task", &json!({"prompt": "p"})));
+        // Read at once: the orphan reaper's backstop (1 s grace, 10 s sweep)
+        // has not run, so only the end-of-execution sweep can have reaped them.
+        let children = procs::children(agentd);
+        let zombies = procs::zombie_children(agentd);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.json();
+        assert_eq!(body["response"], "left two behind\n", "{body}");
+        assert!(
+            children.is_empty(),
+            "round {round}: agentd has children at the answer: {children:?} (zombies {zombies:?})"
+        );
+        let killed = body["cleanup"]["group_killed"].as_u64().unwrap_or(0);
+        assert!(killed >= 2, "round {round}: cleanup {}", body["cleanup"]);
+        assert_eq!(body["cleanup"]["survivors"], 0, "{body}");
+        assert_eq!(body["cleanup"]["stopped_with"], Value::Null, "{body}");
+    }
+    drop(d);
+}
+
+/// An agent that exits by itself leaving nothing gets no `cleanup` block.
+#[tokio::test]
+async fn a_clean_execution_reports_no_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        &[("AGENTD_RUNTIME", "command"), ("AGENTD_RUNTIME_CMD", "cat")],
+        dir.path(),
+    )
+    .await;
+    let r = post_json(server.addr, "/api/task", &json!({"prompt": "p"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("cleanup").is_none(), "{}", r.text());
+    server.stop().await;
+}
+
 /// Orphans that dropped the execution tag (so only adoption can catch them)
 /// reparent to agentd and are reaped when they exit: agentd's children,
 /// zombies included, come back to none after many orphaning executions.

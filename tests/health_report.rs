@@ -219,7 +219,9 @@ fn a_silent_or_foreign_server_exits_2_within_the_timeout() {
     );
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("did not answer within"), "{}", r.stderr);
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // The 300 ms timeout was honoured, not a longer default (the silent
+    // listener never answers at all).
+    assert!(started.elapsed() < WAIT);
 
     // Answers HTTP, but not agentd's /health.
     let foreign = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -153,3 +153,93 @@ fn a_token_with_surrounding_whitespace_is_refused_at_start_without_printing_it()
     assert!(text.contains("whitespace"), "{text}");
     assert!(!text.contains(token), "the token was printed: {text}");
 }
+
+/// agentd started with signals ignored (as `nohup` or `&` in a script start
+/// it): its agents still start with default dispositions, so a timeout's
+/// SIGINT ends them, and the execution's JSON says which signal did.
+#[test]
+fn agents_of_a_server_started_with_signals_ignored_get_the_defaults() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(agentd_bin());
+    cmd.arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AGENTD_LISTEN", "127.0.0.1:0")
+        .env("AGENTD_STATE_DIR", dir.path())
+        .env("AGENTD_LOG", "info")
+        .env("AGENTD_RUNTIME", "command")
+        .env(
+            "AGENTD_RUNTIME_CMD",
+            "grep -E '^Sig(Ign|Blk):' /proc/self/status",
+        )
+        .env("AGENTD_HEALTH_INTERVAL", "1h")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: signal is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGUSR2] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
+    let mut d = Daemon::spawn(cmd);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut conn = Conn::open(d.addr).await.unwrap();
+        let r = conn
+            .post_json("/api/task", &serde_json::json!({"prompt": "p"}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let text = r.json()["response"].as_str().unwrap().to_owned();
+        // The agent's own masks: nothing ignored, nothing blocked.
+        assert!(text.contains("SigIgn:\t0000000000000000"), "{text}");
+        assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    });
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait(), Some(0));
+
+    // The same server, now timing out an agent that only SIGINT stops early.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(agentd_bin());
+    cmd.arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AGENTD_LISTEN", "127.0.0.1:0")
+        .env("AGENTD_STATE_DIR", dir.path())
+        .env("AGENTD_RUNTIME", "command")
+        .env("AGENTD_RUNTIME_CMD", fixture("sleepy.sh"))
+        .env("AGENTD_KILL_GRACE", "5s")
+        .env("AGENTD_HEALTH_INTERVAL", "1h")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: as above.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut d = Daemon::spawn(cmd);
+    rt.block_on(async {
+        let mut conn = Conn::open(d.addr).await.unwrap();
+        let r = conn
+            .post_json(
+                "/api/task",
+                &serde_json::json!({"prompt": "p", "timeout_s": 0.3}),
+            )
+            .await;
+        assert_eq!(r.status, 504, "{}", r.text());
+        let body = r.json();
+        assert_eq!(body["cleanup"]["stopped_with"], "SIGINT", "{body}");
+    });
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait(), Some(0));
+}

@@ -352,6 +352,7 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
             agent: Default::default(),
+            cleanup: Default::default(),
         }
     }
 

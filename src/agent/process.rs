@@ -9,12 +9,17 @@
 //! Invariants:
 //! * The child leads its own process group (pgid = pid, recorded at spawn), so
 //!   signals reach everything it started without touching agentd.
+//! * The child starts with every signal at its default action and an empty
+//!   signal mask, whatever agentd inherited (`nohup` and background jobs
+//!   start it with SIGINT and SIGQUIT ignored), so SIGINT-first termination
+//!   works wherever agentd was started.
 //! * When `run_child` returns, the group has been sent SIGKILL (stragglers do
-//!   not outlive their execution), every process still carrying the
-//!   execution's `AGENTD_EXECUTION_ID` (a `setsid` escapee that left the group)
-//!   has been SIGKILLed and waited for (bounded by `EXECUTION_SWEEP_BOUND`),
-//!   the child has been reaped or handed to
-//!   tokio's orphan reaper, and every pipe is closed. Nothing is spawned onto the
+//!   not outlive their execution) and its members reaped, every process
+//!   still carrying the execution's `AGENTD_EXECUTION_ID` (a `setsid` escapee
+//!   that left the group) has been SIGKILLed, waited for and reaped, all
+//!   bounded by `EXECUTION_SWEEP_BOUND`, so no zombie is left; the child has
+//!   been reaped or handed to tokio's orphan reaper, and every pipe is closed.
+//!   What had to be killed is reported in `RunOutcome::cleanup`. Nothing is spawned onto the
 //!   runtime: stdin, stdout and stderr are futures polled inside the caller's
 //!   task, so no task, thread or descriptor can outlive the call.
 //! * Dropping the future early (executor shutdown) SIGKILLs the group too.
@@ -35,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::time::{timeout, Instant};
 
-use crate::agent::runtime::{ExecutionContext, RunEnd, RunOutcome, RunRequest};
+use crate::agent::runtime::{Cleanup, ExecutionContext, RunEnd, RunOutcome, RunRequest};
 use crate::agent::streamjson::StreamParser;
 use crate::config::RuntimeConfig;
 use crate::init::reaper::{self, EXECUTION_SWEEP_BOUND};
@@ -99,6 +104,44 @@ pub fn scrub_env(cmd: &mut Command, execution_id: &str) {
     cmd.env(EXECUTION_ID_ENV, execution_id);
 }
 
+/// Give the child default signal dispositions and an empty signal mask.
+///
+/// A disposition of "ignore" survives `exec`; a handler does not. agentd
+/// installs handlers for the signals it uses, but whatever it inherited as
+/// ignored (SIGINT and SIGQUIT under `nohup` or `&`, anything a parent set)
+/// would otherwise reach every agent, which then shrugs off the SIGINT that
+/// stops it and waits out the grace period.
+pub fn start_with_default_signals(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (rt_sigaction, sigprocmask) on stack
+    // values; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The kernel's `struct sigaction`, all zero: SIG_DFL, no flags, an
+            // empty mask. The raw call also reaches the C library's reserved
+            // real-time signals, whose wrapper refuses them (an ignored
+            // signal 32 or 33 is inherited like any other).
+            let default = [0u64; 4];
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    // EINVAL past the kernel's last signal is expected.
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        default.as_ptr(),
+                        std::ptr::null_mut::<u64>(),
+                        8usize,
+                    );
+                }
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
 /// Why supervision stopped waiting for the child on its own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum StopReason {
@@ -138,6 +181,7 @@ pub async fn run_child(
         cmd.current_dir(cwd);
     }
     scrub_env(&mut cmd, &req.execution_id);
+    start_with_default_signals(&mut cmd);
 
     let mut child = match cmd.spawn() {
         Ok(child) => child,
@@ -210,10 +254,11 @@ pub async fn run_child(
                 _ = &mut io, if !io_done => io_done = true,
             }
         };
-        // The child is gone. Sweep the rest of its group, let whoever still
+        // The child is gone. Kill the rest of its group, let whoever still
         // holds the pipes (an escaped grandchild) have `pipe_drain` to finish
         // its output, then kill every process still tagged with this
-        // execution (a `setsid` escapee left the group).
+        // execution (a `setsid` escapee left the group), and reap all of
+        // them: the answer goes out with no process and no zombie left.
         group.kill_remaining();
         if !io_done && timeout(limits.pipe_drain, &mut io).await.is_err() {
             tracing::debug!(
@@ -222,16 +267,37 @@ pub async fn run_child(
                 "pipes still open after the agent exited; closing them"
             );
         }
-        reaper::kill_tagged(
+        let sweep_deadline = Instant::now() + EXECUTION_SWEEP_BOUND;
+        let escapees = reaper::kill_tagged(
             EXECUTION_ID_ENV,
             &req.execution_id,
             started,
-            EXECUTION_SWEEP_BOUND,
+            Some(group.pgid),
+            sweep_deadline,
         )
         .await;
-        end
+        let (group_killed, group_left) =
+            reaper::kill_and_reap_group(group.pgid, sweep_deadline).await;
+        let (end, stopped_with) = end;
+        let cleanup = Cleanup {
+            stopped_with,
+            group_killed,
+            escapees_killed: escapees.killed,
+            survivors: escapees.left.len() as u32 + u32::from(group_left),
+        };
+        if cleanup.group_killed + cleanup.escapees_killed > 0 {
+            tracing::info!(
+                execution_id = %req.execution_id,
+                pid,
+                group_killed,
+                escapees_killed = escapees.killed,
+                "killed what the agent left running"
+            );
+        }
+        (end, cleanup)
         // `io` is dropped here, closing stdin/stdout/stderr.
     };
+    let (end, cleanup) = end;
 
     let parsed = parser.finish();
     RunOutcome {
@@ -245,6 +311,7 @@ pub async fn run_child(
         stderr_truncated: stderr_tail.is_truncated(),
         stderr_tail: stderr_tail.into_string(),
         agent: parsed.agent,
+        cleanup,
     }
 }
 
@@ -257,6 +324,7 @@ fn outcome_without_output(end: RunEnd) -> RunOutcome {
         stdout_truncated: false,
         stderr_truncated: false,
         agent: Default::default(),
+        cleanup: Cleanup::default(),
     }
 }
 
@@ -271,33 +339,36 @@ fn spawn_error_reason(err: &io::Error) -> String {
 }
 
 /// Wait for the child to exit; on timeout or cancel, stop the group and reap.
+/// Returns how it ended and, when agentd stopped it, the last signal sent.
 async fn supervise(
     child: &mut Child,
     group: &GroupGuard,
     deadline: Instant,
     ctx: &ExecutionContext,
     grace: Duration,
-) -> RunEnd {
+) -> (RunEnd, Option<i32>) {
     let reason = tokio::select! {
-        status = child.wait() => return exit_end(status),
+        status = child.wait() => return (exit_end(status), None),
         _ = tokio::time::sleep_until(deadline) => StopReason::TimedOut,
         _ = ctx.cancel.cancelled() => StopReason::Cancelled,
     };
-    stop_group(child, group, grace).await;
-    match reason {
+    let signal = stop_group(child, group, grace).await;
+    let end = match reason {
         StopReason::TimedOut => RunEnd::TimedOut,
         StopReason::Cancelled => RunEnd::Cancelled,
-    }
+    };
+    (end, Some(signal as i32))
 }
 
 /// SIGINT (agent CLIs save their session on it), then SIGTERM, then SIGKILL,
 /// each to the whole group, with `grace` for the child to exit in between.
-/// Returns once the child is reaped, or after `REAP_AFTER_KILL` at worst.
-async fn stop_group(child: &mut Child, group: &GroupGuard, grace: Duration) {
+/// Returns once the child is reaped, or after `REAP_AFTER_KILL` at worst,
+/// with the signal after which it exited.
+async fn stop_group(child: &mut Child, group: &GroupGuard, grace: Duration) -> Signal {
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         group.signal(signal);
         if timeout(grace, child.wait()).await.is_ok() {
-            return;
+            return signal;
         }
     }
     group.signal(Signal::SIGKILL);
@@ -309,6 +380,7 @@ async fn stop_group(child: &mut Child, group: &GroupGuard, grace: Duration) {
             "agent did not die within {REAP_AFTER_KILL:?} of SIGKILL; leaving it to the reaper"
         );
     }
+    Signal::SIGKILL
 }
 
 fn exit_end(status: io::Result<ExitStatus>) -> RunEnd {
@@ -378,7 +450,13 @@ impl Drop for GroupGuard {
             self.kill_remaining();
             // Nothing can be awaited here: one synchronous pass, no waiting for
             // the killed to die (the orphan reaper or init collects them).
-            reaper::kill_tagged_once(&self.tag, self.started, &mut Default::default());
+            // The group itself was SIGKILLed just above.
+            reaper::kill_tagged_once(
+                &self.tag,
+                self.started,
+                Some(self.pgid),
+                &mut Default::default(),
+            );
         }
     }
 }

@@ -147,6 +147,36 @@ pub struct RunOutcome {
     pub stderr_truncated: bool,
     /// Session id and model, when the agent reported them.
     pub agent: AgentReport,
+    /// What agentd had to do to end the execution's processes.
+    pub cleanup: Cleanup,
+}
+
+/// What ending an execution took: the signal that stopped its agent, and the
+/// processes it left behind that agentd killed and reaped. All zero for an
+/// agent that exited by itself and left nothing; the execution's JSON carries
+/// it (`cleanup`) only when something was done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// The last signal agentd sent the agent's group before the agent exited
+    /// (SIGINT, SIGTERM or SIGKILL), when a timeout or a cancel stopped it.
+    pub stopped_with: Option<i32>,
+    /// Processes of the agent's group still there after the agent exited,
+    /// SIGKILLed and reaped (none is left as a zombie).
+    pub group_killed: u32,
+    /// Processes outside the group that still carried the execution's
+    /// `AGENTD_EXECUTION_ID` (`setsid` or double-forked escapees), SIGKILLed
+    /// and reaped.
+    pub escapees_killed: u32,
+    /// Processes still not dead when the sweep's bound ran out (stuck in
+    /// uninterruptible sleep); the orphan reaper collects them later.
+    pub survivors: u32,
+}
+
+impl Cleanup {
+    /// True when agentd had to stop or kill anything.
+    pub fn acted(&self) -> bool {
+        *self != Cleanup::default()
+    }
 }
 
 impl RunOutcome {
@@ -159,6 +189,7 @@ impl RunOutcome {
             stdout_truncated: false,
             stderr_truncated: false,
             agent: AgentReport::default(),
+            cleanup: Cleanup::default(),
         }
     }
 }

@@ -226,6 +226,7 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
             agent: Default::default(),
+            cleanup: Default::default(),
         }
     }
 

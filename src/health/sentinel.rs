@@ -319,11 +319,12 @@ mod tests {
     fn heartbeat_counts_beats_and_resets_age() {
         let hb = Heartbeat::new();
         assert_eq!(hb.beats(), 0);
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(hb.since_last() >= Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(300));
+        let before = hb.since_last();
+        assert!(before >= Duration::from_millis(300));
         hb.beat();
         assert_eq!(hb.beats(), 1);
-        assert!(hb.since_last() < Duration::from_millis(30));
+        assert!(hb.since_last() < before, "the beat did not reset the age");
     }
 
     #[test]
@@ -344,6 +345,7 @@ mod tests {
         .unwrap();
         let started = Instant::now();
         handle.stop();
-        assert!(started.elapsed() < Duration::from_secs(5));
+        // The poll is an hour: stopping returned long before it.
+        assert!(started.elapsed() < Duration::from_secs(60));
     }
 }

@@ -587,6 +587,8 @@ mod tests {
         assert!(stats.dropped > 0, "{stats:?}");
         assert_eq!(stats.sent + stats.dropped, 5_000, "{stats:?}");
         assert_eq!(stats.pings_sent, stats.sent);
-        assert!(started.elapsed() < Duration::from_secs(5));
+        // A blocking send would hang here for good; a margin a loaded
+        // machine keeps tells the two apart.
+        assert!(started.elapsed() < Duration::from_secs(60));
     }
 }

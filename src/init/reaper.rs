@@ -131,6 +131,8 @@ pub struct ProcStat {
     /// R, S, D, Z (zombie), X (dead), ...
     pub state: u8,
     pub ppid: u32,
+    /// Process group id.
+    pub pgrp: i32,
     /// Clock ticks after boot; with the pid it names one process for ever
     /// (a pid is reused, a (pid, start time) pair is not).
     pub start_time: u64,
@@ -169,13 +171,15 @@ fn parse_stat(pid: u32, line: &[u8]) -> Option<ProcStat> {
     let mut fields = rest.split_ascii_whitespace();
     let state = *fields.next()?.as_bytes().first()?;
     let ppid = fields.next()?.parse().ok()?;
-    // Field 22 (starttime); we consumed fields 3 and 4, so it is the 18th of
+    let pgrp = fields.next()?.parse().ok()?;
+    // Field 22 (starttime); we consumed fields 3 to 5, so it is the 17th of
     // the remaining ones.
-    let start_time = fields.nth(17)?.parse().ok()?;
+    let start_time = fields.nth(16)?.parse().ok()?;
     Some(ProcStat {
         pid,
         state,
         ppid,
+        pgrp,
         start_time,
     })
 }
@@ -189,6 +193,78 @@ fn proc_pids() -> Vec<u32> {
         .take(MAX_PROC_ENTRIES)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .collect()
+}
+
+/// Bytes read from one `/proc/PID/task/TID/children` file: a list of pids,
+/// about 8 bytes each, so 64 KiB names 8,000 children of one thread.
+const CHILDREN_FILE_LIMIT: u64 = 64 << 10;
+
+/// The children of every thread of `pid`, from `/proc/PID/task/*/children`.
+/// `None` when the kernel has no such files (built without
+/// `CONFIG_PROC_CHILDREN`); a process that vanished has no children.
+fn children_of(pid: u32) -> Option<Vec<u32>> {
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(t) => t,
+        Err(_) => return Some(Vec::new()),
+    };
+    let mut out = Vec::new();
+    let mut any_file = false;
+    for task in tasks.flatten() {
+        let mut text = String::new();
+        match std::fs::File::open(task.path().join("children")) {
+            Ok(f) => {
+                any_file = true;
+                let _ = f.take(CHILDREN_FILE_LIMIT).read_to_string(&mut text);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => continue,
+        }
+        out.extend(
+            text.split_ascii_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    if !any_file && pid == std::process::id() {
+        // agentd itself always has a task directory: no file means no support.
+        return None;
+    }
+    Some(out)
+}
+
+/// Where an execution's leftovers can be once its group is gone: agentd is
+/// the subreaper of every agent, so a process that outlived its parent was
+/// reparented to agentd, and its own children hang below it. The walk starts
+/// at agentd's children that nobody in agentd waits for (running agents are
+/// tracked, and a leftover of this execution cannot be below another
+/// execution's agent) and goes down their trees, at most `MAX_PROC_ENTRIES`
+/// processes. Its cost follows what agentd's agents left behind, not the
+/// size of the host's process table. Falls back to every pid in `/proc` when
+/// agentd is no subreaper (orphans then go to init, outside the walk) or the
+/// kernel lists no children.
+fn sweep_candidates() -> Vec<u32> {
+    let me = std::process::id();
+    if !is_subreaper() {
+        return proc_pids();
+    }
+    let Some(top) = children_of(me) else {
+        return proc_pids();
+    };
+    let mut stack: Vec<u32> = top.into_iter().filter(|&p| !is_tracked(p)).collect();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    while let Some(pid) = stack.pop() {
+        if out.len() >= MAX_PROC_ENTRIES {
+            break;
+        }
+        if pid == me || !seen.insert(pid) {
+            continue;
+        }
+        out.push(pid);
+        if let Some(children) = children_of(pid) {
+            stack.extend(children);
+        }
+    }
+    out
 }
 
 /// Does `/proc/PID/environ` contain exactly the entry `NAME=VALUE`? Streams
@@ -253,35 +329,49 @@ impl<'a> EntryMatcher<'a> {
     }
 }
 
+/// What one end-of-execution sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Processes SIGKILLed and seen dead (and reaped, when they were
+    /// agentd's children).
+    pub killed: u32,
+    /// Pids still alive, or not yet reaped, when the bound ran out.
+    pub left: Vec<u32>,
+}
+
 /// Kill every process whose environment carries `NAME=VALUE` (an execution's
-/// tag), then wait until they are dead, all within `bound`. Killed processes
-/// that were reparented to agentd are reaped here. Returns the pids still
-/// alive when the bound ran out (empty in the normal case).
+/// tag), then wait until they are dead and reaped, all before `deadline`.
+/// Killed processes reparented to agentd are reaped here, so none is left a
+/// zombie.
 ///
 /// `not_before` is the start time (`ProcStat::start_time`) of the
 /// execution's child when known: every process carrying its tag descends from
 /// that child, so anything older is skipped without reading its environment.
-/// Processes we cannot read are skipped; so is agentd itself.
+/// Processes we cannot read are skipped; so is agentd itself, and so are
+/// members of the process group `group` (the execution's own group, which
+/// [`kill_and_reap_group`] takes care of). Only [`sweep_candidates`] are
+/// looked at.
 pub async fn kill_tagged(
     name: &str,
     value: &str,
     not_before: Option<u64>,
-    bound: Duration,
-) -> Vec<u32> {
-    let deadline = tokio::time::Instant::now() + bound;
+    group: Option<i32>,
+    deadline: tokio::time::Instant,
+) -> SweepReport {
     let entry = format!("{name}={value}").into_bytes();
     let me = std::process::id();
     // Every process we sent SIGKILL, by identity (pid + start time).
     let mut killed: HashMap<u32, u64> = HashMap::new();
     for _ in 0..SWEEP_ROUNDS {
-        if !kill_tagged_once(&entry, not_before, &mut killed)
+        if !kill_tagged_once(&entry, not_before, group, &mut killed)
             || tokio::time::Instant::now() >= deadline
         {
             break;
         }
     }
-    if !killed.is_empty() {
-        tracing::debug!(tag = %value, count = killed.len(), "killed processes left by the execution");
+    let total = killed.len() as u32;
+    if total > 0 {
+        tracing::debug!(tag = %value, count = total, "killed processes left by the execution");
     }
     loop {
         killed.retain(|&pid, start| !gone(pid, *start, me));
@@ -293,23 +383,69 @@ pub async fn kill_tagged(
     let mut left: Vec<u32> = killed.into_keys().collect();
     left.sort_unstable();
     if !left.is_empty() {
-        tracing::warn!(tag = %value, pids = ?left, "processes survived SIGKILL past {bound:?}; the reaper collects them when they die");
+        tracing::warn!(tag = %value, pids = ?left, "processes survived SIGKILL past the sweep's bound; the reaper collects them when they die");
     }
-    left
+    SweepReport {
+        killed: total - left.len() as u32,
+        left,
+    }
+}
+
+/// SIGKILL what is left of the process group `pgid` (its leader already
+/// exited and was reaped) and reap every member that is, or becomes,
+/// agentd's child, until the group is empty or `deadline` passes. No `/proc`
+/// scan: `waitpid(-pgid)` reaps only members of that group, and `kill(-pgid,
+/// 0)` says whether any member, zombies included, is left. Returns the
+/// members reaped and whether some were still there at the deadline.
+pub async fn kill_and_reap_group(pgid: i32, deadline: tokio::time::Instant) -> (u32, bool) {
+    use nix::errno::Errno;
+    use nix::sys::signal::killpg;
+    let group = Pid::from_raw(pgid);
+    if killpg(group, Signal::SIGKILL) == Err(Errno::ESRCH) {
+        return (0, false);
+    }
+    let mut reaped = 0u32;
+    loop {
+        loop {
+            match waitpid(Pid::from_raw(-pgid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => reaped += 1,
+                Err(Errno::EINTR) => continue,
+                // ECHILD: no child of ours in the group (yet).
+                Err(_) => break,
+            }
+        }
+        if killpg(group, None) == Err(Errno::ESRCH) {
+            return (reaped, false);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                pgid,
+                "process group not empty past the sweep's bound; the reaper collects it"
+            );
+            return (reaped, true);
+        }
+        // A member whose parent is still dying is reparented to agentd a
+        // moment later; SIGKILL again for one that was forked meanwhile.
+        let _ = killpg(group, Signal::SIGKILL);
+        tokio::time::sleep(DEATH_POLL).await;
+    }
 }
 
 /// One scan: SIGKILL every live process carrying `NAME=VALUE` (and started no
-/// earlier than `not_before`) that is not in `killed` yet, and add it there. Synchronous and bounded (one pass over
-/// `/proc`), so it may also run where nothing can be awaited (a `Drop`).
-/// True when it killed something.
+/// earlier than `not_before`) that is not in `killed` yet, and add it there.
+/// Members of `group` are left alone. Synchronous and bounded (one pass over
+/// [`sweep_candidates`]), so it may also run where nothing can be awaited (a
+/// `Drop`). True when it killed something.
 pub fn kill_tagged_once(
     entry: &[u8],
     not_before: Option<u64>,
+    group: Option<i32>,
     killed: &mut HashMap<u32, u64>,
 ) -> bool {
     let me = std::process::id();
     let mut found = false;
-    for pid in proc_pids() {
+    for pid in sweep_candidates() {
         if pid == me || killed.contains_key(&pid) {
             continue;
         }
@@ -317,6 +453,7 @@ pub fn kill_tagged_once(
             continue;
         };
         if before.is_zombie()
+            || group == Some(before.pgrp)
             || not_before.is_some_and(|t| before.start_time < t)
             || environ_has(pid, entry) != Some(true)
         {
@@ -334,9 +471,13 @@ pub fn kill_tagged_once(
     found
 }
 
-/// True when the process `pid` started at `start` no longer runs; a zombie
-/// child of ours is reaped on the way (it carried the tag, so nobody else in
-/// agentd waits for it).
+/// True when the process `pid` started at `start` is dead and reaped (or
+/// its pid already names another process). A zombie child of ours is reaped
+/// here (it carried the tag, so nobody else in agentd waits for it); a
+/// zombie of another parent is not gone yet while agentd is the subreaper:
+/// that parent was killed too, and the zombie comes to agentd when it dies.
+/// (Without the subreaper role it goes to init, which is not ours to wait
+/// for.)
 fn gone(pid: u32, start: u64, me: u32) -> bool {
     match read_stat(pid) {
         None => true,
@@ -344,8 +485,9 @@ fn gone(pid: u32, start: u64, me: u32) -> bool {
         Some(s) if s.is_zombie() => {
             if s.ppid == me && !is_tracked(pid) {
                 let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+                return read_stat(pid).is_none_or(|now| now.start_time != start);
             }
-            true
+            !is_subreaper()
         }
         Some(_) => false,
     }
@@ -437,9 +579,12 @@ mod tests {
 
     #[test]
     fn stat_parses_a_comm_with_spaces_and_parens() {
-        let line = b"42 (a) b (c) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let line = b"42 (a) b (c) S 7 41 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         let s = parse_stat(42, line).unwrap();
-        assert_eq!((s.state, s.ppid, s.start_time), (b'S', 7, 987654));
+        assert_eq!(
+            (s.state, s.ppid, s.pgrp, s.start_time),
+            (b'S', 7, 41, 987654)
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::api::{json_body, required_text, timeout_field};
 use super::http::{json as json_response, ApiError, Body};
 use crate::agent::executor::{Execution, Finish, Phase, Rejected, Submission};
 use crate::agent::replay::{Batch, OutputReader};
-use crate::agent::runtime::ExecutionKind;
+use crate::agent::runtime::{Cleanup, ExecutionKind};
 use crate::app::App;
 use crate::init::reaper::EXECUTION_SWEEP_BOUND;
 
@@ -90,11 +90,30 @@ pub fn finish_json(exec: &Execution, finish: &Finish) -> (StatusCode, Value) {
             if let Some(tail) = &c.stderr_tail {
                 body["stderr_tail"] = json!(tail);
             }
+            if outcome.cleanup.acted() {
+                body["cleanup"] = cleanup_json(&outcome.cleanup);
+            }
             let status =
                 StatusCode::from_u16(c.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             (status, body)
         }
     }
+}
+
+/// What agentd had to stop or kill to end the execution: the signal that
+/// stopped the agent (by name) and the leftovers killed and reaped.
+fn cleanup_json(c: &Cleanup) -> Value {
+    let signal = c.stopped_with.map(|s| {
+        nix::sys::signal::Signal::try_from(s)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|_| s.to_string())
+    });
+    json!({
+        "stopped_with": signal,
+        "group_killed": c.group_killed,
+        "escapees_killed": c.escapees_killed,
+        "survivors": c.survivors,
+    })
 }
 
 /// `POST /api/task`
