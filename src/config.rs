@@ -80,6 +80,10 @@ pub struct StoreConfig {
     pub synchronous: SyncMode,
     /// How long a request waits for room in the store queue before a 503.
     pub enqueue_timeout: Duration,
+    /// How often the store runs `PRAGMA quick_check` (bounded by
+    /// `store::QUICK_CHECK_BUDGET` each time) to find damage inside
+    /// `state.db` that its header does not show. Zero turns it off.
+    pub quick_check_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +233,7 @@ settings! {
     retention_messages => "AGENTD_RETENTION_MESSAGES",
     store_synchronous => "AGENTD_STORE_SYNCHRONOUS",
     store_enqueue_timeout => "AGENTD_STORE_ENQUEUE_TIMEOUT",
+    store_quick_check_interval => "AGENTD_STORE_QUICK_CHECK_INTERVAL",
     runtime => "AGENTD_RUNTIME",
     runtime_cmd => "AGENTD_RUNTIME_CMD",
     claude_bin => "AGENTD_CLAUDE_BIN",
@@ -668,6 +673,13 @@ fn build(
             5 * SEC,
             Duration::from_millis(1),
             300 * SEC,
+        )?,
+        quick_check_interval: duration(
+            raw,
+            "store_quick_check_interval",
+            900 * SEC,
+            Duration::ZERO,
+            7 * 86_400 * SEC,
         )?,
     };
     let executor = ExecutorConfig {

@@ -9,6 +9,8 @@
 //! * `agent`    — bounded conversation history and the runtimes that answer
 //!   prompts.
 //! * `store`    — the single SQLite connection, owned by one thread (actor).
+//! * `store_file` — proof that `state.db` is still the database the store
+//!   opened (identity, header, length), checked around every write.
 //! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
 //! * `init`     — the init-system boundary: sd_notify, socket activation,
 //!   keepalive file, RLIMIT_NOFILE, journald detection, child subreaper and
@@ -34,3 +36,4 @@ pub mod server;
 pub mod shutdown;
 pub mod state_dir;
 pub mod store;
+pub mod store_file;

@@ -14,11 +14,18 @@
 //! decision of a chat turn survives restarts, deletes and eviction from memory
 //! (rules in `agent::sessions`).
 //!
+//! Before and after every write it proves that `state.db` is still the
+//! database it opened (`store_file`: identity, header, length); once that
+//! fails, every later write is refused and the `store` check says why. It
+//! owns the checkpoints (a WAL hook, at SQLite's own threshold) so it knows
+//! when the file's header may change, and runs a time-bounded
+//! `PRAGMA quick_check` on a schedule for damage the header cannot show.
+//!
 //! Not here: the in-memory history cache (`agent::history`), HTTP mapping.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,6 +36,21 @@ use tokio::sync::{mpsc, oneshot};
 use crate::agent::history::{Message, Role};
 use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
+use crate::store_file::{DbFile, FileProblem};
+
+/// WAL pages after which a commit checkpoints: SQLite's own default
+/// (`wal_autocheckpoint`), which the store's WAL hook takes over so that it
+/// knows when the database file, and so its header, is written.
+const CHECKPOINT_PAGES: i32 = 1000;
+
+/// Longest one `PRAGMA quick_check` may hold the store thread. On a database
+/// too large to check in this time the check stops, is logged, and counts as
+/// no finding: writes wait for the store thread meanwhile, so the bound keeps
+/// the pause short (about what a few hundred fsyncs cost).
+pub const QUICK_CHECK_BUDGET: Duration = Duration::from_millis(250);
+
+/// SQLite VM steps between two looks at the quick_check deadline.
+const PROGRESS_STEPS: i32 = 10_000;
 
 /// File name of the database inside the state dir.
 pub const DB_FILE: &str = "state.db";
@@ -131,12 +153,36 @@ pub enum StoreError {
     /// now would land in a file nobody will read again, so it is refused.
     #[error("{0}; writes are refused until agentd restarts on the new file")]
     Lost(String),
+    /// `state.db` itself is damaged: overwritten, truncated, another
+    /// database copied over it, or `PRAGMA quick_check` found corruption.
+    /// Nothing written now could be read back, so every write is refused.
+    #[error("{0}; writes are refused (restore state.db or move it away, then restart agentd)")]
+    Corrupt(String),
+    /// The file system refuses writes (read-only, immutable file, I/O
+    /// error): nothing in the write was stored.
+    #[error("state.db cannot be written: {0}")]
+    Unwritable(String),
+}
+
+impl From<FileProblem> for StoreError {
+    fn from(p: FileProblem) -> Self {
+        match p {
+            FileProblem::Deleted | FileProblem::Replaced => StoreError::Lost(p.to_string()),
+            FileProblem::Unreadable(_) => StoreError::Sqlite(p.to_string()),
+            _ => StoreError::Corrupt(p.to_string()),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
         match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DiskFull) => StoreError::DiskFull(e.to_string()),
+            Some(C::DiskFull) => StoreError::DiskFull(e.to_string()),
+            Some(C::DatabaseCorrupt | C::NotADatabase) => StoreError::Corrupt(e.to_string()),
+            Some(C::ReadOnly | C::PermissionDenied | C::SystemIoFailure | C::CannotOpen) => {
+                StoreError::Unwritable(e.to_string())
+            }
             _ => StoreError::Sqlite(e.to_string()),
         }
     }
@@ -254,27 +300,50 @@ impl Store {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
         private_db_files(&path)?;
-        let conn = open_connection(&path, config.synchronous)?;
-        let identity = FileIdentity::of(&path).map_err(|e| StoreError::Open {
-            path: path.clone(),
-            reason: format!("cannot stat the open database: {e}"),
-        })?;
+        let mut conn = open_connection(&path, config.synchronous)?;
         migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: format!("migration failed: {e}"),
         })?;
+        let open_fail = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        // A clean file to compare against: everything so far checkpointed
+        // into it, so its header is the one the next checkpoint moves on.
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(|e| open_fail(format!("cannot checkpoint: {e}")))?;
+        let file = DbFile::open(&path).map_err(|p| open_fail(p.to_string()))?;
+        let checkpointed = Arc::new(AtomicBool::new(false));
+        let checkpoint_error = Arc::new(Mutex::new(None));
+        own_checkpoints(&mut conn, checkpointed.clone(), checkpoint_error.clone())
+            .map_err(|e| open_fail(format!("cannot install the WAL hook: {e}")))?;
+        let quick_check_deadline = Arc::new(AtomicU64::new(0));
+        let clock = Instant::now();
+        bound_queries(&mut conn, quick_check_deadline.clone(), clock)
+            .map_err(|e| open_fail(format!("cannot install the progress handler: {e}")))?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let commits = Arc::new(CommitCounts::default());
-        let worker = Worker {
+        let mut worker = Worker {
             commits: commits.clone(),
             conn,
             max_batch: config.max_batch.max(1),
             retention: config.retention_messages,
             since_sweep: 0,
-            path: path.clone(),
             state_dir: state_dir.to_owned(),
-            identity,
+            file,
+            checkpointed,
+            checkpoint_error,
+            damaged: None,
+            quick_check_interval: config.quick_check_interval,
+            last_quick_check: None,
+            quick_check_deadline,
+            clock,
         };
+        // Damage inside the file shows at start, before anything is served.
+        if let Err(e) = worker.quick_check() {
+            return Err(open_fail(e.to_string()));
+        }
         let handle = std::thread::Builder::new()
             .name("agentd-store".into())
             .spawn(move || worker.run(rx))
@@ -445,24 +514,6 @@ fn private_db_files(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Device and inode of a file: which file a path names right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity {
-    dev: u64,
-    ino: u64,
-}
-
-impl FileIdentity {
-    fn of(path: &Path) -> std::io::Result<FileIdentity> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path)?;
-        Ok(FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
-}
-
 /// Free space below which the `store` check reports the disk full even when
 /// the heartbeat still commits: SQLite rewrites WAL pages in place after a
 /// checkpoint, so a tiny write can succeed on a disk where the next chat
@@ -528,13 +579,62 @@ struct Worker {
     max_batch: usize,
     retention: u64,
     since_sweep: u64,
-    /// `<state-dir>/state.db`, to notice it being deleted or replaced.
-    path: PathBuf,
     /// For the free-space reading of the heartbeat.
     state_dir: PathBuf,
-    /// Device and inode of the file the connection opened (SQLite never
-    /// reopens it, so this stays the open file's identity).
-    identity: FileIdentity,
+    /// `state.db` as the connection opened it (SQLite never reopens it): its
+    /// identity and the header the last checkpoint left.
+    file: DbFile,
+    /// Set by the WAL hook when a commit checkpointed: the file's header has
+    /// moved on, and `file` must learn the new one.
+    checkpointed: Arc<AtomicBool>,
+    /// The last checkpoint's failure, set by the WAL hook (which may not fail
+    /// the commit that triggered it: that commit is in the WAL already).
+    checkpoint_error: Arc<Mutex<Option<String>>>,
+    /// The first proof that failed: damage is for good (until a restart), so
+    /// every later write gets the same answer without looking again.
+    damaged: Option<StoreError>,
+    quick_check_interval: Duration,
+    last_quick_check: Option<Instant>,
+    /// Nanoseconds after `clock` at which a running query is interrupted
+    /// (0: none). Set only around `PRAGMA quick_check`.
+    quick_check_deadline: Arc<AtomicU64>,
+    clock: Instant,
+}
+
+/// Take over SQLite's automatic checkpoints with a WAL hook that does the
+/// same (checkpoint once the WAL holds `CHECKPOINT_PAGES`) and says so, so
+/// the store knows when the database file was written. A failed checkpoint
+/// does not fail the commit (which is in the WAL, durable); it is recorded
+/// for the `store` check.
+fn own_checkpoints(
+    conn: &mut Connection,
+    checkpointed: Arc<AtomicBool>,
+    error: Arc<Mutex<Option<String>>>,
+) -> rusqlite::Result<()> {
+    conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+        if pages >= CHECKPOINT_PAGES {
+            let result = wal.checkpoint();
+            checkpointed.store(true, Relaxed);
+            *error.lock().unwrap_or_else(|e| e.into_inner()) = result.err().map(|e| e.to_string());
+        }
+        Ok(())
+    }))
+}
+
+/// Interrupt a query once the deadline in `deadline` (nanoseconds after
+/// `clock`; 0 = none) has passed. Only `PRAGMA quick_check` sets one.
+fn bound_queries(
+    conn: &mut Connection,
+    deadline: Arc<AtomicU64>,
+    clock: Instant,
+) -> rusqlite::Result<()> {
+    conn.progress_handler(
+        PROGRESS_STEPS,
+        Some(move || {
+            let d = deadline.load(Relaxed);
+            d != 0 && clock.elapsed().as_nanos() as u64 > d
+        }),
+    )
 }
 
 impl Worker {
@@ -579,8 +679,8 @@ impl Worker {
                     reply,
                 } => {
                     let r = self.still_ours().and_then(|()| {
-                        self.next_generation(&session_id, &runtime)
-                            .map_err(Into::into)
+                        let cli = self.next_generation(&session_id, &runtime)?;
+                        self.confirm_written().map(|()| cli)
                     });
                     let _ = reply.send(r);
                 }
@@ -588,9 +688,10 @@ impl Worker {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
                 }
                 Request::Clear { session, reply } => {
-                    let r = self
-                        .still_ours()
-                        .and_then(|()| self.clear(session.as_deref()).map_err(Into::into));
+                    let r = self.still_ours().and_then(|()| {
+                        let deleted = self.clear(session.as_deref())?;
+                        self.confirm_written().map(|()| deleted)
+                    });
                     let _ = reply.send(r);
                 }
                 Request::Sessions { reply } => {
@@ -636,7 +737,10 @@ impl Worker {
             }
             return;
         }
-        let result = self.insert(&batch);
+        let result = self
+            .insert(&batch)
+            .map_err(StoreError::from)
+            .and_then(|()| self.confirm_written());
         match result {
             Ok(()) => {
                 self.commits.commits.fetch_add(1, Relaxed);
@@ -652,8 +756,7 @@ impl Worker {
                     }
                 }
             }
-            Err(e) => {
-                let err = StoreError::from(e);
+            Err(err) => {
                 tracing::error!(error = %err, rows, "append failed; nothing in this batch was stored");
                 for (_, reply) in batch {
                     let _ = reply.send(Err(err.clone()));
@@ -833,23 +936,105 @@ impl Worker {
         })
     }
 
-    /// `Lost` when the path no longer names the file the connection has open.
-    fn still_ours(&self) -> Result<(), StoreError> {
-        match FileIdentity::of(&self.path) {
-            Ok(now) if now == self.identity => Ok(()),
-            Ok(_) => Err(StoreError::Lost(format!("{DB_FILE} was replaced"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(StoreError::Lost(format!("{DB_FILE} was deleted")))
+    /// The proof before a write: `state.db` is still the database the
+    /// connection opened (see `store_file`). The first failure is kept and
+    /// logged once; it is every later write's answer.
+    fn still_ours(&mut self) -> Result<(), StoreError> {
+        if let Some(e) = &self.damaged {
+            return Err(e.clone());
+        }
+        match self.file.verify() {
+            Ok(()) => Ok(()),
+            Err(p @ FileProblem::Unreadable(_)) => Err(p.into()),
+            Err(p) => Err(self.damage(p.into())),
+        }
+    }
+
+    /// The proof after a commit and before its answer: if the commit
+    /// checkpointed, the file's header moved on (learn it, provided it is
+    /// still a database); then the same proof as before the write. A commit
+    /// that fails it is answered with the error: its rows are in a WAL whose
+    /// database is gone, so it was not stored.
+    fn confirm_written(&mut self) -> Result<(), StoreError> {
+        if self.checkpointed.swap(false, Relaxed) {
+            if let Err(p) = self.file.checkpointed() {
+                return Err(self.damage(p.into()));
             }
-            Err(e) => Err(StoreError::Sqlite(format!("cannot stat {DB_FILE}: {e}"))),
+        }
+        self.still_ours()
+    }
+
+    /// Keep `err` as the store's answer to every later write and say so once
+    /// in the journal.
+    fn damage(&mut self, err: StoreError) -> StoreError {
+        tracing::error!(error = %err, "state.db can no longer be trusted; refusing every write");
+        self.damaged = Some(err.clone());
+        err
+    }
+
+    /// `PRAGMA quick_check`, bounded by `QUICK_CHECK_BUDGET`, when the
+    /// schedule says it is due. The page cache is released first, so pages
+    /// are read from the file (and WAL), not from memory. Corruption found is
+    /// damage for good; a check that ran out of time found nothing and is
+    /// logged.
+    fn quick_check(&mut self) -> Result<(), StoreError> {
+        if self.quick_check_interval.is_zero()
+            || self
+                .last_quick_check
+                .is_some_and(|t| t.elapsed() < self.quick_check_interval)
+        {
+            return Ok(());
+        }
+        self.last_quick_check = Some(Instant::now());
+        self.conn.execute_batch("PRAGMA shrink_memory;")?;
+        let deadline = self.clock.elapsed() + QUICK_CHECK_BUDGET;
+        self.quick_check_deadline
+            .store(deadline.as_nanos() as u64, Relaxed);
+        let started = Instant::now();
+        let found: rusqlite::Result<Vec<String>> = self
+            .conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get::<_, String>(0))?.collect());
+        self.quick_check_deadline.store(0, Relaxed);
+        match found {
+            Ok(rows) if rows.len() == 1 && rows[0] == "ok" => {
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "quick_check: ok");
+                Ok(())
+            }
+            Ok(rows) => Err(self.damage(StoreError::Corrupt(format!(
+                "PRAGMA quick_check found damage in state.db: {}",
+                rows.join("; ")
+            )))),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) => {
+                tracing::info!(
+                    budget_ms = QUICK_CHECK_BUDGET.as_millis() as u64,
+                    "quick_check stopped at its time budget before the end of state.db; nothing found so far"
+                );
+                Ok(())
+            }
+            Err(e) => match StoreError::from(e) {
+                StoreError::Corrupt(why) => Err(self.damage(StoreError::Corrupt(format!(
+                    "PRAGMA quick_check found damage in state.db: {why}"
+                )))),
+                err => Err(err),
+            },
         }
     }
 
     /// The `store` check's round trip: the file is still ours, a read, one
     /// committed upsert of the heartbeat row (the table never grows), and
     /// enough free space for the next write.
-    fn heartbeat(&self) -> Result<(), StoreError> {
+    fn heartbeat(&mut self) -> Result<(), StoreError> {
         self.still_ours()?;
+        self.quick_check()?;
+        if let Some(e) = self
+            .checkpoint_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(StoreError::Unwritable(format!("checkpoint failed: {e}")));
+        }
         let _: Option<i64> = self
             .conn
             .query_row(
@@ -869,6 +1054,7 @@ impl Worker {
             params![now],
         )?;
         tx.commit()?;
+        self.confirm_written()?;
         match free_bytes(&self.state_dir) {
             Ok(free) if free < MIN_FREE_BYTES => Err(StoreError::DiskFull(format!(
                 "{free} bytes free in {} (below {MIN_FREE_BYTES})",
@@ -892,6 +1078,7 @@ mod tests {
             retention_messages: 0,
             synchronous: SyncMode::Normal,
             enqueue_timeout: Duration::from_secs(5),
+            quick_check_interval: Duration::from_secs(900),
         }
     }
 

@@ -246,3 +246,227 @@ fn full_disk_is_507_degraded_without_a_wedge_and_recovers() {
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(daemon.wait(), Some(0));
 }
+
+// ------------------------------------------------- a file that is no database
+
+/// Tamper with `state.db` under a running server (same inode, so the
+/// identity check alone would pass), then: the next write is refused with 503
+/// naming `what`, nothing of it is acknowledged, and the `store` check fails
+/// as a wedge (the loop stops counting passing ticks, so `WATCHDOG=1` stops).
+/// Returns the still running server.
+async fn tampering_refuses_writes(
+    vars: &[(&str, &str)],
+    what: &str,
+    tamper: impl FnOnce(&Path),
+) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = vec![("AGENTD_HEALTH_INTERVAL", "100ms")];
+    all.extend_from_slice(vars);
+    let server = TestServer::start(&all, dir.path()).await;
+    for i in 0..3 {
+        let r = post_json(server.addr, "/api/chat", &chat(i)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    health_until(server.addr, "healthy first", |s, _| s == 200).await;
+
+    tamper(&dir.path().join("state.db"));
+
+    for i in 3..6 {
+        let r = post_json(server.addr, "/api/chat", &chat(i)).await;
+        assert_eq!(r.status, 503, "write {i} after tampering: {}", r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(what), "{msg}");
+    }
+    let body = health_until(server.addr, "store check fails", |status, b| {
+        status == 503 && b["checks"]["store"]["status"] == "failed"
+    })
+    .await;
+    let detail = body["checks"]["store"]["detail"].as_str().unwrap();
+    assert!(detail.contains(what), "{detail}");
+    assert_eq!(body["status"], "degraded");
+    assert!(
+        body["watchdog"]["consecutive_failures"].as_u64().unwrap() >= 1,
+        "{body}"
+    );
+    (server, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_db_overwritten_in_place_with_garbage_acknowledges_nothing() {
+    tampering_refuses_writes(&[], "no longer a SQLite database", |db| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+        f.write_all(&[0x5a; 4096]).unwrap();
+        f.sync_all().unwrap();
+    })
+    .await
+    .0
+    .stop()
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_state_db_acknowledges_nothing() {
+    tampering_refuses_writes(&[], "truncated", |db| {
+        let f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+        f.set_len(0).unwrap();
+    })
+    .await
+    .0
+    .stop()
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_database_copied_over_state_db_acknowledges_nothing() {
+    tampering_refuses_writes(&[], "overwritten in place by another database", |db| {
+        let other = db.with_file_name("other.db");
+        let conn = rusqlite::Connection::open(&other).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE unrelated (x); INSERT INTO unrelated VALUES (randomblob(50000));",
+        )
+        .unwrap();
+        drop(conn);
+        // `cp` writes into the existing file: same inode, other content.
+        std::fs::copy(&other, db).unwrap();
+    })
+    .await
+    .0
+    .stop()
+    .await;
+}
+
+/// `chattr +i` (the nearest a test gets to a read-only remount: a remount
+/// is refused while SQLite holds the files open for writing): the WAL cannot
+/// grow, so the commit fails and nothing is acknowledged. Needs root
+/// (CAP_LINUX_IMMUTABLE) and a file system with the flag (ext4, xfs, btrfs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immutable_state_files_acknowledge_nothing() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: chattr +i needs CAP_LINUX_IMMUTABLE; run as root (CI does)");
+        return;
+    }
+    struct Mutable(Vec<PathBuf>);
+    impl Drop for Mutable {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = Command::new("chattr").arg("-i").arg(p).status();
+            }
+        }
+    }
+    let mut guard = Mutable(Vec::new());
+    let (server, _dir) = tampering_refuses_writes(&[], "cannot be written", |db| {
+        let wal = db.with_file_name("state.db-wal");
+        for f in [db.to_path_buf(), wal] {
+            let out = Command::new("chattr").arg("+i").arg(&f).output().unwrap();
+            assert!(
+                out.status.success(),
+                "chattr +i {}: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            guard.0.push(f);
+        }
+    })
+    .await;
+    // Writable again: the server closes its store cleanly.
+    drop(guard);
+    server.stop().await;
+}
+
+/// Stop a server that wrote `n` messages (its close checkpoints everything
+/// into `state.db`), and return the state dir's database path and page size.
+fn database_with_messages(dir: &Path, n: usize) -> (PathBuf, u64) {
+    let mut d = Daemon::start(&[], dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut conn = common::Conn::open(d.addr).await.unwrap();
+        for i in 0..n {
+            let r = conn
+                .post_json(
+                    "/api/chat",
+                    &json!({"message": format!("m{i} {}", "x".repeat(500)), "session_id": "truth"}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    });
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait(), Some(0));
+    let db = dir.join("state.db");
+    let header = std::fs::read(&db).unwrap();
+    let raw = u16::from_be_bytes([header[16], header[17]]) as u64;
+    (db, if raw == 1 { 65536 } else { raw })
+}
+
+/// Overwrite the last page of the database (a leaf of the messages table)
+/// in place, leaving the header alone.
+fn damage_last_page(db: &Path, page: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+    let len = f.metadata().unwrap().len();
+    assert!(len >= 4 * page, "database too small: {len} bytes");
+    f.seek(SeekFrom::Start(len - page)).unwrap();
+    f.write_all(&vec![0xa5; page as usize]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Damage the header cannot show (a page in the middle) is found by the
+/// scheduled `PRAGMA quick_check`: writes are refused from then on and the
+/// `store` check names it.
+#[test]
+fn quick_check_finds_a_damaged_page_under_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, page) = database_with_messages(dir.path(), 200);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(quick_check_finds(dir.path(), &db, page));
+}
+
+async fn quick_check_finds(dir: &Path, db: &Path, page: u64) {
+    let server = TestServer::start(
+        &[
+            ("AGENTD_HEALTH_INTERVAL", "100ms"),
+            ("AGENTD_STORE_QUICK_CHECK_INTERVAL", "100ms"),
+        ],
+        dir,
+    )
+    .await;
+    health_until(server.addr, "healthy first", |s, _| s == 200).await;
+    damage_last_page(db, page);
+    let body = health_until(server.addr, "store check fails", |_, b| {
+        b["checks"]["store"]["status"] == "failed"
+    })
+    .await;
+    let detail = body["checks"]["store"]["detail"].as_str().unwrap();
+    assert!(detail.contains("quick_check"), "{detail}");
+    let r = post_json(server.addr, "/api/chat", &chat(9)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("quick_check"), "{}", r.text());
+    server.stop().await;
+}
+
+/// The same damage found at start: `serve` exits 1 naming it, before
+/// anything is served.
+#[test]
+fn a_damaged_state_db_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, page) = database_with_messages(dir.path(), 200);
+    damage_last_page(&db, page);
+    let out = Command::new(common::agentd_bin())
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("AGENTD_LISTEN", "127.0.0.1:0")
+        .env("AGENTD_STATE_DIR", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("quick_check"), "{stderr}");
+}

@@ -131,7 +131,9 @@ impl From<StoreError> for ApiError {
             StoreError::Busy(_)
             | StoreError::Stopped
             | StoreError::NoAnswer(_)
-            | StoreError::Lost(_) => ApiError::Unavailable(e.to_string()),
+            | StoreError::Lost(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Unwritable(_) => ApiError::Unavailable(e.to_string()),
             StoreError::DiskFull(_) => ApiError::InsufficientStorage(format!(
                 "not stored: {e}; free space in the state directory"
             )),
