@@ -135,6 +135,9 @@ pub struct ExecutorConfig {
     /// the start; past it the oldest chunks go and a subscriber that wanted
     /// them gets `event: dropped`. Default 1 MiB (one typical agent turn).
     pub stream_replay_bytes: usize,
+    /// All executions' replay buffers together (`stream_replay_total`);
+    /// finished executions give theirs back first.
+    pub stream_replay_total: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +257,7 @@ settings! {
     max_subscribers => "AGENTD_MAX_SUBSCRIBERS",
     stream_buffer => "AGENTD_STREAM_BUFFER",
     stream_replay_bytes => "AGENTD_STREAM_REPLAY_BYTES",
+    stream_replay_total => "AGENTD_STREAM_REPLAY_TOTAL",
     health_interval => "AGENTD_HEALTH_INTERVAL",
     keepalive_file => "AGENTD_KEEPALIVE_FILE",
     watchdog_trigger_after => "AGENTD_WATCHDOG_TRIGGER_AFTER",
@@ -694,6 +698,13 @@ fn build(
             crate::agent::replay::DEFAULT_REPLAY_BYTES as u64,
             1,
             1 << 30,
+        )? as usize,
+        stream_replay_total: bytes(
+            raw,
+            "stream_replay_total",
+            crate::agent::replay::DEFAULT_REPLAY_TOTAL as u64,
+            1,
+            1 << 40,
         )? as usize,
     };
     let trigger_after = match int(raw, "watchdog_trigger_after", 0, 0, 1_000_000)? {

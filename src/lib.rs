@@ -17,6 +17,8 @@
 //!   orphan reaper.
 //! * `report`   — `agentd health`: asks `/health` and prints a report for
 //!   people, with exit codes for scripts.
+//! * `clock`    — seconds and milliseconds since the Unix epoch, below every
+//!   room that stamps times.
 //! * `shutdown` — the shutdown signal shared by every long-running task.
 //! * `state_dir` — the private state directory (0700/0600) and its
 //!   one-process lock.
@@ -26,6 +28,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod faults;

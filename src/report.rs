@@ -356,7 +356,7 @@ pub fn run(req: &HealthRequest) -> Outcome {
 }
 
 fn unix_now() -> f64 {
-    crate::app::unix_now()
+    crate::clock::unix_now()
 }
 
 /// Column where values start in the report.

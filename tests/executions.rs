@@ -868,3 +868,55 @@ async fn tiny_replay_buffer_announces_dropped_events_then_continues() {
     assert_eq!(events.last().unwrap().event, "end");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_replay_total_holds_and_finished_executions_give_back_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each task prints 229 KiB; the total holds one of them, not two.
+    let mut vars = command_runtime("seq 1 40000");
+    vars.push(("AGENTD_STREAM_REPLAY_TOTAL", "300KiB".into()));
+    let server = start(&vars, dir.path()).await;
+    let replay = |v: &Value| {
+        let d = &v["diagnostics"];
+        (
+            d["stream_replay_bytes"].as_u64().unwrap(),
+            d["stream_replay_total"].as_u64().unwrap(),
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = post_json(server.addr, "/api/task", &json!({"prompt": "x"})).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        ids.push(r.json()["execution_id"].as_str().unwrap().to_owned());
+        let (held, total) = replay(&get(server.addr, "/health").await.json());
+        assert_eq!(total, 300 << 10);
+        assert!(held > 200 << 10 && held <= total, "{held} of {total}");
+    }
+    // The first task gave its buffer back: a subscriber is told so.
+    let first = SseStream::open(
+        server.addr,
+        &format!("/api/executions/{}/stream", ids[0]),
+        None,
+    )
+    .await
+    .rest()
+    .await;
+    assert_eq!(first[0].event, "dropped", "{:?}", first[0]);
+    // The second, newest, kept all of its output.
+    let second = SseStream::open(
+        server.addr,
+        &format!("/api/executions/{}/stream", ids[1]),
+        None,
+    )
+    .await
+    .rest()
+    .await;
+    assert_eq!(second[0].id, Some(1));
+    assert!(output_of(&second).starts_with("1\n2\n3\n"));
+    assert!(output_of(&second).ends_with("39999\n40000\n"));
+    // The compatibility name carries the tokio figure.
+    let d = get(server.addr, "/health").await.json()["diagnostics"].clone();
+    assert!(d["asyncio_task_count"].as_i64().unwrap() > 0, "{d}");
+    assert!(d["tokio_alive_tasks"].as_i64().unwrap() > 0, "{d}");
+    server.stop().await;
+}

@@ -120,7 +120,10 @@ struct Monitor {
     max_probe_reserved: u64,
 }
 
-async fn monitor(addr: SocketAddr, stop: Arc<AtomicBool>) -> Monitor {
+/// `seen` turns true once a passing tick under saturation and a rejection
+/// rate were both observed, so the storm can end as soon as it has shown
+/// what it is for.
+async fn monitor(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<AtomicBool>) -> Monitor {
     let mut conn = Conn::open(addr).await.expect("monitor connects first");
     let mut reconnects = 0;
     let mut m = Monitor {
@@ -197,6 +200,9 @@ async fn monitor(addr: SocketAddr, stop: Arc<AtomicBool>) -> Monitor {
                 Some(t0) if ticks > t0 && v["status"] == "healthy" => m.saturated_and_healthy += 1,
                 _ => {}
             }
+        }
+        if m.saturated_and_healthy > 0 && m.max_rejected_per_second > 0.0 {
+            seen.store(true, Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -341,16 +347,18 @@ async fn storm_slowloris_and_large_headers_are_load_not_a_wedge() {
     let stop_all = Arc::new(AtomicBool::new(false));
     let peaks = sample_peaks(pid, stop_all.clone());
     let monitor_stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicBool::new(false));
     // On a thread and runtime of its own, so the flood's client tasks do not
     // delay it.
     let monitor = {
         let stop = monitor_stop.clone();
+        let seen = seen.clone();
         std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap()
-                .block_on(monitor(addr, stop))
+                .block_on(monitor(addr, stop, seen))
         })
     };
 
@@ -367,7 +375,14 @@ async fn storm_slowloris_and_large_headers_are_load_not_a_wedge() {
             ))
         })
         .collect();
+    // At least one phase, and on a loaded machine longer: until the monitor
+    // saw a tick pass under saturation (bounded; the storm clients'
+    // reconnects keep the pressure up for about this long).
     tokio::time::sleep(c.phase).await;
+    let storm_deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.load(Relaxed) && Instant::now() < storm_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Relaxed);
     for t in storm {
         let _ = tokio::time::timeout(Duration::from_secs(30), t).await;

@@ -15,10 +15,10 @@ use serde::Serialize;
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use super::classify::{classify, Classified};
+use super::replay::ReplayBudget;
 use super::runtime::{ExecutionContext, ExecutionKind, RunOutcome, RunRequest, Runtime};
-use crate::app::unix_now;
+use crate::clock::{now_unix_ms, unix_now};
 use crate::config::ExecutorConfig;
-use crate::server::stats::now_unix_ms;
 
 /// Where an execution is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,6 +132,10 @@ pub struct ExecutorGauges {
     pub started_total: u64,
     /// Unix ms of the last start (0 = never).
     pub last_started_ms: u64,
+    /// Bytes all replay buffers hold together, and their bound
+    /// (`stream_replay_total`).
+    pub replay_bytes: usize,
+    pub replay_limit: usize,
 }
 
 /// Outcomes an execution can end with, as counted by [`CompletionCounts`]:
@@ -209,6 +213,8 @@ pub struct Executor {
     started: tokio::sync::Notify,
     /// Finished executions by kind and outcome (for `/metrics`).
     completions: CompletionCounts,
+    /// The bound on every execution's replay buffer together.
+    replay: Arc<ReplayBudget>,
 }
 
 /// What a caller wants run.
@@ -225,6 +231,7 @@ impl Executor {
     pub fn new(config: ExecutorConfig, runtime: Arc<dyn Runtime>) -> Arc<Executor> {
         Arc::new(Executor {
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            replay: ReplayBudget::new(config.stream_replay_total),
             config,
             runtime,
             registry: Mutex::new(Registry {
@@ -267,6 +274,8 @@ impl Executor {
             free_slots: self.slots.available_permits(),
             started_total: self.started_total.load(Relaxed),
             last_started_ms: self.last_started_ms.load(Relaxed),
+            replay_bytes: self.replay.held(),
+            replay_limit: self.replay.limit(),
         }
     }
 
@@ -283,9 +292,10 @@ impl Executor {
             kind: s.kind,
             session_id: s.session_id.clone(),
             created_at: unix_now(),
-            ctx: ExecutionContext::with_replay(
+            ctx: ExecutionContext::with_budget(
                 self.config.stream_buffer,
                 self.config.stream_replay_bytes,
+                self.replay.clone(),
             ),
             started_at: Mutex::new(None),
             finished_at: Mutex::new(None),
@@ -420,6 +430,8 @@ impl Executor {
                 reg.finished_index.insert(exec.id.clone(), exec.clone());
             }
         }
+        // Its output is now the first to give back when the total is full.
+        self.replay.finished(&exec.ctx.output);
         exec.phase.send_replace(Phase::Finished);
         self.idle.notify_waiters();
     }

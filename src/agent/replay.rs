@@ -10,7 +10,8 @@
 //! there. Formatting for SSE is not here (that is `server::executions`).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
@@ -20,6 +21,12 @@ use tokio::sync::watch;
 /// late or reconnects misses nothing, while 256 retained finished executions
 /// cost at most 256 MiB in the worst case.
 pub const DEFAULT_REPLAY_BYTES: usize = 1 << 20;
+
+/// Default bound of all replay buffers together (`stream_replay_total`):
+/// without it, `finished_retained` × `stream_replay_bytes` (256 MiB with the
+/// defaults) could be held. 64 MiB keeps the full replay of 64 typical
+/// turns; past it, finished executions give theirs back first, oldest first.
+pub const DEFAULT_REPLAY_TOTAL: usize = 64 << 20;
 
 /// Bytes a chunk costs beyond its text (the deque slot, the `Arc` header),
 /// counted against the byte bound so a stream of tiny chunks cannot hold far
@@ -60,6 +67,75 @@ struct Retained {
     last_seq: u64,
 }
 
+/// The bound on every execution's replay buffer together, and the bytes
+/// they hold now. Finished executions' buffers are given back first, oldest
+/// first; a running one past the total then drops its own oldest chunks (the
+/// newest always stays).
+#[derive(Debug)]
+pub struct ReplayBudget {
+    limit: usize,
+    /// Accounted bytes (text + `CHUNK_OVERHEAD_BYTES` per chunk) of every
+    /// log sharing this budget. Read by `/health`.
+    held: AtomicUsize,
+    /// Logs of finished executions, oldest first: the first to give back.
+    /// Bounded by the executor's finished ring (a dead entry is skipped).
+    finished: Mutex<VecDeque<Weak<OutputLog>>>,
+}
+
+impl ReplayBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(ReplayBudget {
+            limit,
+            held: AtomicUsize::new(0),
+            finished: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Bytes held by all logs now.
+    pub fn held(&self) -> usize {
+        self.held.load(Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn over(&self) -> bool {
+        self.held() > self.limit
+    }
+
+    /// `log`'s execution finished: its buffer is now the first to give back
+    /// (after those that finished before it). Gives back at once while the
+    /// total is over the limit.
+    pub fn finished(&self, log: &Arc<OutputLog>) {
+        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        finished.retain(|w| w.strong_count() > 0);
+        finished.push_back(Arc::downgrade(log));
+        drop(finished);
+        self.reclaim();
+    }
+
+    /// Release finished executions' buffers, oldest first, until the total
+    /// is within the limit or none is left.
+    fn reclaim(&self) {
+        while self.over() {
+            let next = self
+                .finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+            match next {
+                Some(weak) => {
+                    if let Some(log) = weak.upgrade() {
+                        log.release();
+                    }
+                }
+                None => return,
+            }
+        }
+    }
+}
+
 /// The bounded, numbered output of one execution.
 #[derive(Debug)]
 pub struct OutputLog {
@@ -71,6 +147,8 @@ pub struct OutputLog {
     /// At most this many accounted bytes are kept (the newest chunk always
     /// is, whatever its size).
     max_bytes: usize,
+    /// The total bound this log counts against, if any.
+    budget: Option<Arc<ReplayBudget>>,
 }
 
 impl OutputLog {
@@ -80,6 +158,35 @@ impl OutputLog {
             latest: watch::channel(0).0,
             max_chunks: max_chunks.max(1),
             max_bytes,
+            budget: None,
+        }
+    }
+
+    /// A log whose bytes also count against `budget`.
+    pub fn with_budget(max_chunks: usize, max_bytes: usize, budget: Arc<ReplayBudget>) -> Self {
+        let mut log = Self::new(max_chunks, max_bytes);
+        log.budget = Some(budget);
+        log
+    }
+
+    /// Accounted bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bytes
+    }
+
+    /// Drop every chunk (the total bound needs the memory back). Readers
+    /// are told what they missed, as after any eviction.
+    pub fn release(&self) {
+        let freed = {
+            let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+            r.chunks = VecDeque::new();
+            std::mem::take(&mut r.bytes)
+        };
+        if let Some(b) = &self.budget {
+            b.held.fetch_sub(freed, Relaxed);
         }
     }
 
@@ -94,18 +201,41 @@ impl OutputLog {
             let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
             r.last_seq += 1;
             let seq = r.last_seq;
-            r.bytes += text.len() + CHUNK_OVERHEAD_BYTES;
-            r.chunks.push_back(Chunk { seq, text });
-            while r.chunks.len() > 1
-                && (r.bytes > self.max_bytes || r.chunks.len() > self.max_chunks)
-            {
-                if let Some(old) = r.chunks.pop_front() {
-                    r.bytes -= old.text.len() + CHUNK_OVERHEAD_BYTES;
-                }
+            let cost = text.len() + CHUNK_OVERHEAD_BYTES;
+            r.bytes += cost;
+            if let Some(b) = &self.budget {
+                b.held.fetch_add(cost, Relaxed);
             }
+            r.chunks.push_back(Chunk { seq, text });
+            self.evict(&mut r, |r| {
+                r.bytes > self.max_bytes || r.chunks.len() > self.max_chunks
+            });
             seq
         };
+        if let Some(budget) = self.budget.as_ref().filter(|b| b.over()) {
+            // Finished executions give back first; then this one's oldest go.
+            budget.reclaim();
+            if budget.over() {
+                let mut r = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+                self.evict(&mut r, |_| budget.over());
+            }
+        }
         self.latest.send_replace(seq);
+    }
+
+    /// Drop the oldest chunks while `too_much` holds, always keeping the
+    /// newest.
+    fn evict(&self, r: &mut Retained, too_much: impl Fn(&Retained) -> bool) {
+        while r.chunks.len() > 1 && too_much(r) {
+            if let Some(old) = r.chunks.pop_front() {
+                r.bytes -= old.text.len() + CHUNK_OVERHEAD_BYTES;
+                if let Some(b) = &self.budget {
+                    // Counted at once, so `too_much` sees the new total.
+                    b.held
+                        .fetch_sub(old.text.len() + CHUNK_OVERHEAD_BYTES, Relaxed);
+                }
+            }
+        }
     }
 
     /// Sequence number of the newest chunk (0 = no output yet).
@@ -142,6 +272,17 @@ impl OutputLog {
             latest: self.latest.subscribe(),
             cursor: seq,
             pending: VecDeque::new(),
+        }
+    }
+}
+
+impl Drop for OutputLog {
+    /// A log that goes (its execution left the finished ring) gives its
+    /// bytes back to the total.
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            let r = self.retained.get_mut().unwrap_or_else(|e| e.into_inner());
+            b.held.fetch_sub(r.bytes, Relaxed);
         }
     }
 }
@@ -226,6 +367,40 @@ impl OutputReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finished_logs_give_back_first_and_the_total_holds() {
+        // Each chunk costs 100 + 64 bytes; the total holds about six.
+        let budget = ReplayBudget::new(1000);
+        let text = "x".repeat(100);
+        let old = Arc::new(OutputLog::with_budget(100, 1 << 20, budget.clone()));
+        for _ in 0..4 {
+            old.push(text.as_str());
+        }
+        budget.finished(&old);
+        assert_eq!(budget.held(), 4 * 164);
+        let running = Arc::new(OutputLog::with_budget(100, 1 << 20, budget.clone()));
+        for _ in 0..4 {
+            running.push(text.as_str());
+        }
+        // Over the total: the finished log gave everything back, the running
+        // one kept all of its output.
+        assert_eq!(old.bytes(), 0);
+        assert_eq!(running.bytes(), 4 * 164);
+        assert_eq!(budget.held(), 4 * 164);
+        // A reader of the released log is told what it missed.
+        assert_eq!(old.after(0).missed, 4);
+        // With nothing finished left, the running log drops its own oldest.
+        for _ in 0..10 {
+            running.push(text.as_str());
+        }
+        assert!(budget.held() <= budget.limit(), "{}", budget.held());
+        assert_eq!(running.bytes(), budget.held());
+        assert!(running.after(0).missed > 0);
+        drop(running);
+        drop(old);
+        assert_eq!(budget.held(), 0);
+    }
 
     fn texts(b: &Batch) -> Vec<(u64, &str)> {
         b.chunks.iter().map(|c| (c.seq, &*c.text)).collect()

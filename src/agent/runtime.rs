@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::replay::{OutputLog, DEFAULT_REPLAY_BYTES};
+use super::replay::{OutputLog, ReplayBudget, DEFAULT_REPLAY_BYTES};
 use crate::agent::sessions::CliSession;
 
 /// Why an execution exists; runtimes may treat them differently (a chat
@@ -71,10 +71,20 @@ impl ExecutionContext {
     /// A context whose replay buffer keeps at most `max_chunks` chunks and
     /// `max_bytes` bytes (the newest chunk always).
     pub fn with_replay(max_chunks: usize, max_bytes: usize) -> Self {
+        Self::with_output(OutputLog::new(max_chunks, max_bytes))
+    }
+
+    /// Like `with_replay`, the bytes also counting against `budget`, the
+    /// bound of all executions' replay buffers together.
+    pub fn with_budget(max_chunks: usize, max_bytes: usize, budget: Arc<ReplayBudget>) -> Self {
+        Self::with_output(OutputLog::with_budget(max_chunks, max_bytes, budget))
+    }
+
+    fn with_output(output: OutputLog) -> Self {
         ExecutionContext {
             cancel: CancellationToken::new(),
             pid: Arc::new(AtomicU32::new(0)),
-            output: Arc::new(OutputLog::new(max_chunks, max_bytes)),
+            output: Arc::new(output),
         }
     }
 }

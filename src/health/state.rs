@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
@@ -24,17 +24,10 @@ use super::sentinel::Heartbeat;
 use super::single_flight::SingleFlight;
 use super::trends::Trends;
 
+use crate::clock::now_unix_ms;
 use crate::config::HealthConfig;
 use crate::init::notify::Notifier;
 use crate::init::rlimit::RlimitReport;
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// How the loop tells the outside world it is alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::checks::{run_checks, CheckStatus, Verdict};
-use super::state::now_unix_ms;
 use super::trends::Sample;
+use crate::clock::now_unix_ms;
 
 // Re-exported: the state moved below `app` so the two no longer import each
 // other; callers that name it through the loop keep working.

@@ -17,7 +17,8 @@ use crate::agent::executor::{Execution, Finish, Submission};
 use crate::agent::history::{Message, Role};
 use crate::agent::runtime::ExecutionKind;
 use crate::agent::sessions::{normalise_session_id, CliSession, MAX_SESSION_ID_LEN};
-use crate::app::{unix_now, App};
+use crate::app::App;
+use crate::clock::unix_now;
 use crate::store::CliSessionRecord;
 
 /// Session used when a chat names none.
@@ -255,6 +256,10 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
                 "duration_ms": duration_ms,
                 "cost_usd": cost,
                 "agent_session_id": outcome.agent.session_id,
+                // The same id where clients of the original agent server
+                // read it: that server passed the CLI's result fields
+                // (`session_id`, as Claude Code names it) through.
+                "session_id": outcome.agent.session_id,
                 "model": outcome.agent.model,
             },
         }),

@@ -43,6 +43,9 @@ fn at(ms: u64) -> Option<f64> {
 pub struct Diagnostics {
     thread_count: i64,
     tokio_alive_tasks: i64,
+    /// The same figure as `tokio_alive_tasks`, under the name clients of
+    /// the original agent server read.
+    asyncio_task_count: i64,
     running_executions: usize,
     queued_executions: usize,
     conversation_history_size: usize,
@@ -52,17 +55,23 @@ pub struct Diagnostics {
     fd_hard_limit: i64,
     rss_bytes: i64,
     store_queue: usize,
+    /// Bytes every execution's replay buffer holds together, and their
+    /// bound (`stream_replay_total`).
+    stream_replay_bytes: usize,
+    stream_replay_total: usize,
 }
 
 fn diagnostics(app: &App) -> Diagnostics {
     let p = app.health.gauges.get();
     let e = app.executor.gauges();
     let (size, limit) = app.history_gauges();
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks() as i64)
+        .unwrap_or(-1);
     Diagnostics {
         thread_count: p.thread_count,
-        tokio_alive_tasks: tokio::runtime::Handle::try_current()
-            .map(|h| h.metrics().num_alive_tasks() as i64)
-            .unwrap_or(-1),
+        tokio_alive_tasks: tasks,
+        asyncio_task_count: tasks,
         running_executions: e.running,
         queued_executions: e.queued,
         conversation_history_size: size,
@@ -72,6 +81,8 @@ fn diagnostics(app: &App) -> Diagnostics {
         fd_hard_limit: p.fd_hard,
         rss_bytes: p.rss_bytes,
         store_queue: app.store.queued(),
+        stream_replay_bytes: e.replay_bytes,
+        stream_replay_total: e.replay_limit,
     }
 }
 

@@ -175,7 +175,7 @@ fn build_and_uptime(m: &mut Exposition, app: &App) {
         "agentd_start_time_seconds",
         Kind::Gauge,
         "Start time of the server, seconds since the Unix epoch.",
-        crate::app::unix_now() - uptime,
+        crate::clock::unix_now() - uptime,
     );
 }
 
@@ -385,6 +385,18 @@ fn work(m: &mut Exposition, app: &App) {
         Kind::Gauge,
         "Executions admitted and waiting to start.",
         e.queued as f64,
+    );
+    m.one(
+        "agentd_stream_replay_bytes",
+        Kind::Gauge,
+        "Bytes all executions' replay buffers hold together.",
+        e.replay_bytes as f64,
+    );
+    m.one(
+        "agentd_stream_replay_limit_bytes",
+        Kind::Gauge,
+        "Bound on all replay buffers together (AGENTD_STREAM_REPLAY_TOTAL).",
+        e.replay_limit as f64,
     );
     m.one(
         "agentd_executions_started_total",

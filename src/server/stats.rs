@@ -3,17 +3,10 @@
 //! the saturation flag (load, reported; never a reason to stop petting).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::clock::now_unix_ms;
 
 use serde::Serialize;
-
-/// Milliseconds since the Unix epoch (0 = never).
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Seconds of rejections the recent rate averages over. Long enough that a
 /// burst shows in a `/health` read a second later, short enough that the rate
