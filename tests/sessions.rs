@@ -89,6 +89,8 @@ async fn second_turn_resumes_in_default_named_and_uuid_sessions() {
                 "{runtime} {session:?}"
             );
             assert_eq!(second["metadata"]["agent_session_id"], cli_session.as_str());
+            // Where clients of the original agent server read it.
+            assert_eq!(second["metadata"]["session_id"], cli_session.as_str());
             assert_eq!(second["metadata"]["model"], "fixture-model");
         }
         // Create, then resume, directly: no call needed a repair.
