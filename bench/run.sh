@@ -6,12 +6,14 @@
 #
 #   bench/run.sh          quick run (about 3 minutes): all targets but the soak
 #   bench/run.sh soak     one million stored messages; RSS, fds and threads
+#   bench/run.sh executions   only the 1,000 short executions (also in quick)
 #
 # Knobs (environment): BENCH_CONNECTIONS (256), BENCH_WRK_THREADS (2),
 # BENCH_DURATION (8s), BENCH_ROUNDS (2), BENCH_CHAT_DURATION (10s),
 # BENCH_CHAT_CONNECTIONS (64), BENCH_CHAT_SESSIONS (64),
 # BENCH_HEALTH_INTERVAL (50ms), BENCH_CPU_WINDOW (15), BENCH_START_RUNS (5),
-# BENCH_DB_MB (100), BENCH_SKIP_BUILD (0), BENCH_RESULTS (file for the
+# BENCH_DB_MB (100), BENCH_EXECUTIONS (1000), BENCH_EXECUTIONS_CROWD (3000),
+# BENCH_SKIP_BUILD (0), BENCH_RESULTS (file for the
 # markdown table; stdout always gets it), SOAK_REQUESTS (500000),
 # SOAK_CHUNK (25000), SOAK_CONNECTIONS (64).
 #
@@ -22,9 +24,9 @@ set -euo pipefail
 
 MODE=${1:-quick}
 case "$MODE" in
-quick | soak) ;;
+quick | soak | executions) ;;
 *)
-    echo "usage: $0 [quick|soak]" >&2
+    echo "usage: $0 [quick|soak|executions]" >&2
     exit 2
     ;;
 esac
@@ -44,6 +46,8 @@ HEALTH_INTERVAL=${BENCH_HEALTH_INTERVAL:-50ms}
 CPU_WINDOW=${BENCH_CPU_WINDOW:-15}
 START_RUNS=${BENCH_START_RUNS:-5}
 DB_MB=${BENCH_DB_MB:-100}
+EXECUTIONS=${BENCH_EXECUTIONS:-1000}
+EXECUTIONS_CROWD=${BENCH_EXECUTIONS_CROWD:-3000}
 SOAK_REQUESTS=${SOAK_REQUESTS:-500000}
 SOAK_CHUNK=${SOAK_CHUNK:-25000}
 SOAK_CONNECTIONS=${SOAK_CONNECTIONS:-64}
@@ -303,6 +307,25 @@ bench_idle_rss() {
     stop "$AG_PID"
 }
 
+# 1,000 short executions, with and without thousands of unrelated processes
+# on the host: the end-of-run cleanup (group kill, escapee sweep, reap) walks
+# agentd's own children, so its cost must not follow the host's process table.
+bench_executions() {
+    local base crowd ratio
+    start_agentd executions AGENTD_RUNTIME=command AGENTD_RUNTIME_CMD=cat
+    python3 "$HERE/executions.py" "$AG_ADDR" "$EXECUTIONS" 0 >"$WORK/out/exec.0"
+    python3 "$HERE/executions.py" "$AG_ADDR" "$EXECUTIONS" "$EXECUTIONS_CROWD" >"$WORK/out/exec.crowd"
+    sed 's/^/   /' "$WORK/out/exec.0" "$WORK/out/exec.crowd" >&2
+    base=$(field "$WORK/out/exec.0" per_exec_ms)
+    crowd=$(field "$WORK/out/exec.crowd" per_exec_ms)
+    ratio=$(calc "$crowd / $base")
+    row "$EXECUTIONS short executions (\`cat\`), one after another: per execution" \
+        "$base ms alone; $crowd ms with $EXECUTIONS_CROWD unrelated processes on the host ($(field "$WORK/out/exec.crowd" host_processes) in /proc): ${ratio}×; failed $(field "$WORK/out/exec.0" failed)+$(field "$WORK/out/exec.crowd" failed); children left $(wc -w <"/proc/$AG_PID/task/$AG_PID/children")" \
+        "≤ 1.25× (the sweep does not scan the host), none failed" \
+        "$(verdict "$ratio <= 1.25 && $(field "$WORK/out/exec.0" failed) + $(field "$WORK/out/exec.crowd" failed) == 0")"
+    stop "$AG_PID"
+}
+
 bench_watchdog() {
     log "watchdog CPU per tick: interval $HEALTH_INTERVAL vs 1h, ${CPU_WINDOW}s window"
     mkdir -p "$WORK/wd"
@@ -368,6 +391,7 @@ quick() {
     bench_chat full
     bench_chat normal
     bench_idle_rss
+    bench_executions
     bench_watchdog
     log "cold start, empty state dir ($START_RUNS runs)"
     bench_cold_start "" "first start, empty state dir" 100
@@ -378,6 +402,11 @@ quick() {
     size=$(echo "$size" | awk '{printf "%s rows, %.0f MB", $1, $3 * 1048576 / 1e6}')
     log "cold start, restart on a state.db of $size ($START_RUNS runs)"
     bench_cold_start "$WORK/big.db" "restart on state.db of $size" 300
+    print_table
+}
+
+executions() {
+    bench_executions
     print_table
 }
 
