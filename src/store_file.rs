@@ -71,6 +71,15 @@ impl std::fmt::Display for FileProblem {
             FileProblem::Overwritten {
                 change_counter,
                 expected_counter,
+            } if change_counter == expected_counter => write!(
+                f,
+                "state.db was overwritten in place by another database \
+                 (its header is not the one agentd last wrote, at file change counter \
+                 {change_counter})"
+            ),
+            FileProblem::Overwritten {
+                change_counter,
+                expected_counter,
             } => write!(
                 f,
                 "state.db was overwritten in place by another database \

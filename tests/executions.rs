@@ -517,6 +517,10 @@ fn an_execution_answers_with_no_process_and_no_zombie_left() {
         assert!(killed >= 2, "round {round}: cleanup {}", body["cleanup"]);
         assert_eq!(body["cleanup"]["survivors"], 0, "{body}");
         assert_eq!(body["cleanup"]["stopped_with"], Value::Null, "{body}");
+        eprintln!(
+            "round {round}: answered with children {children:?}, zombies {zombies:?}; cleanup {}",
+            body["cleanup"]
+        );
     }
     drop(d);
 }

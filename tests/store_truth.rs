@@ -271,10 +271,11 @@ async fn tampering_refuses_writes(
 
     tamper(&dir.path().join("state.db"));
 
+    let mut msg = String::new();
     for i in 3..6 {
         let r = post_json(server.addr, "/api/chat", &chat(i)).await;
         assert_eq!(r.status, 503, "write {i} after tampering: {}", r.text());
-        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
         assert!(msg.contains(what), "{msg}");
     }
     let body = health_until(server.addr, "store check fails", |status, b| {
@@ -287,6 +288,11 @@ async fn tampering_refuses_writes(
     assert!(
         body["watchdog"]["consecutive_failures"].as_u64().unwrap() >= 1,
         "{body}"
+    );
+    eprintln!(
+        "{what}: chat 503 \"{msg}\"; /health 503 {}, store failed: \"{detail}\", \
+         {} failed ticks in a row",
+        body["status"], body["watchdog"]["consecutive_failures"]
     );
     (server, dir)
 }
