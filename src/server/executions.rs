@@ -15,8 +15,8 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::api::{json_body, required_text, timeout_field};
 use super::http::{json as json_response, ApiError, Body};
+use super::input::{json_body, required_text, timeout_field};
 use crate::agent::executor::{Execution, Finish, Phase, Rejected, Submission};
 use crate::agent::replay::{Batch, OutputReader};
 use crate::agent::runtime::{Cleanup, ExecutionKind};

@@ -30,6 +30,7 @@ pub mod api;
 pub mod executions;
 pub mod health;
 pub mod http;
+pub mod input;
 pub mod metrics;
 pub mod parse_errors;
 pub mod router;
