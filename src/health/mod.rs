@@ -5,6 +5,8 @@
 //!   keepalive touch, `STATUS=`; it also takes the trend samples.
 //! * `state`         — `HealthState`, shared by the loop, `/health`, the
 //!   sentinel and `App`; below both `app` and `watchdog`, importing neither.
+//! * `body`          — the `/health` body: per-tick part rendered by the loop,
+//!   live gauges spliced in per request with integer formatting.
 //! * `trends`        — the bounded ring of gauge samples, slopes and the
 //!   suspected-leak rule, pre-rendered for `/health`.
 //! * `app_checks`    — the six checks built over the running app.
@@ -23,6 +25,7 @@
 //! Only `watchdog` talks to systemd about liveness.
 
 pub mod app_checks;
+pub mod body;
 pub mod bundle;
 pub mod checks;
 pub mod gauges;

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -39,11 +40,17 @@ pub enum WatchdogMode {
     Off,
 }
 
-/// A verdict as `/health` serves it: the checks are rendered to JSON once per
-/// tick, not once per request, so `/health` stays as cheap as a bare answer.
+/// A verdict as `/health` serves it: the checks, and with them every other
+/// per-tick part of the body (`body::render_tail`), are rendered to JSON once
+/// per tick, not once per request, so `/health` stays as cheap as a bare
+/// answer.
 pub struct Published {
     pub verdict: Verdict,
     pub checks_json: Box<RawValue>,
+    /// The per-tick part of the `/health` body, set by the loop before it
+    /// publishes and again after each trend sample; empty for a verdict no
+    /// tick published (`?deep=1`), whose request renders its own.
+    tail: ArcSwapOption<Bytes>,
 }
 
 impl Published {
@@ -52,7 +59,17 @@ impl Published {
         Published {
             verdict,
             checks_json,
+            tail: ArcSwapOption::empty(),
         }
+    }
+
+    pub fn set_tail(&self, tail: Bytes) {
+        self.tail.store(Some(Arc::new(tail)));
+    }
+
+    /// The pre-rendered per-tick part of the body, if the loop rendered one.
+    pub fn tail(&self) -> Option<Arc<Bytes>> {
+        self.tail.load_full()
     }
 }
 

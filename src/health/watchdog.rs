@@ -48,6 +48,9 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
             _ = ticker.tick() => {}
             _ = sampler.tick() => {
                 health.trends.record(take_sample(&app));
+                if let Some(published) = health.last.load_full() {
+                    super::body::publish_tail(&app, &published);
+                }
                 continue;
             }
             _ = app.shutdown.triggered() => return,
@@ -135,7 +138,9 @@ async fn tick(
             health.notifier.watchdog_trigger();
         }
     }
-    health.last.store(Some(Arc::new(Published::new(verdict))));
+    let published = Arc::new(Published::new(verdict));
+    super::body::publish_tail(app, &published);
+    health.last.store(Some(published));
     passed
 }
 

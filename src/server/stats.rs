@@ -68,6 +68,25 @@ pub struct AcceptSnapshot {
     pub last_request_at: Option<f64>,
 }
 
+/// [`AcceptSnapshot`] in integers, for `/health`'s integer formatting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptCounts {
+    pub connections_total: u64,
+    pub connections_open: u64,
+    pub connections_rejected: u64,
+    pub connections_max: usize,
+    pub saturated: bool,
+    /// Rejections in the last `REJECT_RATE_WINDOW_S` whole seconds:
+    /// `rejected_per_second` is this over the window.
+    pub rejected_in_window: u64,
+    pub probe_connections_reserved: u64,
+    pub requests_total: u64,
+    pub accept_errors: u64,
+    /// Unix ms, 0 before the first one.
+    pub last_accept_ms: u64,
+    pub last_request_completed_ms: u64,
+}
+
 fn secs(ms: u64) -> Option<f64> {
     (ms != 0).then(|| ms as f64 / 1000.0)
 }
@@ -97,18 +116,23 @@ impl AcceptStats {
         self.reject_counts[i].fetch_add(1, Relaxed);
     }
 
-    /// Rejections per second over the last `REJECT_RATE_WINDOW_S` whole
-    /// seconds before `now_s`.
-    fn rejected_per_second_at(&self, now_s: u64) -> f64 {
+    /// Rejections in the last `REJECT_RATE_WINDOW_S` whole seconds before
+    /// `now_s`.
+    fn rejected_in_window_at(&self, now_s: u64) -> u64 {
         let since = now_s.saturating_sub(REJECT_RATE_WINDOW_S);
-        let total: u64 = (0..REJECT_BUCKETS)
+        (0..REJECT_BUCKETS)
             .filter(|&i| {
                 let epoch = self.reject_epochs[i].load(Relaxed);
                 epoch >= since && epoch < now_s
             })
             .map(|i| self.reject_counts[i].load(Relaxed))
-            .sum();
-        total as f64 / REJECT_RATE_WINDOW_S as f64
+            .sum()
+    }
+
+    /// Rejections per second over the last `REJECT_RATE_WINDOW_S` whole
+    /// seconds before `now_s`.
+    fn rejected_per_second_at(&self, now_s: u64) -> f64 {
+        self.rejected_in_window_at(now_s) as f64 / REJECT_RATE_WINDOW_S as f64
     }
 
     /// Rejections per second, recently (see `REJECT_RATE_WINDOW_S`).
@@ -135,6 +159,31 @@ impl AcceptStats {
             used,
             max,
             rejected_per_second: rate,
+        }
+    }
+
+    /// The same numbers as [`snapshot`](Self::snapshot), as integers: what
+    /// `/health` writes without a float formatter (times in unix ms, 0 for
+    /// never; the rate as rejections in the window).
+    pub fn counts(&self) -> AcceptCounts {
+        let now_s = now_unix_ms() / 1000;
+        let rejected_in_window = self.rejected_in_window_at(now_s);
+        let used = self.client_slots_used.load(Relaxed);
+        let max = self.connections_max.load(Relaxed);
+        AcceptCounts {
+            connections_total: self.connections_total.load(Relaxed),
+            connections_open: self.connections_open.load(Relaxed),
+            connections_rejected: self.connections_rejected.load(Relaxed),
+            connections_max: max,
+            saturated: (max > 0 && used >= max)
+                || rejected_in_window > 0
+                || self.rejected_this_second(now_s),
+            rejected_in_window,
+            probe_connections_reserved: self.probe_connections_reserved.load(Relaxed),
+            requests_total: self.requests_total.load(Relaxed),
+            accept_errors: self.accept_errors.load(Relaxed),
+            last_accept_ms: self.last_accept_ms.load(Relaxed),
+            last_request_completed_ms: self.last_request_completed_ms.load(Relaxed),
         }
     }
 
