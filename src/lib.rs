@@ -9,6 +9,9 @@
 //! * `agent`    — bounded conversation history and the runtimes that answer
 //!   prompts.
 //! * `store`    — the single SQLite connection, owned by one thread (actor).
+//! * `store_sync` — the store's sync thread: one fsync of the WAL for every
+//!   batch committed while the last one ran, answers after it (pipelined
+//!   group commit at `synchronous=full`).
 //! * `store_file` — proof that `state.db` is still the database the store
 //!   opened (identity, header, length), checked around every write.
 //! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
@@ -40,3 +43,4 @@ pub mod shutdown;
 pub mod state_dir;
 pub mod store;
 pub mod store_file;
+pub mod store_sync;

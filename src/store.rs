@@ -37,6 +37,7 @@ use crate::agent::history::{Message, Role};
 use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
 use crate::store_file::{DbFile, FileProblem};
+use crate::store_sync::{SyncJob, Syncer};
 
 /// WAL pages after which a commit checkpoints: SQLite's own default
 /// (`wal_autocheckpoint`), which the store's WAL hook takes over so that it
@@ -51,6 +52,28 @@ pub const QUICK_CHECK_BUDGET: Duration = Duration::from_millis(250);
 
 /// SQLite VM steps between two looks at the quick_check deadline.
 const PROGRESS_STEPS: i32 = 10_000;
+
+/// Longest a batch waits for the previous batch's fsync before it commits
+/// anyway (at `synchronous=full`). While an fsync runs, the next batch fills
+/// (up to `AGENTD_STORE_MAX_BATCH`): one fsync then covers all of it. On a
+/// disk whose fsync takes longer than this, batches commit without waiting
+/// and the next fsync covers every batch committed meanwhile, so a slow disk
+/// adds at most this much to a request's wait for its batch to start.
+pub const SYNC_WAIT_CAP: Duration = Duration::from_millis(5);
+
+/// At `synchronous=full`, the heartbeat row (no one's data: it only proves
+/// that a write goes through) is fsynced only when no fsync of the WAL
+/// succeeded for this long, so the `store` check still proves at least once
+/// a second that the disk flushes, and a tick at a short interval does not
+/// pay an fsync each time. At the default 10 s interval an idle store's
+/// heartbeat is fsynced every tick, as before.
+pub const HEARTBEAT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Committed batches waiting for their fsync, at most. When that many wait,
+/// the store thread stops taking requests (they queue in its bounded
+/// channel, `AGENTD_STORE_QUEUE`), so memory stays bounded by the queue and
+/// this many batches of `AGENTD_STORE_MAX_BATCH`.
+const SYNC_QUEUE: usize = 4;
 
 /// File name of the database inside the state dir.
 pub const DB_FILE: &str = "state.db";
@@ -275,6 +298,13 @@ pub struct Store {
 pub struct CommitCounts {
     pub commits: AtomicU64,
     pub rows: AtomicU64,
+    /// fsyncs of the WAL made by the store's sync thread (at
+    /// `synchronous=full`; 0 at `normal`). One may cover several commits.
+    pub syncs: AtomicU64,
+    /// Writes of the API (appends, deletes, new generations) made durable
+    /// so far: the `store` check's proof that writing works when it moved
+    /// since the last tick (see `Worker::heartbeat`).
+    pub durable_writes: AtomicU64,
 }
 
 /// Owns the thread; `join` after `close` at shutdown.
@@ -300,7 +330,12 @@ impl Store {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
         private_db_files(&path)?;
-        let mut conn = open_connection(&path, config.synchronous)?;
+        // At `full`, SQLite commits at `NORMAL` (no fsync inside COMMIT) and
+        // the sync thread makes each batch durable before it is answered:
+        // the next batch commits while the previous fsync runs.
+        // At `normal`, answers follow COMMIT, durable at the next checkpoint
+        // as SQLite defines it.
+        let mut conn = open_connection(&path, SyncMode::Normal)?;
         migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
             path: path.clone(),
             reason: format!("migration failed: {e}"),
@@ -324,7 +359,22 @@ impl Store {
             .map_err(|e| open_fail(format!("cannot install the progress handler: {e}")))?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let commits = Arc::new(CommitCounts::default());
+        let sync = match config.synchronous {
+            SyncMode::Normal => None,
+            SyncMode::Full => {
+                let mut wal = path.as_os_str().to_owned();
+                wal.push("-wal");
+                let wal = std::fs::File::open(&wal)
+                    .map_err(|e| open_fail(format!("cannot open state.db-wal to sync it: {e}")))?;
+                Some(
+                    Syncer::start(wal, SYNC_QUEUE, commits.clone())
+                        .map_err(|e| open_fail(format!("cannot start the sync thread: {e}")))?,
+                )
+            }
+        };
         let mut worker = Worker {
+            sync,
+            durable_seen: 0,
             commits: commits.clone(),
             conn,
             max_batch: config.max_batch.max(1),
@@ -575,6 +625,13 @@ fn migrate(conn: &Connection, on_slow_step: &dyn Fn(&str)) -> rusqlite::Result<(
 
 struct Worker {
     conn: Connection,
+    /// At `synchronous=full`: the thread that fsyncs the WAL and answers a
+    /// committed batch after (see `store_sync`); `None` at `normal`.
+    sync: Option<Syncer>,
+    /// `CommitCounts::durable_writes` at the last heartbeat: when it moved,
+    /// a real write was made durable since, and the heartbeat needs no
+    /// commit of its own.
+    durable_seen: u64,
     commits: Arc<CommitCounts>,
     max_batch: usize,
     retention: u64,
@@ -654,14 +711,14 @@ impl Worker {
                     // transaction; the first other request ends the batch and
                     // runs next, so order is kept.
                     let mut batch = vec![(turn, reply)];
-                    while batch.len() < self.max_batch {
-                        match rx.try_recv() {
-                            Ok(Request::Append { turn, reply }) => batch.push((turn, reply)),
-                            Ok(other) => {
-                                deferred = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
+                    self.fill(&mut rx, &mut batch, &mut deferred);
+                    // Pipelining: while the previous batch's fsync runs, this
+                    // one keeps filling; it commits when that fsync is done
+                    // (or after `SYNC_WAIT_CAP`), and one fsync covers it.
+                    if deferred.is_none() && batch.len() < self.max_batch {
+                        if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
+                            sync.wait_idle(SYNC_WAIT_CAP);
+                            self.fill(&mut rx, &mut batch, &mut deferred);
                         }
                     }
                     self.append_batch(batch);
@@ -682,7 +739,7 @@ impl Worker {
                         let cli = self.next_generation(&session_id, &runtime)?;
                         self.confirm_written().map(|()| cli)
                     });
-                    let _ = reply.send(r);
+                    self.answer_durable(r, reply, 1);
                 }
                 Request::Recent { limit, reply } => {
                     let _ = reply.send(self.recent(limit).map_err(Into::into));
@@ -692,14 +749,29 @@ impl Worker {
                         let deleted = self.clear(session.as_deref())?;
                         self.confirm_written().map(|()| deleted)
                     });
-                    let _ = reply.send(r);
+                    self.answer_durable(r, reply, 1);
                 }
                 Request::Sessions { reply } => {
                     let _ = reply.send(self.sessions().map_err(Into::into));
                 }
-                Request::Heartbeat { reply } => {
-                    let _ = reply.send(self.heartbeat());
-                }
+                Request::Heartbeat { reply } => match self.heartbeat() {
+                    // Its own row was written and the disk has not flushed
+                    // lately: answered once the row is durable.
+                    Ok(true)
+                        if self
+                            .sync
+                            .as_ref()
+                            .is_some_and(|s| !s.synced_within(HEARTBEAT_SYNC_INTERVAL)) =>
+                    {
+                        self.answer_durable(Ok(()), reply, 0)
+                    }
+                    Ok(_) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
                 Request::Close { reply } => {
                     let r = self
                         .conn
@@ -712,6 +784,10 @@ impl Worker {
                             self.append_batch(vec![(turn, reply)]);
                         }
                     }
+                    // Every batch handed to the sync thread is answered first.
+                    if let Some(mut sync) = self.sync.take() {
+                        sync.stop();
+                    }
                     let _ = reply.send(r);
                     break;
                 }
@@ -722,6 +798,64 @@ impl Worker {
                         std::thread::park();
                     }
                 }
+            }
+        }
+    }
+
+    /// Move appends already waiting into `batch`, up to `max_batch`; the
+    /// first other request ends the batch and runs next, so order is kept.
+    fn fill(
+        &self,
+        rx: &mut mpsc::Receiver<Request>,
+        batch: &mut Vec<(Turn, Reply<()>)>,
+        deferred: &mut Option<Request>,
+    ) {
+        while batch.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(Request::Append { turn, reply }) => batch.push((turn, reply)),
+                Ok(other) => {
+                    *deferred = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Run `answer` once what was just committed is durable: after the sync
+    /// thread's fsync at `full` (with the fsync's error if it failed), at
+    /// once at `normal`. `writes` API writes count towards the heartbeat's
+    /// proof.
+    fn when_durable(
+        &mut self,
+        writes: u64,
+        answer: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        match &self.sync {
+            Some(sync) => sync.hand_over(SyncJob {
+                answer: Box::new(answer),
+                writes,
+            }),
+            None => {
+                self.commits.durable_writes.fetch_add(writes, Relaxed);
+                answer(Ok(()));
+            }
+        }
+    }
+
+    /// Answer a write's result: an error at once, a success once durable.
+    fn answer_durable<T: Send + 'static>(
+        &mut self,
+        result: Result<T, StoreError>,
+        reply: Reply<T>,
+        writes: u64,
+    ) {
+        match result {
+            Ok(value) => self.when_durable(writes, move |r| {
+                let _ = reply.send(r.map(|()| value));
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
         }
     }
@@ -745,9 +879,13 @@ impl Worker {
             Ok(()) => {
                 self.commits.commits.fetch_add(1, Relaxed);
                 self.commits.rows.fetch_add(rows, Relaxed);
-                for (_, reply) in batch {
-                    let _ = reply.send(Ok(()));
-                }
+                let writes = batch.len() as u64;
+                let replies: Vec<Reply<()>> = batch.into_iter().map(|(_, reply)| reply).collect();
+                self.when_durable(writes, move |result| {
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
+                    }
+                });
                 self.since_sweep += rows;
                 if self.retention > 0 && self.since_sweep >= RETENTION_SWEEP_EVERY {
                     self.since_sweep = 0;
@@ -943,6 +1081,9 @@ impl Worker {
         if let Some(e) = &self.damaged {
             return Err(e.clone());
         }
+        if let Some(why) = self.sync.as_ref().and_then(Syncer::failed) {
+            return Err(self.damage(StoreError::Unwritable(why)));
+        }
         match self.file.verify() {
             Ok(()) => Ok(()),
             Err(p @ FileProblem::Unreadable(_)) => Err(p.into()),
@@ -1021,10 +1162,14 @@ impl Worker {
         }
     }
 
-    /// The `store` check's round trip: the file is still ours, a read, one
-    /// committed upsert of the heartbeat row (the table never grows), and
-    /// enough free space for the next write.
-    fn heartbeat(&mut self) -> Result<(), StoreError> {
+    /// The `store` check's round trip: the file is still ours, a read, a
+    /// proof that writing works, and enough free space for the next write.
+    /// The proof is a real write made durable since the last heartbeat when
+    /// there was one (a chat under load proves more than a heartbeat row
+    /// would); otherwise one committed upsert of the heartbeat row (the table
+    /// never grows). Returns whether it wrote the row: that answer waits for
+    /// the row to be durable.
+    fn heartbeat(&mut self) -> Result<bool, StoreError> {
         self.still_ours()?;
         self.quick_check()?;
         if let Some(e) = self
@@ -1037,32 +1182,34 @@ impl Worker {
         }
         let _: Option<i64> = self
             .conn
-            .query_row(
-                "SELECT id FROM messages ORDER BY id DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT id FROM messages ORDER BY id DESC LIMIT 1")?
+            .query_row([], |r| r.get(0))
             .optional()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let tx = self.conn.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
-             ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
-            params![now],
-        )?;
-        tx.commit()?;
-        self.confirm_written()?;
+        let durable = self.commits.durable_writes.load(Relaxed);
+        let wrote = durable == self.durable_seen;
+        if wrote {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            // Autocommit: one statement, one transaction.
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
+                     ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
+                )?
+                .execute(params![now])?;
+            self.confirm_written()?;
+        }
+        self.durable_seen = durable;
         match free_bytes(&self.state_dir) {
             Ok(free) if free < MIN_FREE_BYTES => Err(StoreError::DiskFull(format!(
                 "{free} bytes free in {} (below {MIN_FREE_BYTES})",
                 self.state_dir.display()
             ))),
-            // Unknown free space is not a failure: the commit above proved
-            // this write went through.
-            _ => Ok(()),
+            // Unknown free space is not a failure: the commit above (or the
+            // write it stands for) proved writing works.
+            _ => Ok(wrote),
         }
     }
 }
@@ -1148,6 +1295,65 @@ mod tests {
         store.heartbeat().await.unwrap();
         store.close().await.unwrap();
         assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
+        thread.join();
+    }
+
+    fn beats(dir: &Path) -> i64 {
+        Connection::open(dir.join(DB_FILE))
+            .unwrap()
+            .query_row("SELECT beats FROM health_heartbeat", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn heartbeat_writes_its_row_only_when_no_write_was_made_durable_since() {
+        for sync in [SyncMode::Normal, SyncMode::Full] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config();
+            cfg.synchronous = sync;
+            let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+            // Nothing written yet: the heartbeat commits its own row.
+            store.heartbeat().await.unwrap();
+            // A chat turn committed since: it is the proof, no row of its own.
+            store.append(vec![msg(0, "s"), msg(1, "s")]).await.unwrap();
+            store.heartbeat().await.unwrap();
+            // Nothing since: the row again.
+            store.heartbeat().await.unwrap();
+            store.close().await.unwrap();
+            thread.join();
+            assert_eq!(beats(dir.path()), 2, "{sync:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn at_full_every_answered_append_was_synced_and_batches_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.synchronous = SyncMode::Full;
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let appends: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append(vec![msg(i, &format!("s{i}"))]).await })
+            })
+            .collect();
+        for a in appends {
+            a.await.unwrap().unwrap();
+        }
+        let c = store.commits();
+        let (commits, syncs) = (c.commits.load(Relaxed), c.syncs.load(Relaxed));
+        assert_eq!(c.durable_writes.load(Relaxed), 64);
+        assert_eq!(c.rows.load(Relaxed), 64);
+        // Every commit was answered after an fsync; one may cover several.
+        assert!(
+            syncs >= 1 && syncs <= commits,
+            "{syncs} syncs, {commits} commits"
+        );
+        store.close().await.unwrap();
+        thread.join();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        assert_eq!(store.sessions().await.unwrap().total_messages, 64);
+        store.close().await.unwrap();
         thread.join();
     }
 

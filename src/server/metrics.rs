@@ -451,6 +451,12 @@ fn work(m: &mut Exposition, app: &App) {
         "Messages committed to state.db.",
         commits.rows.load(Relaxed) as f64,
     );
+    m.one(
+        "agentd_store_syncs_total",
+        Kind::Counter,
+        "fsyncs of the WAL at synchronous=full, each covering every batch committed while the one before ran.",
+        commits.syncs.load(Relaxed) as f64,
+    );
     if let Ok(h) = tokio::runtime::Handle::try_current() {
         m.one(
             "agentd_tokio_alive_tasks",
