@@ -36,6 +36,7 @@ ROOT=$(dirname "$HERE")
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 AGENTD=$CARGO_TARGET_DIR/release/agentd
 HELLO=$CARGO_TARGET_DIR/release/examples/bare_hello
+SAME=$CARGO_TARGET_DIR/release/examples/same_bytes
 
 CONNECTIONS=${BENCH_CONNECTIONS:-256}
 WRK_THREADS=${BENCH_WRK_THREADS:-2}
@@ -108,11 +109,11 @@ need_wrk() {
 }
 
 build() {
-    if [[ ${BENCH_SKIP_BUILD:-0} == 1 && -x $AGENTD && -x $HELLO ]]; then
+    if [[ ${BENCH_SKIP_BUILD:-0} == 1 && -x $AGENTD && -x $HELLO && -x $SAME ]]; then
         return
     fi
     log "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-    (cd "$ROOT" && cargo build --release --quiet --bin agentd --example bare_hello)
+    (cd "$ROOT" && cargo build --release --quiet --bin agentd --example bare_hello --example same_bytes)
 }
 
 # start_agentd NAME [VAR=VALUE...]: start agentd on a free port with its own
@@ -154,10 +155,31 @@ start_hello() {
     exit 1
 }
 
+# start_same URL: the same-bytes baseline serving one body fetched from URL;
+# sets SB_PID, SB_ADDR and SB_LEN.
+start_same() {
+    local i
+    "$SAME" "$1" 127.0.0.1:0 >"$WORK/same.out" &
+    SB_PID=$!
+    PIDS+=("$SB_PID")
+    for i in $(seq 200); do
+        SB_ADDR=$(sed -n 1p "$WORK/same.out")
+        SB_LEN=$(sed -n 2p "$WORK/same.out")
+        [[ -n $SB_LEN ]] && return
+        kill -0 "$SB_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "same_bytes did not start" >&2
+    exit 1
+}
+
 stop() {
     stop_pid "$1"
     forget_pid "$1"
 }
+
+# metric ADDR NAME: the value of one unlabelled series of agentd's /metrics.
+metric() { curl -sf "http://$1/metrics" | awk -v n="$2" '$1 == n {print $2; exit}'; }
 
 # Gauges of a running process.
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -215,43 +237,55 @@ print_table() {
 # ---------------------------------------------------------------- quick run
 
 bench_health_vs_hello() {
-    local r hello_sum=0 health_sum=0 probe_sum=0 h a p
+    local r hello_sum=0 same_sum=0 health_sum=0 probe_sum=0 h s a p
     start_hello
     start_agentd health
     local ag_pid=$AG_PID ag_addr=$AG_ADDR
+    # The like-for-like baseline: bare hyper serving the bytes of one real
+    # /health body, taken after a moment of traffic so its counters have
+    # the width they have under load.
+    wrk -t1 -c8 -d1s "http://$ag_addr/health" >/dev/null 2>&1 || true
+    start_same "http://$ag_addr/health"
     sampler "$ag_pid" "$WORK/health.samples" &
     PIDS+=("$!")
     local sampler_pid=$!
-    # Alternate the two servers so drift in the machine's load hits both.
+    # Alternate the servers so drift in the machine's load hits all of them.
     for r in $(seq "$ROUNDS"); do
-        log "round $r/$ROUNDS: bare hyper hello, agentd /health, agentd /health?probe=1 ($DURATION each)"
+        log "round $r/$ROUNDS: bare hyper hello, same-bytes hyper, agentd /health, agentd /health?probe=1 ($DURATION each)"
         wrk_run "http://$BH_ADDR/" "$WORK/out/hello.$r" "$DURATION" "$CONNECTIONS"
+        wrk_run "http://$SB_ADDR/health" "$WORK/out/same.$r" "$DURATION" "$CONNECTIONS"
         wrk_run "http://$ag_addr/health" "$WORK/out/health.$r" "$DURATION" "$CONNECTIONS"
         # Context: the same server path with a tiny body, to split the cost of
         # the connection machinery from the cost of the /health body.
         wrk_run "http://$ag_addr/health?probe=1" "$WORK/out/probe.$r" "$DURATION" "$CONNECTIONS"
         h=$(field "$WORK/out/hello.$r" ok_rps)
+        s=$(field "$WORK/out/same.$r" ok_rps)
         a=$(field "$WORK/out/health.$r" ok_rps)
         p=$(field "$WORK/out/probe.$r" ok_rps)
-        log "  hello $h req/s, /health $a req/s (ratio $(calc "$a / $h")), /health?probe=1 $p req/s"
+        log "  hello $h req/s, same-bytes $s req/s, /health $a req/s (÷ same-bytes $(calc "$a / $s"), ÷ hello $(calc "$a / $h")), /health?probe=1 $p req/s"
         hello_sum=$(calc "$hello_sum + $h" 1)
+        same_sum=$(calc "$same_sum + $s" 1)
         health_sum=$(calc "$health_sum + $a" 1)
         probe_sum=$(calc "$probe_sum + $p" 1)
     done
     stop "$sampler_pid"
-    local ratio errors max_threads
-    ratio=$(calc "$health_sum / $hello_sum")
+    local ratio hello_ratio errors max_threads
+    ratio=$(calc "$health_sum / $same_sum")
+    hello_ratio=$(calc "$health_sum / $hello_sum")
     errors=0
     for r in $(seq "$ROUNDS"); do
         errors=$((errors + $(field "$WORK/out/health.$r" status_errors) + $(field "$WORK/out/health.$r" socket_errors)))
     done
     row "bare hyper hello, req/s (mean of $ROUNDS × $DURATION)" "$(calc "$hello_sum / $ROUNDS" 0)" "baseline" ""
-    row "agentd \`GET /health\`, req/s" "$(calc "$health_sum / $ROUNDS" 0) ($errors errors; p99 $(field "$WORK/out/health.$ROUNDS" p99_us) µs vs $(field "$WORK/out/hello.$ROUNDS" p99_us) µs)" "" ""
-    row "**/health ÷ hello**" "**$ratio**" "≥ 0.90" "$(verdict "$ratio >= 0.9 && $errors == 0")"
+    row "same-bytes hyper (one real \`/health\` body, $SB_LEN bytes, served by bare hyper), req/s" "$(calc "$same_sum / $ROUNDS" 0) (p99 $(field "$WORK/out/same.$ROUNDS" p99_us) µs)" "baseline" ""
+    row "agentd \`GET /health\`, req/s" "$(calc "$health_sum / $ROUNDS" 0) ($errors errors; p99 $(field "$WORK/out/health.$ROUNDS" p99_us) µs vs $(field "$WORK/out/hello.$ROUNDS" p99_us) µs for hello)" "" ""
+    row "**/health ÷ same-bytes hyper**" "**$ratio**" "≥ 0.90" "$(verdict "$ratio >= 0.9 && $errors == 0")"
+    row "context: /health ÷ hello (5-byte body)" "$hello_ratio" "" ""
     row "context: \`/health?probe=1\` (same path, 15-byte body) ÷ hello" "$(calc "$probe_sum / $hello_sum") ($(calc "$probe_sum / $ROUNDS" 0) req/s)" "" ""
     max_threads=$(awk 'BEGIN {m=0} $1 > m {m=$1} END {print m}' "$WORK/health.samples")
     row "agentd threads during $CONNECTIONS-connection load (max)" "$max_threads (idle: $(head -1 "$WORK/health.samples" | awk '{print $1}'); $(nproc) tokio workers)" "workers + a few, ≪ $CONNECTIONS" "$(verdict "$max_threads <= $(nproc) + 8")"
     stop "$ag_pid"
+    stop "$SB_PID"
     stop "$BH_PID"
 }
 
@@ -262,8 +296,13 @@ bench_chat() {
     PIDS+=("$!")
     local sampler_pid=$!
     log "POST /api/chat, synchronous=$sync ($CHAT_DURATION, $CHAT_CONNECTIONS connections, $CHAT_SESSIONS sessions)"
+    local commits0 syncs0 commits1 syncs1
+    commits0=$(metric "$AG_ADDR" agentd_store_commits_total)
+    syncs0=$(metric "$AG_ADDR" agentd_store_syncs_total)
     wrk_run "http://$AG_ADDR/api/chat" "$WORK/out/chat-$sync" "$CHAT_DURATION" "$CHAT_CONNECTIONS" \
         BENCH_BODY="$CHAT_BODY" BENCH_SESSIONS="$CHAT_SESSIONS"
+    commits1=$(metric "$AG_ADDR" agentd_store_commits_total)
+    syncs1=$(metric "$AG_ADDR" agentd_store_syncs_total)
     stop "$sampler_pid"
     sleep 1
     local rss_after
@@ -281,13 +320,28 @@ bench_chat() {
     row "\`POST /api/chat\` echo, synchronous=$sync, $CHAT_CONNECTIONS conns: 2xx requests/s (2 rows stored each)" \
         "$(calc "$rps" 0) req/s = $(calc "$rps * 2" 0) rows/s ($errors errors; p50 $(field "$WORK/out/chat-$sync" p50_us) µs, p99 $(field "$WORK/out/chat-$sync" p99_us) µs; max $max_threads threads; RSS 1 s after the load $(calc "$rss_after * 1024 / 1e6" 1) MB)" \
         "$target" "$pass"
+    # Requests per commit: 2xx chat requests over the append transactions
+    # (and, at full, the fsyncs) the store made during the load, read from
+    # /metrics around it (heartbeats are neither).
+    local ok commits syncs per_commit per_sync=""
+    ok=$(calc "$rps * $(field "$WORK/out/chat-$sync" duration_us) / 1e6" 0)
+    commits=$(calc "${commits1:-0} - ${commits0:-0}" 0)
+    syncs=$(calc "${syncs1:-0} - ${syncs0:-0}" 0)
+    per_commit=$(calc "$ok / ($commits > 0 ? $commits : 1)" 1)
+    [[ $sync == full ]] && per_sync=", $(calc "$ok / ($syncs > 0 ? $syncs : 1)" 1) per fsync ($syncs fsyncs)"
     if [[ $sync == full ]]; then
         python3 "$HERE/fsync_latency.py" "$WORK" >"$WORK/fsync.out"
-        local fsync_us
+        local fsync_us ceiling
         fsync_us=$(field "$WORK/fsync.out" median_us)
+        ceiling=$(calc "1e6 / $fsync_us" 0)
+        row "requests per commit at synchronous=full (group commit, pipelined)" \
+            "$per_commit ($ok requests in $commits commits$per_sync; $(calc "$commits * 1e6 / $(field "$WORK/out/chat-$sync" duration_us)" 0) commits/s)" \
+            "≥ 8 if < 20,000 req/s" "$(verdict "$per_commit >= 8 || $rps >= 20000")"
         row "context: fsync of a 4 KiB append on the state dir's filesystem (median)" \
-            "$fsync_us µs, so at most $(calc "1e6 / $fsync_us" 0) commits/s at synchronous=full: $(calc "$rps / (1e6 / $fsync_us)" 1)+ requests per commit" "" ""
+            "$fsync_us µs: the fsync-bound ceiling is $ceiling commits/s, so 20,000 req/s needs $(calc "20000 / $ceiling" 1)+ requests per commit" "" ""
         row "chat (full) ÷ hello" "$(calc "$rps / ($HELLO_RPS + 0)")" "context" ""
+    else
+        row "requests per commit at synchronous=$sync" "$per_commit ($ok requests in $commits commits)" "" ""
     fi
     stop "$AG_PID"
 }
