@@ -58,10 +58,13 @@ impl RuntimeKind {
     }
 }
 
-/// SQLite `synchronous` level for the store.
+/// How durable an answered write is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
-    /// fsync on every commit: an acknowledged message survives power loss.
+    /// Every answered write was fsynced first: an acknowledged message
+    /// survives power loss. SQLite commits at `NORMAL` and the store's sync
+    /// thread fsyncs the WAL, one fsync for every batch committed meanwhile
+    /// (`store_sync`).
     Full,
     /// fsync at WAL checkpoints only: survives a crash or kill of agentd, not a
     /// power loss.
