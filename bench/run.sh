@@ -179,7 +179,7 @@ stop() {
 }
 
 # metric ADDR NAME: the value of one unlabelled series of agentd's /metrics.
-metric() { curl -sf "http://$1/metrics" | awk -v n="$2" '$1 == n {print $2; exit}'; }
+metric() { curl -sf "http://$1/metrics" | awk -v n="$2" '$1 == n && !done {print $2; done = 1}'; }
 
 # Gauges of a running process.
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }

@@ -213,6 +213,10 @@ pub fn start_serving(app: &Arc<App>, listener: Listener) -> (Serving, oneshot::R
             if let Some(version) = runtimes::read_version(&app.config.runtime).await {
                 tracing::info!(runtime = app.runtime_report.name, %version, "agent CLI version");
                 app.runtime_report.set_version(version);
+                // `/health` shows it now, not at the next tick.
+                if let Some(published) = app.health.last.load_full() {
+                    crate::health::body::publish_tail(&app, &published);
+                }
             }
         });
     }
