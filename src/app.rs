@@ -73,6 +73,14 @@ pub enum StartError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// A file or directory the configured CLI needs (Codex's home, Gemini's
+    /// workspace settings) could not be prepared.
+    #[error("cannot prepare {what} {path}: {reason}")]
+    RuntimeFiles {
+        what: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 impl App {
@@ -94,6 +102,8 @@ impl App {
                 reason,
             }
         })?;
+        runtimes::prepare_cli_files(&config.runtime)
+            .map_err(|(what, path, reason)| StartError::RuntimeFiles { what, path, reason })?;
         let mut history = History::new(config.history_limit);
         for m in store.recent(config.history_limit).await? {
             history.push(m);

@@ -45,6 +45,7 @@ pub enum RuntimeKind {
     Command,
     ClaudeCode,
     Gemini,
+    Codex,
 }
 
 impl RuntimeKind {
@@ -54,6 +55,25 @@ impl RuntimeKind {
             RuntimeKind::Command => "command",
             RuntimeKind::ClaudeCode => "claude-code",
             RuntimeKind::Gemini => "gemini",
+            RuntimeKind::Codex => "codex",
+        }
+    }
+}
+
+/// Codex's sandbox for the commands the model runs (`codex exec -s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodexSandbox {
+    ReadOnly,
+    WorkspaceWrite,
+    DangerFullAccess,
+}
+
+impl CodexSandbox {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodexSandbox::ReadOnly => "read-only",
+            CodexSandbox::WorkspaceWrite => "workspace-write",
+            CodexSandbox::DangerFullAccess => "danger-full-access",
         }
     }
 }
@@ -98,6 +118,17 @@ pub struct RuntimeConfig {
     pub claude_args: Vec<String>,
     pub gemini_bin: String,
     pub gemini_args: Vec<String>,
+    pub codex_bin: String,
+    pub codex_args: Vec<String>,
+    /// Codex's `--sandbox` mode (`AGENTD_CODEX_SANDBOX`).
+    pub codex_sandbox: CodexSandbox,
+    /// Codex's home (`CODEX_HOME`: its config, credentials and sessions). When
+    /// the operator sets none, `<state_dir>/codex`, so Codex's sessions live
+    /// with agentd's state; created 0700 at start.
+    pub codex_home: PathBuf,
+    /// True when `codex_home` is agentd's default rather than the operator's
+    /// `CODEX_HOME`: children then get `CODEX_HOME` set to it.
+    pub codex_home_default: bool,
     /// Prepended to the prompt by runtimes that have no flag for it (gemini).
     pub system_prompt: Option<String>,
     /// Timeout of an execution whose request names none.
@@ -246,6 +277,9 @@ settings! {
     claude_args => "AGENTD_CLAUDE_ARGS",
     gemini_bin => "AGENTD_GEMINI_BIN",
     gemini_args => "AGENTD_GEMINI_ARGS",
+    codex_bin => "AGENTD_CODEX_BIN",
+    codex_args => "AGENTD_CODEX_ARGS",
+    codex_sandbox => "AGENTD_CODEX_SANDBOX",
     workdir => "AGENTD_WORKDIR",
     system_prompt => "AGENTD_SYSTEM_PROMPT",
     task_timeout => "AGENTD_TASK_TIMEOUT",
@@ -285,6 +319,9 @@ struct Raw {
     /// Warnings found while collecting the values (an alias shadowed by its
     /// new name); `build` passes them on in `Config::warnings`.
     warnings: Vec<String>,
+    /// `CODEX_HOME` as the operator set it (not an agentd setting: Codex's
+    /// own variable, read here so nothing else reads the environment).
+    codex_home: Option<String>,
 }
 
 impl Raw {
@@ -312,6 +349,7 @@ impl Config {
         let mut raw = Raw {
             values: BTreeMap::new(),
             warnings: Vec::new(),
+            codex_home: env("CODEX_HOME").filter(|s| !s.is_empty()),
         };
         if let Some(path) = &config_file {
             for (key, value) in read_toml(path)? {
@@ -614,6 +652,7 @@ fn build(
         Some("command") => RuntimeKind::Command,
         Some("claude-code") | Some("claude") => RuntimeKind::ClaudeCode,
         Some("gemini") => RuntimeKind::Gemini,
+        Some("codex") => RuntimeKind::Codex,
         Some(other) => {
             let name = raw
                 .get("runtime")
@@ -622,7 +661,7 @@ fn build(
             return Err(invalid(
                 name,
                 other,
-                "expected one of echo, command, claude-code, gemini",
+                "expected one of echo, command, claude-code, gemini, codex",
             ));
         }
     };
@@ -639,6 +678,26 @@ fn build(
     let workdir = text(raw, "workdir")
         .map(PathBuf::from)
         .unwrap_or_else(|| state_dir.join("workspace"));
+    let codex_sandbox = match text(raw, "codex_sandbox").as_deref() {
+        None | Some("workspace-write") => CodexSandbox::WorkspaceWrite,
+        Some("read-only") => CodexSandbox::ReadOnly,
+        Some("danger-full-access") => CodexSandbox::DangerFullAccess,
+        Some(other) => {
+            let name = raw
+                .get("codex_sandbox")
+                .map(|(_, n)| n)
+                .unwrap_or("AGENTD_CODEX_SANDBOX");
+            return Err(invalid(
+                name,
+                other,
+                "expected one of read-only, workspace-write, danger-full-access",
+            ));
+        }
+    };
+    let (codex_home, codex_home_default) = match &raw.codex_home {
+        Some(home) => (PathBuf::from(home), false),
+        None => (state_dir.join("codex"), true),
+    };
     let default_timeout = duration(raw, "task_timeout", 600 * SEC, SEC, DAY)?;
     let max_timeout = duration(raw, "max_task_timeout", 3600 * SEC, SEC, 7 * DAY)?;
     let runtime = RuntimeConfig {
@@ -648,6 +707,11 @@ fn build(
         claude_args: words(raw, "claude_args")?,
         gemini_bin: text(raw, "gemini_bin").unwrap_or_else(|| "gemini".into()),
         gemini_args: words(raw, "gemini_args")?,
+        codex_bin: text(raw, "codex_bin").unwrap_or_else(|| "codex".into()),
+        codex_args: words(raw, "codex_args")?,
+        codex_sandbox,
+        codex_home,
+        codex_home_default,
         system_prompt: text(raw, "system_prompt"),
         default_timeout: default_timeout.min(max_timeout),
         max_timeout,
@@ -1027,5 +1091,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("histroy_limit"), "{err}");
+    }
+
+    #[test]
+    fn codex_settings_and_its_home() {
+        let c = load(&[
+            ("AGENTD_RUNTIME", "codex"),
+            ("AGENTD_STATE_DIR", "/srv/agentd"),
+        ])
+        .unwrap();
+        assert_eq!(c.runtime.kind, RuntimeKind::Codex);
+        assert_eq!(c.runtime.codex_bin, "codex");
+        assert_eq!(c.runtime.codex_sandbox, CodexSandbox::WorkspaceWrite);
+        assert_eq!(c.runtime.codex_home, PathBuf::from("/srv/agentd/codex"));
+        assert!(c.runtime.codex_home_default);
+        let c = load(&[
+            ("AGENTD_RUNTIME", "codex"),
+            ("AGENTD_CODEX_SANDBOX", "danger-full-access"),
+            (
+                "AGENTD_CODEX_ARGS",
+                "-m gpt-5 -c 'model_reasoning_effort=\"low\"'",
+            ),
+            ("CODEX_HOME", "/home/op/.codex"),
+        ])
+        .unwrap();
+        assert_eq!(c.runtime.codex_sandbox, CodexSandbox::DangerFullAccess);
+        assert_eq!(
+            c.runtime.codex_args,
+            vec!["-m", "gpt-5", "-c", "model_reasoning_effort=\"low\""]
+        );
+        assert_eq!(c.runtime.codex_home, PathBuf::from("/home/op/.codex"));
+        assert!(!c.runtime.codex_home_default);
+        let err = load(&[("AGENTD_CODEX_SANDBOX", "full-auto")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("AGENTD_CODEX_SANDBOX") && err.contains("full-auto"),
+            "{err}"
+        );
     }
 }

@@ -136,6 +136,9 @@ const MIGRATIONS: &[&str] = &[
         at REAL NOT NULL,
         beats INTEGER NOT NULL
     );",
+    // 4: the id the CLI itself gave a session (Codex picks its own thread
+    // ids), recorded with the turn that ran in it, so the next turn resumes it.
+    "ALTER TABLE cli_sessions ADD COLUMN agent_session_id TEXT;",
 ];
 
 /// The `session_generations` key of the floor every session's generation is
@@ -223,6 +226,9 @@ pub struct CliSessionRecord {
     pub cli_session_id: String,
     /// The agentd session it belongs to.
     pub session_id: String,
+    /// The id the CLI reported for the session (`metadata.agent_session_id`),
+    /// kept so a CLI that names its own sessions (Codex) can be resumed.
+    pub agent_session_id: Option<String>,
 }
 
 /// One appended turn: its messages and, for runtimes that keep sessions, the
@@ -912,8 +918,10 @@ impl Worker {
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut record = tx.prepare_cached(
-                "INSERT OR IGNORE INTO cli_sessions (runtime, cli_session_id, session_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO cli_sessions (runtime, cli_session_id, session_id, created_at, agent_session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (runtime, cli_session_id) DO UPDATE SET agent_session_id =
+                   coalesce(excluded.agent_session_id, cli_sessions.agent_session_id)",
             )?;
             for ((messages, cli_session), _) in batch {
                 for m in messages {
@@ -926,7 +934,13 @@ impl Worker {
                 }
                 if let Some(c) = cli_session {
                     let at = messages.last().map(|m| m.timestamp).unwrap_or_default();
-                    record.execute(params![c.runtime, c.cli_session_id, c.session_id, at])?;
+                    record.execute(params![
+                        c.runtime,
+                        c.cli_session_id,
+                        c.session_id,
+                        at,
+                        c.agent_session_id
+                    ])?;
                 }
             }
         }
@@ -948,13 +962,18 @@ impl Worker {
 
     fn cli_session(&self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
         let id = cli_session_id(session_id, self.generation(session_id)?);
-        let exists = self
+        let recorded: Option<Option<String>> = self
             .conn
             .prepare_cached(
-                "SELECT 1 FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
+                "SELECT agent_session_id FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
             )?
-            .exists(params![runtime, id])?;
-        Ok(CliSession { id, exists })
+            .query_row(params![runtime, id], |r| r.get(0))
+            .optional()?;
+        Ok(CliSession {
+            id,
+            exists: recorded.is_some(),
+            agent_id: recorded.flatten(),
+        })
     }
 
     /// Raise the session's generation by one (its messages stay) and name
@@ -1374,7 +1393,49 @@ mod tests {
             runtime: "claude-code".into(),
             cli_session_id: cli.id.clone(),
             session_id: session.into(),
+            agent_session_id: None,
         })
+    }
+
+    #[tokio::test]
+    async fn the_cli_own_session_id_is_kept_and_replaced_by_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let first = store.cli_session("c".into(), "codex".into()).await.unwrap();
+        assert_eq!(first.agent_id, None);
+        let turn = |agent: Option<&str>| {
+            Some(CliSessionRecord {
+                runtime: "codex".into(),
+                cli_session_id: first.id.clone(),
+                session_id: "c".into(),
+                agent_session_id: agent.map(str::to_owned),
+            })
+        };
+        store
+            .append_turn(vec![msg(0, "c"), msg(1, "c")], turn(Some("thread-1")))
+            .await
+            .unwrap();
+        let got = store.cli_session("c".into(), "codex".into()).await.unwrap();
+        assert!(got.exists);
+        assert_eq!(got.agent_id.as_deref(), Some("thread-1"));
+        // A turn that reported no id keeps the recorded one; a new id replaces it.
+        store
+            .append_turn(vec![msg(2, "c")], turn(None))
+            .await
+            .unwrap();
+        let got = store.cli_session("c".into(), "codex".into()).await.unwrap();
+        assert_eq!(got.agent_id.as_deref(), Some("thread-1"));
+        store
+            .append_turn(vec![msg(3, "c")], turn(Some("thread-2")))
+            .await
+            .unwrap();
+        drop(store);
+        thread.join();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let got = store.cli_session("c".into(), "codex".into()).await.unwrap();
+        assert_eq!(got.agent_id.as_deref(), Some("thread-2"), "survives reopen");
+        drop(store);
+        thread.join();
     }
 
     #[tokio::test]
@@ -1389,7 +1450,8 @@ mod tests {
             first,
             CliSession {
                 id: cli_session_id("demo", 0),
-                exists: false
+                exists: false,
+                agent_id: None,
             }
         );
         store
@@ -1404,7 +1466,8 @@ mod tests {
             second,
             CliSession {
                 id: first.id.clone(),
-                exists: true
+                exists: true,
+                agent_id: None,
             }
         );
         // Each CLI keeps its own sessions.
@@ -1456,7 +1519,8 @@ mod tests {
             g1,
             CliSession {
                 id: cli_session_id("a", 1),
-                exists: false
+                exists: false,
+                agent_id: None,
             }
         );
         // The other session is untouched.
@@ -1486,14 +1550,16 @@ mod tests {
             a,
             CliSession {
                 id: cli_session_id("a", 2),
-                exists: false
+                exists: false,
+                agent_id: None,
             }
         );
         assert_eq!(
             b,
             CliSession {
                 id: cli_session_id("b", 2),
-                exists: false
+                exists: false,
+                agent_id: None,
             }
         );
         // ... including sessions it never saw.

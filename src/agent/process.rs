@@ -73,6 +73,8 @@ pub struct ChildCommand {
     pub stdin: Option<Vec<u8>>,
     /// Working directory of the child (`AGENTD_WORKDIR`); `None` keeps agentd's.
     pub cwd: Option<std::path::PathBuf>,
+    /// Variables set for this child on top of agentd's (scrubbed) environment.
+    pub env: Vec<(&'static str, std::ffi::OsString)>,
 }
 
 /// The bounds applied to one child; taken from `RuntimeConfig`.
@@ -180,6 +182,7 @@ pub async fn run_child(
     if let Some(cwd) = &command.cwd {
         cmd.current_dir(cwd);
     }
+    cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     scrub_env(&mut cmd, &req.execution_id);
     start_with_default_signals(&mut cmd);
 

@@ -1,5 +1,5 @@
 //! The `Runtime` trait: what every agent backend (echo, any command, Claude Code,
-//! Gemini CLI) implements, and the built-in `echo` runtime.
+//! Gemini CLI, Codex) implements, and the built-in `echo` runtime.
 //!
 //! A runtime turns one prompt into one `RunOutcome`. It does not classify the
 //! outcome into HTTP terms (that is `classify`), does not queue (that is the
@@ -121,6 +121,10 @@ pub struct ResultLine {
     /// text of an error result, Gemini `error.message`), bounded to
     /// `streamjson::MAX_ERROR_MESSAGE` characters. `None` for a success.
     pub error_message: Option<String>,
+    /// Tokens the model read and wrote in the turn, when the CLI reports
+    /// them (Codex `turn.completed.usage`, Claude `usage`).
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
     /// The model API's HTTP status behind an error (Claude `api_error_status`,
     /// or a status a Gemini error names).
     pub api_error_status: Option<u16>,
@@ -142,6 +146,10 @@ pub struct AgentReport {
     /// it). The chat handler then moves the agentd session to a new CLI
     /// session instead of failing every later turn.
     pub session_refused: bool,
+    /// The CLI had lost the session the store named (its files are gone)
+    /// and the turn ran in a fresh one: the earlier context is not in this
+    /// answer. Reported as `metadata.session_restarted`.
+    pub session_restarted: bool,
 }
 
 /// Everything a runtime learned about one execution.
@@ -208,10 +216,11 @@ pub type RunFuture<'a> = Pin<Box<dyn Future<Output = RunOutcome> + Send + 'a>>;
 
 /// An agent backend.
 pub trait Runtime: Send + Sync + 'static {
-    /// The name users configure (`echo`, `command`, `claude-code`, `gemini`).
+    /// The name users configure (`echo`, `command`, `claude-code`, `gemini`,
+    /// `codex`).
     fn name(&self) -> &'static str;
     /// True for runtimes whose CLI keeps sessions of its own (`claude-code`,
-    /// `gemini`): chats then carry a `CliSession` and the store records which
+    /// `gemini`, `codex`): chats then carry a `CliSession` and the store records which
     /// CLI sessions exist.
     fn keeps_sessions(&self) -> bool {
         false

@@ -1,13 +1,15 @@
-//! The subprocess runtimes — `command` (any argv), `claude-code` and `gemini` —
+//! The subprocess runtimes — `command` (any argv), `claude-code`, `gemini` and
+//! `codex` —
 //! `build_runtime`, which picks one (or the built-in `echo`) from config, and
 //! what is learned about the configured runtime once at start (its working
 //! directory, whether its program is runnable, the CLI's version).
 //!
 //! Each runtime only decides argv, working directory and what goes on stdin;
 //! spawning, limits, signals and output parsing are all `process::run_child`.
-//! The two CLIs that keep sessions of their own also repair a disagreement
-//! between the store and the CLI by retrying once with the other session flag
-//! (rules in `sessions`). Nothing here classifies outcomes (that is `classify`).
+//! Claude Code and Gemini CLI repair a disagreement between the store and the
+//! CLI by retrying once with the other session flag (rules in `sessions`);
+//! Codex, which names its own threads, resumes the thread the store recorded
+//! and starts a fresh one when Codex no longer has it. Nothing here classifies outcomes (that is `classify`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -20,10 +22,17 @@ use tokio::time::Instant;
 
 use crate::agent::process::{run_child, scrub_env, ChildCommand, ChildLimits};
 use crate::agent::runtime::{
-    Echo, ExecutionContext, ExecutionKind, RunFuture, RunOutcome, RunRequest, Runtime,
+    Echo, ExecutionContext, ExecutionKind, RunEnd, RunFuture, RunOutcome, RunRequest, Runtime,
 };
 use crate::agent::sessions::{recovery, SessionFlag};
-use crate::config::{RuntimeConfig, RuntimeKind};
+use crate::config::{CodexSandbox, RuntimeConfig, RuntimeKind};
+
+/// Set for Gemini CLI children: it makes Gemini treat agentd's work
+/// directory as trusted, so it reads the workspace settings agentd writes.
+pub const GEMINI_TRUST_ENV: &str = "GEMINI_CLI_TRUST_WORKSPACE";
+
+/// Codex's home directory variable.
+pub const CODEX_HOME_ENV: &str = "CODEX_HOME";
 
 /// The placeholder a `command` argument may contain; the prompt replaces it
 /// and stdin is then left empty.
@@ -69,6 +78,15 @@ pub fn build_runtime(cfg: &RuntimeConfig) -> Arc<dyn Runtime> {
             limits,
             workdir,
         }),
+        RuntimeKind::Codex => Arc::new(Codex {
+            bin: absolute_program(&cfg.codex_bin),
+            args: cfg.codex_args.clone(),
+            sandbox: cfg.codex_sandbox,
+            system_prompt: cfg.system_prompt.clone(),
+            home: cfg.codex_home_default.then(|| cfg.codex_home.clone()),
+            limits,
+            workdir,
+        }),
     }
 }
 
@@ -92,6 +110,7 @@ pub fn program(cfg: &RuntimeConfig) -> Option<String> {
         RuntimeKind::Command => cfg.command.first().cloned(),
         RuntimeKind::ClaudeCode => Some(cfg.claude_bin.clone()),
         RuntimeKind::Gemini => Some(cfg.gemini_bin.clone()),
+        RuntimeKind::Codex => Some(cfg.codex_bin.clone()),
     }
 }
 
@@ -151,6 +170,73 @@ pub fn prepare_workdir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("not writable: {e}"))
 }
 
+/// The settings agentd's own Gemini CLI runs need in the workspace's
+/// `.gemini/settings.json`: with session retention on (Gemini's default),
+/// a Gemini start may delete session files of the project, and a chat
+/// resumed later would lose its context.
+const GEMINI_WORKSPACE_SETTINGS: &[(&str, &str, bool)] = &[("general", "sessionRetention", false)];
+
+/// Prepare what the configured CLI needs on disk, at start: Codex's home
+/// (0700) when it is agentd's default; for Gemini CLI, session retention off
+/// in the workspace's settings (other keys there are kept). `Err` names
+/// what, where and why.
+pub fn prepare_cli_files(cfg: &RuntimeConfig) -> Result<(), (&'static str, PathBuf, String)> {
+    match cfg.kind {
+        RuntimeKind::Codex if cfg.codex_home_default => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.codex_home)
+                .map_err(|e| ("CODEX_HOME", cfg.codex_home.clone(), e.to_string()))
+        }
+        RuntimeKind::Gemini => {
+            let path = cfg.workdir.join(".gemini").join("settings.json");
+            write_gemini_settings(&path)
+                .map_err(|reason| ("Gemini CLI's workspace settings", path, reason))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Merge `GEMINI_WORKSPACE_SETTINGS` into the JSON object at `path` (created
+/// with its directory if missing); rewritten only when something changed.
+fn write_gemini_settings(path: &Path) -> Result<(), String> {
+    let mut settings = match std::fs::read(path) {
+        Ok(raw) => match serde_json::from_slice::<serde_json::Value>(&raw) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            _ => return Err("not a JSON object; fix or remove it".into()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(e.to_string()),
+    };
+    let before = settings.clone();
+    for (section, key, enabled) in GEMINI_WORKSPACE_SETTINGS {
+        let section = settings
+            .as_object_mut()
+            .expect("an object")
+            .entry(*section)
+            .or_insert_with(|| serde_json::json!({}));
+        if !section.is_object() {
+            *section = serde_json::json!({});
+        }
+        section[*key] = serde_json::json!({ "enabled": enabled });
+    }
+    if settings == before {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| e.to_string())?;
+    }
+    let text = serde_json::to_string_pretty(&settings).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| e.to_string())
+}
+
 /// What `/health` says about the runtime: computed once at start (the version
 /// arrives from a background read shortly after), rendered without I/O.
 #[derive(Debug)]
@@ -196,12 +282,15 @@ impl Serialize for RuntimeReport {
     }
 }
 
-/// `<cli> --version` for `claude-code` and `gemini` (never for `command`: an
+/// `<cli> --version` for `claude-code`, `gemini` and `codex` (never for `command`: an
 /// arbitrary program may do anything with an unknown flag), in the work
 /// directory with the children's scrubbed environment, bounded by
 /// `VERSION_READ_TIMEOUT`. The first non-empty line of stdout, or `None`.
 pub async fn read_version(cfg: &RuntimeConfig) -> Option<String> {
-    if !matches!(cfg.kind, RuntimeKind::ClaudeCode | RuntimeKind::Gemini) {
+    if !matches!(
+        cfg.kind,
+        RuntimeKind::ClaudeCode | RuntimeKind::Gemini | RuntimeKind::Codex
+    ) {
         return None;
     }
     let program = absolute_program(&program(cfg)?);
@@ -214,6 +303,9 @@ pub async fn read_version(cfg: &RuntimeConfig) -> Option<String> {
         .kill_on_drop(true);
     if cfg.workdir.is_dir() {
         cmd.current_dir(&cfg.workdir);
+    }
+    if cfg.kind == RuntimeKind::Codex && cfg.codex_home_default {
+        cmd.env(CODEX_HOME_ENV, &cfg.codex_home);
     }
     scrub_env(&mut cmd, "version-check");
     let mut child = cmd.spawn().ok()?;
@@ -277,6 +369,7 @@ impl CommandRuntime {
                 .collect(),
             stdin: (!substituted).then(|| prompt.as_bytes().to_vec()),
             cwd: self.workdir.clone(),
+            env: Vec::new(),
         }
     }
 }
@@ -333,6 +426,17 @@ async fn run_with_session_recovery(
     let mut outcome = run_child(command(Some(retry)), &again, ctx, limits).await;
     // Refused both ways: no flag can reach this CLI session any more.
     outcome.agent.session_refused = recovery(retry, &outcome).is_some();
+    if flag == SessionFlag::Resume && !outcome.agent.session_refused {
+        // The store had a turn in this session and the CLI had lost it: the
+        // turn ran without the earlier context, and says so.
+        outcome.agent.session_restarted = true;
+        tracing::warn!(
+            execution_id = %req.execution_id,
+            session_id = %req.session_id,
+            runtime,
+            "the CLI had lost its session; the turn started a fresh one without the earlier context"
+        );
+    }
     outcome
 }
 
@@ -403,6 +507,7 @@ impl ClaudeCode {
             args,
             stdin: Some(req.prompt.as_bytes().to_vec()),
             cwd: self.workdir.clone(),
+            env: Vec::new(),
         }
     }
 }
@@ -474,6 +579,11 @@ impl Gemini {
             args,
             stdin: Some(input.into_bytes()),
             cwd: self.workdir.clone(),
+            // Gemini CLI reads the workspace's `.gemini/settings.json` (where
+            // agentd keeps session retention off, see `prepare`) only in a
+            // trusted workspace; `--skip-trust` alone does not make it read
+            // them. The work directory is agentd's own.
+            env: vec![(GEMINI_TRUST_ENV, "true".into())],
         }
     }
 }
@@ -493,6 +603,151 @@ impl Runtime for Gemini {
                 self.command(&req, flag)
             })
             .await
+        })
+    }
+}
+
+/// Codex CLI: `codex exec --json` with the prompt on stdin. Codex names its
+/// own threads, so a chat turn resumes the thread id the store recorded with
+/// the session's last turn (`resume <thread_id>`, after every flag); a turn
+/// whose thread Codex no longer has runs in a fresh thread, flagged
+/// `session_restarted`.
+#[derive(Debug, Clone)]
+pub struct Codex {
+    bin: String,
+    args: Vec<String>,
+    sandbox: CodexSandbox,
+    /// Prepended to the input: `codex exec` has no flag for it.
+    system_prompt: Option<String>,
+    /// `CODEX_HOME` for the children when it is agentd's default; `None`
+    /// leaves the operator's variable as inherited.
+    home: Option<PathBuf>,
+    limits: ChildLimits,
+    workdir: Option<PathBuf>,
+}
+
+/// What Codex says when `resume` names a thread it does not have.
+const CODEX_MISSING_THREAD_SIGNS: &[&str] = &[
+    "no rollout found",
+    "thread not found",
+    "session not found",
+    "no saved session",
+    "conversation not found",
+];
+
+impl Codex {
+    pub fn new(bin: String, args: Vec<String>, limits: ChildLimits) -> Self {
+        Codex {
+            bin,
+            args,
+            sandbox: CodexSandbox::WorkspaceWrite,
+            system_prompt: None,
+            home: None,
+            limits,
+            workdir: None,
+        }
+    }
+
+    fn command(&self, req: &RunRequest, thread: Option<&str>) -> ChildCommand {
+        let mut args: Vec<String> = ["exec", "--json", "--skip-git-repo-check"]
+            .map(String::from)
+            .to_vec();
+        if let Some(dir) = &self.workdir {
+            args.extend(["-C".into(), dir.display().to_string()]);
+        }
+        args.extend(["-s".into(), self.sandbox.as_str().into()]);
+        // User flags are exec flags: they go before the `resume` subcommand.
+        args.extend(self.args.iter().cloned());
+        if let Some(thread) = thread {
+            args.extend(["resume".into(), thread.to_owned()]);
+        }
+        // `-`: the prompt is read from stdin, which is then closed.
+        args.push("-".into());
+        let input = match &self.system_prompt {
+            Some(system_prompt) => format!("{system_prompt}\n\n{}", req.prompt),
+            None => req.prompt.clone(),
+        };
+        ChildCommand {
+            program: self.bin.clone(),
+            args,
+            stdin: Some(input.into_bytes()),
+            cwd: self.workdir.clone(),
+            env: self
+                .home
+                .iter()
+                .map(|home| (CODEX_HOME_ENV, home.clone().into_os_string()))
+                .collect(),
+        }
+    }
+
+    /// The thread a chat turn resumes: the one recorded with the session.
+    fn thread_of(req: &RunRequest) -> Option<&str> {
+        match (req.kind, &req.cli_session) {
+            (ExecutionKind::Chat, Some(session)) if session.exists => session.agent_id.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// True when a `resume` turn failed because Codex has no such thread.
+fn codex_lost_thread(outcome: &RunOutcome) -> bool {
+    if !matches!(outcome.end, RunEnd::Exited { code } if code != 0) {
+        return false;
+    }
+    let mut said = outcome.stderr_tail.to_ascii_lowercase();
+    if let Some(message) = outcome
+        .result
+        .as_ref()
+        .and_then(|r| r.error_message.as_ref())
+    {
+        said.push('\n');
+        said.push_str(&message.to_ascii_lowercase());
+    }
+    CODEX_MISSING_THREAD_SIGNS.iter().any(|s| said.contains(s))
+}
+
+impl Runtime for Codex {
+    fn name(&self) -> &'static str {
+        "codex"
+    }
+
+    fn keeps_sessions(&self) -> bool {
+        true
+    }
+
+    fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let Some(thread) = Self::thread_of(&req) else {
+                return run_child(self.command(&req, None), &req, ctx, self.limits).await;
+            };
+            let mut outcome =
+                run_child(self.command(&req, Some(thread)), &req, ctx, self.limits).await;
+            let left = req.timeout.saturating_sub(started.elapsed());
+            if codex_lost_thread(&outcome) && !ctx.cancel.is_cancelled() && !left.is_zero() {
+                let mut again = req.clone();
+                again.timeout = left;
+                outcome = run_child(self.command(&again, None), &again, ctx, self.limits).await;
+                outcome.agent.session_restarted = true;
+            } else if outcome
+                .agent
+                .session_id
+                .as_deref()
+                .is_some_and(|t| t != thread)
+            {
+                // Codex started another thread instead of the one asked for.
+                outcome.agent.session_restarted = true;
+            }
+            if outcome.agent.session_restarted {
+                tracing::warn!(
+                    execution_id = %req.execution_id,
+                    session_id = %req.session_id,
+                    runtime = self.name(),
+                    thread,
+                    "Codex no longer has the session's thread; the turn started a fresh one without the earlier context"
+                );
+            }
+            outcome
         })
     }
 }
@@ -523,6 +778,7 @@ mod tests {
             cli_session: exists.map(|exists| CliSession {
                 id: U.into(),
                 exists,
+                agent_id: None,
             }),
         }
     }
@@ -649,6 +905,11 @@ mod tests {
             claude_args: vec![],
             gemini_bin: "sh".into(),
             gemini_args: vec![],
+            codex_bin: "agentd-no-such-codex".into(),
+            codex_args: vec![],
+            codex_sandbox: CodexSandbox::WorkspaceWrite,
+            codex_home: std::env::temp_dir().join("codex"),
+            codex_home_default: true,
             system_prompt: None,
             default_timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(1),
@@ -720,5 +981,130 @@ mod tests {
             serde_json::to_value(RuntimeReport::new(&runtime_config(RuntimeKind::Echo))).unwrap();
         assert_eq!(echo["command"], serde_json::Value::Null);
         assert_eq!(echo["runnable"], true);
+    }
+
+    fn codex_request(kind: ExecutionKind, thread: Option<&str>) -> RunRequest {
+        let mut req = request(kind, thread.map(|_| true));
+        if let Some(session) = req.cli_session.as_mut() {
+            session.agent_id = thread.map(str::to_owned);
+        }
+        req
+    }
+
+    #[test]
+    fn codex_runs_exec_json_and_resumes_the_recorded_thread_after_every_flag() {
+        let mut rt = Codex::new("codex".into(), vec!["-m".into(), "gpt-5".into()], limits());
+        rt.workdir = Some(PathBuf::from("/srv/ws"));
+        rt.home = Some(PathBuf::from("/var/lib/agentd/codex"));
+        let first = codex_request(ExecutionKind::Chat, None);
+        assert_eq!(Codex::thread_of(&first), None);
+        let cmd = rt.command(&first, Codex::thread_of(&first));
+        assert_eq!(
+            cmd.args,
+            vec![
+                "exec",
+                "--json",
+                "--skip-git-repo-check",
+                "-C",
+                "/srv/ws",
+                "-s",
+                "workspace-write",
+                "-m",
+                "gpt-5",
+                "-"
+            ]
+        );
+        assert_eq!(cmd.stdin.as_deref(), Some(&b"do it"[..]));
+        assert_eq!(
+            cmd.env,
+            vec![(
+                "CODEX_HOME",
+                std::ffi::OsString::from("/var/lib/agentd/codex")
+            )]
+        );
+        assert!(!cmd.args.iter().any(|a| a == "--full-auto"));
+        let later = codex_request(ExecutionKind::Chat, Some("019a-t"));
+        let cmd = rt.command(&later, Codex::thread_of(&later));
+        assert_eq!(&cmd.args[7..], &["-m", "gpt-5", "resume", "019a-t", "-"]);
+        // A task never resumes anything; an operator's CODEX_HOME is left alone.
+        let task = codex_request(ExecutionKind::Task, Some("019a-t"));
+        assert_eq!(Codex::thread_of(&task), None);
+        rt.home = None;
+        assert!(rt.command(&task, None).env.is_empty());
+    }
+
+    #[test]
+    fn codex_lost_thread_reads_only_a_failed_exit() {
+        let mut outcome = RunOutcome::completed(String::new());
+        outcome.end = RunEnd::Exited { code: 1 };
+        outcome.stderr_tail = "Error: thread not found: 019a".into();
+        assert!(codex_lost_thread(&outcome));
+        outcome.stderr_tail = "unexpected status 500".into();
+        assert!(!codex_lost_thread(&outcome));
+        outcome.stderr_tail = "thread not found".into();
+        outcome.end = RunEnd::TimedOut;
+        assert!(!codex_lost_thread(&outcome));
+    }
+
+    #[test]
+    fn gemini_workspace_settings_turn_retention_off_and_keep_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = runtime_config(RuntimeKind::Gemini);
+        cfg.workdir = dir.path().join("ws");
+        prepare_cli_files(&cfg).unwrap();
+        let path = cfg.workdir.join(".gemini/settings.json");
+        let read = || -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+        };
+        assert_eq!(
+            read(),
+            serde_json::json!({"general": {"sessionRetention": {"enabled": false}}})
+        );
+        std::fs::write(
+            &path,
+            r#"{"model": {"name": "x"}, "general": {"sessionRetention": {"enabled": true}, "maxAttempts": 2}}"#,
+        )
+        .unwrap();
+        prepare_cli_files(&cfg).unwrap();
+        assert_eq!(
+            read(),
+            serde_json::json!({"model": {"name": "x"},
+                "general": {"sessionRetention": {"enabled": false}, "maxAttempts": 2}})
+        );
+        std::fs::write(&path, "[1]").unwrap();
+        let (what, at, reason) = prepare_cli_files(&cfg).unwrap_err();
+        assert_eq!(
+            (what, at),
+            ("Gemini CLI's workspace settings", path.clone())
+        );
+        assert!(reason.contains("not a JSON object"), "{reason}");
+        // Gemini children trust the workspace, so they read that file.
+        let req = request(ExecutionKind::Chat, Some(false));
+        let rt = Gemini::new("gemini".into(), vec![], None, limits());
+        assert_eq!(
+            rt.command(&req, chat_flag(&req)).env,
+            vec![(GEMINI_TRUST_ENV, std::ffi::OsString::from("true"))]
+        );
+    }
+
+    #[test]
+    fn codex_home_is_created_private_when_it_is_the_default() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = runtime_config(RuntimeKind::Codex);
+        cfg.codex_home = dir.path().join("state/codex");
+        prepare_cli_files(&cfg).unwrap();
+        let mode = std::fs::metadata(&cfg.codex_home)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        cfg.codex_home = dir.path().join("operator-home");
+        cfg.codex_home_default = false;
+        prepare_cli_files(&cfg).unwrap();
+        assert!(
+            !cfg.codex_home.exists(),
+            "an operator's CODEX_HOME is not created"
+        );
     }
 }

@@ -74,6 +74,10 @@ pub struct CliSession {
     /// True when the store recorded a successful turn in it, so the turn
     /// resumes (`--resume`) instead of creating it (`--session-id`).
     pub exists: bool,
+    /// The id the CLI itself gave the session, as recorded with the turn
+    /// that ran in it: Codex picks its own thread ids, so a later turn
+    /// resumes this one. `None` before the first successful turn.
+    pub agent_id: Option<String>,
 }
 
 /// How a turn names its CLI session on the command line.
@@ -109,8 +113,14 @@ const EXISTS_SIGNS: &[&str] = &["is already in use", "already exists"];
 
 /// What they print when the session they were told to resume does not:
 /// Claude Code "No conversation found with session ID: …", Gemini CLI
-/// (exit 42) "Error resuming session: Invalid session identifier "…"".
-const MISSING_SIGNS: &[&str] = &["no conversation found", "invalid session identifier"];
+/// (exit 42) "Error resuming session: Invalid session identifier "…"", and,
+/// when the project's session files are gone, "Error resuming session: No
+/// previous sessions found for this project.".
+const MISSING_SIGNS: &[&str] = &[
+    "no conversation found",
+    "invalid session identifier",
+    "no previous sessions found",
+];
 
 /// The flag to retry with when `outcome` shows the CLI disagreed with the
 /// store about the session `flag` assumed, or `None` when the turn should
@@ -257,6 +267,12 @@ mod tests {
             None,
         );
         assert_eq!(recovery(Resume, &gemini_missing), Some(Create));
+        let gemini_files_gone = failed(
+            42,
+            "Error resuming session: No previous sessions found for this project.\n",
+            None,
+        );
+        assert_eq!(recovery(Resume, &gemini_files_gone), Some(Create));
     }
 
     #[test]

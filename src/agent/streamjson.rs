@@ -1,5 +1,5 @@
 //! Line-by-line parser for an agent's stdout: stream-json events (Claude Code,
-//! Gemini CLI) or plain text, mixed freely.
+//! Gemini CLI), Codex's JSONL events, or plain text, mixed freely.
 //!
 //! It is fed raw byte chunks as they arrive and keeps only bounded state: the
 //! text it will answer with (capped) and the line being assembled (capped). It
@@ -13,6 +13,14 @@
 //!   "assistant","content":..,"delta":true}`, or a bare `text` field). The last
 //!   `{"type":"result"}` line becomes the `ResultLine`. Other event types (tool
 //!   calls, init, ...) are not part of the answer and are dropped.
+//! * Codex (`codex exec --json`): `thread.started {thread_id}` names the
+//!   session; an `item.completed` whose item is an `agent_message` is answer
+//!   text; `turn.completed {usage}` is a successful result (the answer is the
+//!   messages' text) and `turn.failed {error}` an error result; an `error
+//!   {message}` event is the error of a turn that never completed. Every
+//!   other item (commands, file changes, reasoning, plans, and `error` items,
+//!   which Codex also uses for warnings) is not part of the answer and never
+//!   fails the turn. Unknown event and item types are ignored.
 //! * Every other line is plain output and is kept verbatim, newline included.
 //! * A line longer than the line cap cannot be an event we could hold in memory,
 //!   so it is treated as plain text from that point on.
@@ -198,6 +206,23 @@ impl StreamParser {
             "init" => self.init(event),
             "system" if event.get("subtype").and_then(Value::as_str) == Some("init") => {
                 self.init(event)
+            }
+            "thread.started" => {
+                if let Some(id) = str_field(event, "thread_id") {
+                    self.agent.session_id = Some(id);
+                }
+            }
+            "item.completed" => {
+                let item = event.get("item").unwrap_or(&Value::Null);
+                if item.get("type").and_then(Value::as_str) == Some("agent_message") {
+                    self.push_message(&message_text(item), false);
+                }
+            }
+            "turn.completed" => self.result = Some(codex_turn_completed(event)),
+            "turn.failed" => self.result = Some(codex_error(event.get("error"))),
+            // A turn that completed stands; an error after it is not its error.
+            "error" if self.result.as_ref().is_none_or(|r| r.is_error) => {
+                self.result = Some(codex_error(Some(event)));
             }
             "result" => {
                 if let Some(id) = str_field(event, "session_id") {
@@ -398,7 +423,46 @@ fn result_line(event: &Value) -> ResultLine {
         error_message,
         api_error_status,
         error_type,
+        input_tokens: usage_tokens(event, "input_tokens"),
+        output_tokens: usage_tokens(event, "output_tokens"),
     }
+}
+
+/// Codex `turn.completed {usage: {input_tokens, output_tokens, ..}}`: a
+/// success whose answer is the turn's agent messages.
+fn codex_turn_completed(event: &Value) -> ResultLine {
+    let usage = event.get("usage");
+    let tokens = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_u64);
+    ResultLine {
+        input_tokens: tokens("input_tokens"),
+        output_tokens: tokens("output_tokens"),
+        ..ResultLine::default()
+    }
+}
+
+/// Codex `turn.failed {error: {message}}` or `error {message}`: an error
+/// result carrying Codex's words (they name the model API's status, which
+/// `classify` reads).
+fn codex_error(error: Option<&Value>) -> ResultLine {
+    let message = match error {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(e) => str_field(e, "message"),
+        None => None,
+    }
+    .filter(|m| !m.trim().is_empty())
+    .unwrap_or_else(|| "Codex reported a failed turn without a message".into());
+    let message = bounded(&message);
+    ResultLine {
+        text: message.clone(),
+        is_error: true,
+        error_message: Some(message),
+        ..ResultLine::default()
+    }
+}
+
+/// Claude's `usage.input_tokens` / `usage.output_tokens` on a result line.
+fn usage_tokens(event: &Value, key: &str) -> Option<u64> {
+    event.get("usage")?.get(key)?.as_u64()
 }
 
 fn trim_ascii(mut s: &[u8]) -> &[u8] {
@@ -665,5 +729,62 @@ mod tests {
         assert!(out.text.starts_with("{\"type\":\"assistant\""));
         assert_eq!(out.text.len(), 64);
         assert_eq!(out.result.unwrap().text, "ok");
+    }
+
+    const CODEX_OK: &str = concat!(
+        "{\"type\":\"thread.started\",\"thread_id\":\"019a-thread\"}\n",
+        "{\"type\":\"turn.started\"}\n",
+        "{\"type\":\"item.completed\",\"item\":{\"id\":\"item_0\",\"type\":\"error\",\"message\":\"Model metadata for `gpt-5` not found\"}}\n",
+        "{\"type\":\"item.started\",\"item\":{\"id\":\"item_1\",\"type\":\"command_execution\",\"command\":\"ls\",\"status\":\"in_progress\"}}\n",
+        "{\"type\":\"item.completed\",\"item\":{\"id\":\"item_1\",\"type\":\"command_execution\",\"command\":\"ls\",\"aggregated_output\":\"a\\n\",\"exit_code\":0}}\n",
+        "{\"type\":\"item.completed\",\"item\":{\"id\":\"item_2\",\"type\":\"reasoning\",\"text\":\"thinking\"}}\n",
+        "{\"type\":\"item.completed\",\"item\":{\"id\":\"item_3\",\"type\":\"agent_message\",\"text\":\"the answer\"}}\n",
+        "{\"type\":\"item.completed\",\"item\":{\"id\":\"item_4\",\"type\":\"future_kind\",\"text\":\"ignored\"}}\n",
+        "{\"type\":\"future.event\",\"x\":1}\n",
+        "{\"type\":\"turn.completed\",\"usage\":{\"input_tokens\":120,\"cached_input_tokens\":0,\"output_tokens\":7}}\n",
+    );
+
+    #[test]
+    fn codex_answer_thread_and_usage() {
+        let out = parse(CODEX_OK, 1024);
+        assert_eq!(out.text, "the answer");
+        assert_eq!(out.agent.session_id.as_deref(), Some("019a-thread"));
+        let result = out.result.expect("turn.completed is the result");
+        assert!(!result.is_error, "a warning item does not fail the turn");
+        assert_eq!(result.error_message, None);
+        assert_eq!(
+            (result.input_tokens, result.output_tokens),
+            (Some(120), Some(7))
+        );
+    }
+
+    #[test]
+    fn codex_failed_turn_and_error_event_carry_the_message() {
+        let failed = parse(
+            "{\"type\":\"thread.started\",\"thread_id\":\"t\"}\n{\"type\":\"turn.started\"}\n\
+             {\"type\":\"error\",\"message\":\"Reconnecting... 1/5\"}\n\
+             {\"type\":\"turn.failed\",\"error\":{\"message\":\"unexpected status 429 Too Many Requests: Rate limit reached\"}}\n",
+            1024,
+        );
+        let r = failed.result.unwrap();
+        assert!(r.is_error);
+        assert_eq!(
+            r.error_message.as_deref(),
+            Some("unexpected status 429 Too Many Requests: Rate limit reached")
+        );
+        let error_only = parse(
+            "{\"type\":\"error\",\"message\":\"stream disconnected\"}\n",
+            1024,
+        );
+        assert_eq!(
+            error_only.result.unwrap().error_message.as_deref(),
+            Some("stream disconnected")
+        );
+        // An error after the turn completed is not the turn's.
+        let late = parse(
+            "{\"type\":\"turn.completed\",\"usage\":{}}\n{\"type\":\"error\",\"message\":\"late\"}\n",
+            1024,
+        );
+        assert!(!late.result.unwrap().is_error);
     }
 }

@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::executions::finish_json;
+use super::executions::{finish_json, usage_json};
 use super::http::{json as json_response, ApiError, Body};
 use super::input::{json_body, optional_string, required_text, timeout_field};
 use crate::agent::executor::{Execution, Finish, Submission};
@@ -122,6 +122,8 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     };
     let mut exec = submit(cli_session.clone(), timeout)?;
     let mut finish = exec.finished().await;
+    // The turn ran in a new CLI session although the store had one.
+    let mut moved = false;
     let refused = matches!(&finish, Finish::Ran { outcome, .. } if outcome.agent.session_refused);
     let left = timeout.saturating_sub(asked.elapsed());
     if let (true, Some(old)) = (refused && !left.is_zero(), &cli_session) {
@@ -137,6 +139,7 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             fresh = %fresh.id,
             "the agent CLI refuses to create or resume its session; the turn runs in a new CLI session"
         );
+        moved = old.exists;
         cli_session = Some(fresh.clone());
         exec = submit(Some(fresh), left)?;
         finish = exec.finished().await;
@@ -174,10 +177,12 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             runtime: runtime.to_owned(),
             cli_session_id: c.id,
             session_id: session_id.clone(),
+            agent_session_id: outcome.agent.session_id.clone(),
         }),
     )
     .await?;
     let cost = outcome.result.as_ref().and_then(|r| r.cost_usd);
+    let session_restarted = moved || outcome.agent.session_restarted;
     Ok(json_response(
         StatusCode::OK,
         &json!({
@@ -193,6 +198,10 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
                 // (`session_id`, as Claude Code names it) through.
                 "session_id": outcome.agent.session_id,
                 "model": outcome.agent.model,
+                // The CLI had lost this session's context and the turn ran
+                // in a fresh CLI session: earlier turns are not in the answer.
+                "session_restarted": session_restarted,
+                "usage": usage_json(outcome),
             },
         }),
     ))

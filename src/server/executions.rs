@@ -78,6 +78,7 @@ pub fn finish_json(exec: &Execution, finish: &Finish) -> (StatusCode, Value) {
                     "stderr_truncated": outcome.stderr_truncated,
                     "agent_session_id": outcome.agent.session_id,
                     "model": outcome.agent.model,
+                    "usage": usage_json(outcome),
                 },
             });
             if let Some(code) = c.code {
@@ -399,6 +400,16 @@ async fn forward(
     let mut frame = format!("id: {end_id}\n").into_bytes();
     frame.extend_from_slice(&sse_event("end", &end));
     let _ = frames.send(Bytes::from(frame)).await;
+}
+
+/// `{"input_tokens", "output_tokens"}` when the CLI reported them, else null.
+pub fn usage_json(outcome: &crate::agent::runtime::RunOutcome) -> serde_json::Value {
+    match outcome.result.as_ref() {
+        Some(r) if r.input_tokens.is_some() || r.output_tokens.is_some() => {
+            json!({"input_tokens": r.input_tokens, "output_tokens": r.output_tokens})
+        }
+        _ => serde_json::Value::Null,
+    }
 }
 
 #[cfg(test)]
