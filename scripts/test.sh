@@ -6,7 +6,7 @@
 #   tests/systemd/run.sh       real systemd in nspawn: wedges, flood, full disk (root)
 #   tests/packaging/manifests.sh  Kubernetes manifests and the Dockerfile
 #   tests/packaging/deb.sh     the .deb's life cycle under a real systemd (root)
-#   tests/agent_clis/run.sh    the real Claude Code and Gemini CLI (root)
+#   tests/agent_clis/run.sh    the real Claude Code, Gemini CLI and Codex (root)
 #   tests/people/run.sh        promtool, a real Prometheus, /status in Chromium
 #
 # Every step runs even when an earlier one failed (a failed fmt, clippy or
@@ -108,7 +108,7 @@ kv_skip=""
 suite "systemd end-to-end (real systemd in systemd-nspawn)" "$(root_only)" tests/systemd/run.sh
 suite "packaging: manifests (kubernetes-validate) and Dockerfile" "$kv_skip" tests/packaging/manifests.sh
 suite "packaging: Debian package under systemd" "$(root_only)" tests/packaging/deb.sh
-suite "agent CLIs end-to-end (real Claude Code and Gemini CLI, fake model on loopback)" "$(root_only)" tests/agent_clis/run.sh
+suite "agent CLIs end-to-end (real Claude Code, Gemini CLI and Codex, fake model on loopback)" "$(root_only)" tests/agent_clis/run.sh
 suite "people: promtool, a real Prometheus scraping agentd, /status in headless Chromium" \
   "$(have promtool prometheus chromium)" tests/people/run.sh
 

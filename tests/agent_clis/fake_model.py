@@ -1,30 +1,41 @@
 #!/usr/bin/env python3
 """A fake model API for the agent-CLI end-to-end suite (Python 3 stdlib only).
 
-Speaks enough of two APIs for the real CLIs to hold a conversation:
+Speaks enough of three APIs for the real CLIs to hold a conversation:
 
 * Anthropic Messages (Claude Code): POST /v1/messages (streaming SSE and
   plain JSON), POST /v1/messages/count_tokens, GET /v1/models.
 * Gemini (Gemini CLI): POST .../models/M:generateContent,
   :streamGenerateContent (?alt=sse) and :countTokens.
+* OpenAI Responses (Codex CLI, a provider with wire_api = "responses"):
+  POST /v1/responses (or /responses), streamed SSE: response.created,
+  response.output_item.added, response.output_text.delta,
+  response.output_item.done, response.completed (with usage). Codex's own
+  developer messages and its <environment_context> user message are not
+  turns.
 
 The answer depends on the whole conversation received: it lists every user
 turn it saw, "turns=2: hello | what did I say?", so a test can prove that
 turn 2 carried turn 1. Magic words in the newest user turn steer it:
 
   FAKE_429         a rate-limit / quota error (Anthropic rate_limit_error with
-                   x-should-retry: false; Gemini RESOURCE_EXHAUSTED)
+                   x-should-retry: false; Gemini RESOURCE_EXHAUSTED; OpenAI
+                   rate_limit_exceeded, "Rate limit reached for ...")
   FAKE_RETRY_429   the same without x-should-retry: false, to measure how long
                    a CLI's own retries take
   FAKE_500         HTTP 500 with the message FAKE_500_MESSAGE
   FAKE_SLOW        the answer starts, then the stream stalls (bounded by
                    SLOW_SECONDS) so a timeout or terminate has something to kill
-  FAKE_SETSID:P    a tool call (Claude Bash / Gemini run_shell_command) that
-                   starts a `setsid` sleeper writing its pid to file P; once
-                   the tool result comes back the answer is "tool done: ..."
+  FAKE_SETSID:P    a tool call (Claude Bash / Gemini run_shell_command /
+                   Codex exec_command) that starts a `setsid` sleeper writing
+                   its pid to file P; once the tool result comes back the
+                   answer is "tool done: ..."
 
 GET /_fake/seen?q=WORD counts the model requests whose newest user turn
-contains WORD, so a test knows when a CLI has reached the model.
+contains WORD, so a test knows when a CLI has reached the model; for Codex
+requests it also lists what the request said about where Codex ran
+("contexts": sandbox_mode from its x-codex-turn-metadata header, cwd from its
+<environment_context>), so a test can see the sandbox agentd asked for.
 
 It binds 127.0.0.1 on the given port (0 = any), prints the port on stdout
 ("port N") and logs one line per request to stderr, marking requests it does
@@ -54,13 +65,17 @@ TURN_ECHO_CHARS = 200
 LOG_LOCK = threading.Lock()
 # The newest user turn of every model request, newest last, bounded: a test
 # asks GET /_fake/seen?q=WORD to learn that a CLI has reached the model.
+# Each entry is (turn, context): context is a dict of what the request said
+# about where the CLI ran, or None.
 SEEN = []
 SEEN_LIMIT = 1000
+# Contexts returned by /_fake/seen at most (the newest).
+SEEN_CONTEXTS = 20
 
 
-def remember(conv):
+def remember(conv, context=None):
     with LOG_LOCK:
-        SEEN.append(conv.last)
+        SEEN.append((conv.last, context))
         del SEEN[:-SEEN_LIMIT]
 
 
@@ -80,6 +95,10 @@ CONTEXT_PREFIXES = (
     "Caveat:",
     "<command-",
     "<local-command",
+    "<turn_aborted>",
+    "<user_shell_command>",
+    "<subagent_notification>",
+    "# AGENTS.md instructions",
 )
 
 
@@ -96,10 +115,16 @@ def shorten(text):
 def setsid_command(pidfile):
     # The sleeper gets its own session and process group, writes its pid and
     # outlives the tool call unless something sweeps it. Unique duration so
-    # it can be told apart in `ps`.
+    # it can be told apart in `ps`. The command waits (up to 2 s) for the pid
+    # file and says whether it appeared: a sandbox that tears down its
+    # processes when the command returns could otherwise kill the sleeper
+    # before it wrote anything, and "no pid file" must mean the write was
+    # refused. No command substitution: Gemini's shell tool refuses it.
+    waits = " ".join(str(i) for i in range(20))
     return (
-        f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 900' "
-        "</dev/null >/dev/null 2>&1 & echo sleeper started"
+        f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 900' </dev/null >/dev/null 2>&1 & "
+        f"for i in {waits}; do [ -s {pidfile} ] && break; sleep 0.1; done; "
+        f"if [ -s {pidfile} ]; then echo sleeper started; else echo no pid file; fi"
     )
 
 
@@ -185,6 +210,58 @@ def gemini_conversation(body):
     return Conversation(turns, tool_result)
 
 
+# ---------------------------------------------------------------- OpenAI Responses
+
+
+def responses_conversation(body):
+    """User turns of a Responses request. Codex sends its own instructions as
+    developer messages and an <environment_context> user message; those are
+    not turns. A function_call_output after the newest turn is the tool
+    result that turn is waiting for."""
+    turns = []
+    tool_result = None
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    for item in items or []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message" and item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                content = [{"type": "input_text", "text": content}]
+            for part in content or []:
+                text = part.get("text", "") if isinstance(part, dict) else ""
+                if part.get("type") in ("input_text", "text") and is_person_text(text):
+                    turns.append(text.strip())
+                    tool_result = None
+        elif kind == "function_call_output":
+            out = item.get("output")
+            if isinstance(out, list):
+                out = " ".join(x.get("text", "") for x in out if isinstance(x, dict))
+            elif isinstance(out, dict):
+                out = out.get("content") or json.dumps(out)
+            tool_result = str(out or "")
+    return Conversation(turns, tool_result)
+
+
+def codex_context(headers, body):
+    """Where Codex says it runs: the sandbox mode of its turn metadata
+    header and the cwd of its <environment_context> message."""
+    ctx = {}
+    try:
+        meta = json.loads(headers.get("x-codex-turn-metadata") or "{}")
+        if isinstance(meta, dict) and meta.get("sandbox_mode"):
+            ctx["sandbox_mode"] = meta["sandbox_mode"]
+    except ValueError:
+        pass
+    m = re.search(r"<environment_context>.*?<cwd>(.*?)</cwd>", json.dumps(body.get("input", "")))
+    if m:
+        ctx["cwd"] = m.group(1)
+    return ctx or None
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-model/1"
@@ -254,8 +331,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/_fake/seen":
             q = parse_qs(self.path.partition("?")[2]).get("q", [""])[0]
             with LOG_LOCK:
-                count = sum(1 for turn in SEEN if q and q in turn)
-            self.send_json(200, {"count": count})
+                hits = [ctx for turn, ctx in SEEN if q and q in turn]
+            self.send_json(200, {"count": len(hits),
+                                 "contexts": [c for c in hits if c][-SEEN_CONTEXTS:]})
             return
         if path.rstrip("/") == "/v1/models" or path.startswith("/v1/models/"):
             log(f"GET {self.path}")
@@ -287,6 +365,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(200, {"input_tokens": 42})
             elif path.startswith("/v1/messages"):
                 self.anthropic(body)
+            elif path.rstrip("/") in ("/v1/responses", "/responses"):
+                self.openai_responses(body)
             elif ":countTokens" in path:
                 log(f"POST {self.path}")
                 self.send_json(200, {"totalTokens": 42})
@@ -380,6 +460,68 @@ class Handler(BaseHTTPRequestHandler):
         self.sse({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                   "usage": {"output_tokens": 5}}, "message_delta")
         self.sse({"type": "message_stop"}, "message_stop")
+
+    # ------------------------------------------------------------ Responses
+
+    def openai_responses(self, body):
+        conv = responses_conversation(body)
+        kind, arg = conv.steering()
+        remember(conv, codex_context(self.headers, body))
+        model = body.get("model", "gpt-fake-1")
+        log(f"POST {self.path} responses stream={bool(body.get('stream'))} "
+            f"tools={len(body.get('tools') or [])} turns={len(conv.turns)} steer={kind}")
+        if kind in ("FAKE_429", "FAKE_RETRY_429"):
+            # The body of a real OpenAI rate-limit answer; "type" is not
+            # "usage_limit_reached", so Codex treats it as retryable.
+            self.send_json(429, {"error": {
+                "message": f"Rate limit reached for {model} in organization org-fake on tokens per min "
+                           "(TPM): Limit 1000, Used 1000, Requested 1. Please try again in 7s.",
+                "type": "tokens", "param": None, "code": "rate_limit_exceeded"}},
+                headers={"retry-after": "7"})
+            return
+        if kind == "FAKE_500":
+            self.send_json(500, {"error": {"message": FAKE_500_MESSAGE, "type": "server_error",
+                                           "param": None, "code": None}})
+            return
+        resp_id = "resp_fake_%d" % int(time.time() * 1000)
+        if kind == "FAKE_SETSID":
+            item = {"type": "function_call", "id": "fc_fake_1", "call_id": "call_fake_1",
+                    "name": "exec_command", "status": "completed",
+                    "arguments": json.dumps({"cmd": setsid_command(arg)})}
+        else:
+            item = {"type": "message", "id": "msg_fake_1", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": conv.answer_text(), "annotations": []}]}
+        usage = {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": 15}
+        response = {"id": resp_id, "object": "response", "created_at": int(time.time()),
+                    "status": "in_progress", "model": model, "output": []}
+        self.start_sse()
+        self.sse({"type": "response.created", "response": response}, "response.created")
+        if item["type"] == "message":
+            added = dict(item, status="in_progress", content=[])
+            self.sse({"type": "response.output_item.added", "output_index": 0, "item": added},
+                     "response.output_item.added")
+            text = "thinking slowly" if kind == "FAKE_SLOW" else item["content"][0]["text"]
+            # Two deltas, so streaming clients see output arrive in parts.
+            half = len(text) // 2
+            for part in (text[:half], text[half:]):
+                if part:
+                    self.sse({"type": "response.output_text.delta", "item_id": item["id"],
+                              "output_index": 0, "content_index": 0, "delta": part},
+                             "response.output_text.delta")
+            if kind == "FAKE_SLOW":
+                self.stall(ping=b": keepalive\n\n")
+                return
+        else:
+            self.sse({"type": "response.output_item.added", "output_index": 0,
+                      "item": dict(item, status="in_progress", arguments="")},
+                     "response.output_item.added")
+        self.sse({"type": "response.output_item.done", "output_index": 0, "item": item},
+                 "response.output_item.done")
+        self.sse({"type": "response.completed",
+                  "response": dict(response, status="completed", output=[item], usage=usage)},
+                 "response.completed")
 
     # ------------------------------------------------------------ Gemini
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# End-to-end suite with the real agent CLIs from npm: Claude Code and Gemini
-# CLI, each pointed at a fake model API (fake_model.py) on loopback, driven
-# through agentd's HTTP API (driver.py). Everything runs in fresh network and
-# PID namespaces (`unshare -n -p`): only loopback exists, so nothing can leave
-# the machine, and every process the suite started ends with it.
+# End-to-end suite with the real agent CLIs from npm: Claude Code, Gemini
+# CLI and Codex CLI, each pointed at a fake model API (fake_model.py) on
+# loopback, driven through agentd's HTTP API (driver.py), ending with a
+# conformance matrix (scenario x CLI; CONFORMANCE.md). Everything runs in
+# fresh network and PID namespaces (`unshare -n -p`): only loopback exists,
+# so nothing can leave the machine, and every process the suite started ends
+# with it.
 #
-#   sudo bash tests/agent_clis/run.sh                     # both CLIs (about 2 min)
-#   sudo E2E_CLIS=claude bash tests/agent_clis/run.sh     # one CLI
+#   sudo bash tests/agent_clis/run.sh                     # all three CLIs
+#   sudo E2E_CLIS=codex bash tests/agent_clis/run.sh      # one CLI (or two)
 #   sudo E2E_ONLY=default,uuid bash tests/agent_clis/run.sh
 #   sudo bash tests/agent_clis/run.sh --demo             # a curl transcript per CLI
 #
@@ -28,8 +30,10 @@ die() { echo "agent-clis e2e: $*" >&2; exit 2; }
 for tool in python3 unshare ip node; do
   command -v "$tool" >/dev/null || die "$tool is missing"
 done
-[ -x "$CLIS_DIR/node_modules/.bin/claude" ] && [ -x "$CLIS_DIR/node_modules/.bin/gemini" ] \
-  || die "the CLIs are not installed in $CLIS_DIR (bash $HERE/install-clis.sh)"
+for cli in claude gemini codex; do
+  [ -x "$CLIS_DIR/node_modules/.bin/$cli" ] \
+    || die "the CLIs are not installed in $CLIS_DIR ($cli is missing; bash $HERE/install-clis.sh)"
+done
 
 if [ -n "${AGENTD_BIN:-}" ]; then
   BIN=$AGENTD_BIN
@@ -54,7 +58,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "# claude $("$CLIS_DIR/node_modules/.bin/claude" --version 2>/dev/null | head -n1), gemini $(HOME=$W "$CLIS_DIR/node_modules/.bin/gemini" --version 2>/dev/null | head -n1)"
+echo "# claude $("$CLIS_DIR/node_modules/.bin/claude" --version 2>/dev/null | head -n1)," \
+  "gemini $(HOME=$W "$CLIS_DIR/node_modules/.bin/gemini" --version 2>/dev/null | head -n1)," \
+  "codex $(CODEX_HOME=$W/codex-version "$CLIS_DIR/node_modules/.bin/codex" --version 2>/dev/null | head -n1)"
 # bash is PID 1 of the new PID namespace and reaps what is orphaned to it;
 # when it exits, the kernel kills everything left in the namespace.
 PYTHONDONTWRITEBYTECODE=1 AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
