@@ -40,15 +40,17 @@ fn counts() -> Counts {
             storm: 5_000,
             slowloris: 1_000,
             large_headers: 1_000,
-            reconnects: 50,
+            reconnects: 100,
             phase: Duration::from_secs(8),
         }
     } else {
         Counts {
-            storm: 1_200,
+            // Twice the cap, so the flood fills it however slowly the
+            // clients' connects complete on a loaded machine.
+            storm: 2 * MAX_CONNECTIONS,
             slowloris: 200,
             large_headers: 200,
-            reconnects: 10,
+            reconnects: 50,
             phase: Duration::from_secs(3),
         }
     }
@@ -118,6 +120,8 @@ struct Monitor {
     saturated_and_healthy: usize,
     max_rejected_per_second: f64,
     max_probe_reserved: u64,
+    /// Most client connections open at once, as `/health` reported them.
+    max_open: u64,
 }
 
 /// `seen` turns true once a passing tick under saturation and a rejection
@@ -135,6 +139,7 @@ async fn monitor(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<AtomicBool>)
         saturated_and_healthy: 0,
         max_rejected_per_second: 0.0,
         max_probe_reserved: 0,
+        max_open: 0,
     };
     let mut first_tick_while_saturated: Option<u64> = None;
     let mut last_ok: Option<f64> = None;
@@ -190,6 +195,9 @@ async fn monitor(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<AtomicBool>)
         m.max_rejected_per_second = m
             .max_rejected_per_second
             .max(accept["rejected_per_second"].as_f64().unwrap_or(0.0));
+        m.max_open = m
+            .max_open
+            .max(accept["connections_open"].as_u64().unwrap_or(0));
         m.max_probe_reserved = m
             .max_probe_reserved
             .max(accept["probe_connections_reserved"].as_u64().unwrap_or(0));
@@ -216,8 +224,14 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Pause before a reconnect: the turned-away clients keep the cap under
+/// pressure for the whole phase instead of spending their reconnects in
+/// the first milliseconds.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
 /// Hold a connection that sends nothing; when the server closes it,
-/// reconnect (at most `reconnects` times) until `stop`.
+/// reconnect (at most `reconnects` times, `RECONNECT_PAUSE` apart) until
+/// `stop`.
 async fn storm_client(
     addr: SocketAddr,
     reconnects: usize,
@@ -231,7 +245,7 @@ async fn storm_client(
         let Ok(Ok(mut s)) =
             tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
         else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(RECONNECT_PAUSE).await;
             continue;
         };
         opened.fetch_add(1, Relaxed);
@@ -249,6 +263,7 @@ async fn storm_client(
                 }
             }
         }
+        tokio::time::sleep(RECONNECT_PAUSE).await;
     }
 }
 
@@ -465,7 +480,7 @@ async fn storm_slowloris_and_large_headers_are_load_not_a_wedge() {
     eprintln!(
         "separate keep-alive client /health: {} requests, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
          {} not 200 (most failed ticks in a row: {}, longest gap between passing ticks {:.1} s), {} reopened connections turned away; ticks passed while saturated: {}; max rejected/s {:.0}; \
-         probe connections on a reserved slot: {}",
+         probe connections on a reserved slot: {}; most connections open at once: {}/{MAX_CONNECTIONS}",
         lat.len(),
         percentile(&lat, 0.5) as f64 / 1000.0,
         percentile(&lat, 0.99) as f64 / 1000.0,
@@ -476,7 +491,8 @@ async fn storm_slowloris_and_large_headers_are_load_not_a_wedge() {
         m.turned_away,
         m.saturated_and_healthy,
         m.max_rejected_per_second,
-        m.max_probe_reserved
+        m.max_probe_reserved,
+        m.max_open
     );
 
     // Load, not a wedge.
