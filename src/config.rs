@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use crate::agent::acp::PermissionPolicy;
+
 /// Default history size; the value users of other agent servers already know.
 pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
 
@@ -46,6 +48,7 @@ pub enum RuntimeKind {
     ClaudeCode,
     Gemini,
     Codex,
+    Acp,
 }
 
 impl RuntimeKind {
@@ -56,6 +59,7 @@ impl RuntimeKind {
             RuntimeKind::ClaudeCode => "claude-code",
             RuntimeKind::Gemini => "gemini",
             RuntimeKind::Codex => "codex",
+            RuntimeKind::Acp => "acp",
         }
     }
 }
@@ -129,6 +133,17 @@ pub struct RuntimeConfig {
     /// True when `codex_home` is agentd's default rather than the operator's
     /// `CODEX_HOME`: children then get `CODEX_HOME` set to it.
     pub codex_home_default: bool,
+    /// The ACP agent's argv (`AGENTD_ACP_CMD`, e.g. `gemini --acp`).
+    pub acp_command: Vec<String>,
+    /// Most warm ACP agent processes (`AGENTD_ACP_MAX_AGENTS`).
+    pub acp_max_agents: usize,
+    /// Idle ACP agents are closed after this long (`AGENTD_ACP_IDLE`).
+    pub acp_idle: Duration,
+    /// How ACP permission requests are answered (`AGENTD_ACP_PERMISSIONS`).
+    pub acp_permissions: PermissionPolicy,
+    /// An `ask` permission request nobody answered is refused after this
+    /// long (`AGENTD_ACP_PERMISSION_TIMEOUT`).
+    pub acp_permission_timeout: Duration,
     /// Prepended to the prompt by runtimes that have no flag for it (gemini).
     pub system_prompt: Option<String>,
     /// Timeout of an execution whose request names none.
@@ -280,6 +295,11 @@ settings! {
     codex_bin => "AGENTD_CODEX_BIN",
     codex_args => "AGENTD_CODEX_ARGS",
     codex_sandbox => "AGENTD_CODEX_SANDBOX",
+    acp_cmd => "AGENTD_ACP_CMD",
+    acp_max_agents => "AGENTD_ACP_MAX_AGENTS",
+    acp_idle => "AGENTD_ACP_IDLE",
+    acp_permissions => "AGENTD_ACP_PERMISSIONS",
+    acp_permission_timeout => "AGENTD_ACP_PERMISSION_TIMEOUT",
     workdir => "AGENTD_WORKDIR",
     system_prompt => "AGENTD_SYSTEM_PROMPT",
     task_timeout => "AGENTD_TASK_TIMEOUT",
@@ -653,6 +673,7 @@ fn build(
         Some("claude-code") | Some("claude") => RuntimeKind::ClaudeCode,
         Some("gemini") => RuntimeKind::Gemini,
         Some("codex") => RuntimeKind::Codex,
+        Some("acp") => RuntimeKind::Acp,
         Some(other) => {
             let name = raw
                 .get("runtime")
@@ -661,7 +682,7 @@ fn build(
             return Err(invalid(
                 name,
                 other,
-                "expected one of echo, command, claude-code, gemini, codex",
+                "expected one of echo, command, claude-code, gemini, codex, acp",
             ));
         }
     };
@@ -694,6 +715,26 @@ fn build(
             ));
         }
     };
+    let acp_command = words(raw, "acp_cmd")?;
+    if kind == RuntimeKind::Acp && acp_command.is_empty() {
+        return Err(invalid(
+            "AGENTD_ACP_CMD",
+            "",
+            "the acp runtime needs the agent's command, e.g. AGENTD_ACP_CMD=\"gemini --acp\"",
+        ));
+    }
+    let acp_permissions = match text(raw, "acp_permissions").as_deref() {
+        None | Some("deny") => PermissionPolicy::Deny,
+        Some("allow") => PermissionPolicy::Allow,
+        Some("ask") => PermissionPolicy::Ask,
+        Some(other) => {
+            let name = raw
+                .get("acp_permissions")
+                .map(|(_, n)| n)
+                .unwrap_or("AGENTD_ACP_PERMISSIONS");
+            return Err(invalid(name, other, "expected one of deny, allow, ask"));
+        }
+    };
     let (codex_home, codex_home_default) = match &raw.codex_home {
         Some(home) => (PathBuf::from(home), false),
         None => (state_dir.join("codex"), true),
@@ -712,6 +753,11 @@ fn build(
         codex_sandbox,
         codex_home,
         codex_home_default,
+        acp_command,
+        acp_max_agents: int(raw, "acp_max_agents", 4, 1, 1024)? as usize,
+        acp_idle: duration(raw, "acp_idle", 300 * SEC, SEC, 7 * DAY)?,
+        acp_permissions,
+        acp_permission_timeout: duration(raw, "acp_permission_timeout", 60 * SEC, SEC, DAY)?,
         system_prompt: text(raw, "system_prompt"),
         default_timeout: default_timeout.min(max_timeout),
         max_timeout,
@@ -753,7 +799,7 @@ fn build(
             7 * 86_400 * SEC,
         )?,
     };
-    let executor = ExecutorConfig {
+    let mut executor = ExecutorConfig {
         max_concurrent: int(raw, "max_concurrent", 4, 1, 4096)? as usize,
         max_queue: int(raw, "max_queue", 64, 0, 1 << 20)? as usize,
         finished_retained: int(raw, "finished_retained", 256, 0, 1 << 20)? as usize,
@@ -774,6 +820,15 @@ fn build(
             1 << 40,
         )? as usize,
     };
+    if runtime.kind == RuntimeKind::Acp && executor.max_concurrent > runtime.acp_max_agents {
+        // A turn needs an agent process of its own: more turns at once than
+        // processes would only wait inside the executor's running slots.
+        warnings.push(format!(
+            "AGENTD_MAX_CONCURRENT={} is more than AGENTD_ACP_MAX_AGENTS={}; at most {} turns run at once",
+            executor.max_concurrent, runtime.acp_max_agents, runtime.acp_max_agents
+        ));
+        executor.max_concurrent = runtime.acp_max_agents;
+    }
     let trigger_after = match int(raw, "watchdog_trigger_after", 0, 0, 1_000_000)? {
         0 => None,
         n => Some(n as u32),

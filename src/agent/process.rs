@@ -319,21 +319,12 @@ pub async fn run_child(
 }
 
 fn outcome_without_output(end: RunEnd) -> RunOutcome {
-    RunOutcome {
-        end,
-        text: String::new(),
-        result: None,
-        stderr_tail: String::new(),
-        stdout_truncated: false,
-        stderr_truncated: false,
-        agent: Default::default(),
-        cleanup: Cleanup::default(),
-    }
+    RunOutcome::ended(end)
 }
 
 /// Short, stable reasons for the common spawn errors ("not found" is matched
 /// by `classify` to say "runtime command not found: <cmd>").
-fn spawn_error_reason(err: &io::Error) -> String {
+pub fn spawn_error_reason(err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::NotFound => "not found".into(),
         io::ErrorKind::PermissionDenied => "permission denied".into(),
@@ -368,25 +359,32 @@ async fn supervise(
 /// Returns once the child is reaped, or after `REAP_AFTER_KILL` at worst,
 /// with the signal after which it exited.
 async fn stop_group(child: &mut Child, group: &GroupGuard, grace: Duration) -> Signal {
+    stop_child_group(child, group.pgid, grace).await
+}
+
+/// `stop_group` for a child that leads process group `pgid` (the ACP
+/// runtime's long-lived agents use it too).
+pub async fn stop_child_group(child: &mut Child, pgid: i32, grace: Duration) -> Signal {
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        group.signal(signal);
+        // ESRCH (group already empty) is the expected way for this to fail.
+        let _ = killpg(Pid::from_raw(pgid), signal);
         if timeout(grace, child.wait()).await.is_ok() {
             return signal;
         }
     }
-    group.signal(Signal::SIGKILL);
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     if timeout(REAP_AFTER_KILL, child.wait()).await.is_err() {
         // Dropping the `Child` (kill_on_drop) hands it to tokio's orphan
         // reaper, which collects it whenever the kernel lets it die.
         tracing::warn!(
-            pgid = group.pgid,
+            pgid,
             "agent did not die within {REAP_AFTER_KILL:?} of SIGKILL; leaving it to the reaper"
         );
     }
     Signal::SIGKILL
 }
 
-fn exit_end(status: io::Result<ExitStatus>) -> RunEnd {
+pub fn exit_end(status: io::Result<ExitStatus>) -> RunEnd {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(status) => match (status.code(), status.signal()) {

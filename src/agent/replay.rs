@@ -42,6 +42,10 @@ pub const MAX_BATCH: usize = 64;
 pub struct Chunk {
     pub seq: u64,
     pub text: Arc<str>,
+    /// `None` for output text; for a typed event (an ACP agent's tool call,
+    /// plan, thought or permission request) its SSE event name, the text then
+    /// being one line of JSON.
+    pub event: Option<&'static str>,
 }
 
 /// What a subscriber gets next: how many chunks it should have seen but were
@@ -193,7 +197,16 @@ impl OutputLog {
     /// Append a chunk and evict the oldest past the bounds. Never waits for a
     /// subscriber; empty text is ignored (it would be an empty event).
     pub fn push(&self, text: impl Into<Arc<str>>) {
-        let text: Arc<str> = text.into();
+        self.push_chunk(text.into(), None);
+    }
+
+    /// Append a typed event: `json` (one line) sent as SSE `event: <event>`,
+    /// numbered, bounded and replayed like output text.
+    pub fn push_event(&self, event: &'static str, json: String) {
+        self.push_chunk(json.into(), Some(event));
+    }
+
+    fn push_chunk(&self, text: Arc<str>, event: Option<&'static str>) {
         if text.is_empty() {
             return;
         }
@@ -206,7 +219,7 @@ impl OutputLog {
             if let Some(b) = &self.budget {
                 b.held.fetch_add(cost, Relaxed);
             }
-            r.chunks.push_back(Chunk { seq, text });
+            r.chunks.push_back(Chunk { seq, text, event });
             self.evict(&mut r, |r| {
                 r.bytes > self.max_bytes || r.chunks.len() > self.max_chunks
             });

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::acp::AgentsReport;
+use super::permissions::Permissions;
 use super::replay::{OutputLog, ReplayBudget, DEFAULT_REPLAY_BYTES};
 use crate::agent::sessions::CliSession;
 
@@ -59,6 +61,9 @@ pub struct ExecutionContext {
     /// however late it subscribes. The writer never waits for a subscriber;
     /// one that falls behind the buffer is told how many chunks it missed.
     pub output: Arc<OutputLog>,
+    /// Permission requests of an ACP agent waiting for a person
+    /// (`AGENTD_ACP_PERMISSIONS=ask`); empty for every other runtime.
+    pub permissions: Arc<Permissions>,
 }
 
 impl ExecutionContext {
@@ -85,6 +90,7 @@ impl ExecutionContext {
             cancel: CancellationToken::new(),
             pid: Arc::new(AtomicU32::new(0)),
             output: Arc::new(output),
+            permissions: Arc::default(),
         }
     }
 }
@@ -198,6 +204,14 @@ impl Cleanup {
 }
 
 impl RunOutcome {
+    /// An outcome with no output: only how it ended.
+    pub fn ended(end: RunEnd) -> Self {
+        RunOutcome {
+            end,
+            ..RunOutcome::completed(String::new())
+        }
+    }
+
     pub fn completed(text: String) -> Self {
         RunOutcome {
             end: RunEnd::Completed,
@@ -228,6 +242,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Run one prompt to completion, timeout or cancellation. Must never hang past
     /// `req.timeout` plus the configured kill grace periods.
     fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a>;
+    /// The warm agent processes, for runtimes that keep any (`acp`).
+    fn agents(&self) -> Option<AgentsReport> {
+        None
+    }
+    /// The chat history of `session_id` (`None`: of every session) was
+    /// deleted: forget whatever the runtime keeps of it in memory.
+    fn session_cleared(&self, _session_id: Option<&str>) {}
 }
 
 /// The default runtime: answers with the prompt itself, no subprocess, so a fresh

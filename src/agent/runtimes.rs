@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
+use crate::agent::acp::{Acp, AcpOptions};
 use crate::agent::process::{run_child, scrub_env, ChildCommand, ChildLimits};
 use crate::agent::runtime::{
     Echo, ExecutionContext, ExecutionKind, RunEnd, RunFuture, RunOutcome, RunRequest, Runtime,
@@ -87,7 +88,38 @@ pub fn build_runtime(cfg: &RuntimeConfig) -> Arc<dyn Runtime> {
             limits,
             workdir,
         }),
+        RuntimeKind::Acp => {
+            let mut argv = cfg.acp_command.clone();
+            if let Some(program) = argv.first_mut() {
+                *program = absolute_program(program);
+            }
+            let env = if acp_runs_gemini(cfg) {
+                vec![(GEMINI_TRUST_ENV, "true".into())]
+            } else {
+                Vec::new()
+            };
+            Arc::new(Acp::new(AcpOptions {
+                argv,
+                workdir: cfg.workdir.clone(),
+                max_agents: cfg.acp_max_agents,
+                idle: cfg.acp_idle,
+                permissions: cfg.acp_permissions,
+                permission_timeout: cfg.acp_permission_timeout,
+                kill_grace: cfg.kill_grace,
+                max_line: cfg.stdout_cap,
+                env,
+            }))
+        }
     }
+}
+
+/// True when the ACP agent is Gemini CLI (`gemini --acp`): it then gets the
+/// same workspace trust and settings as the `gemini` runtime's runs.
+fn acp_runs_gemini(cfg: &RuntimeConfig) -> bool {
+    cfg.acp_command
+        .first()
+        .and_then(|p| Path::new(p).file_name())
+        .is_some_and(|name| name == "gemini")
 }
 
 /// Children run in the work directory, so a relative program path
@@ -111,6 +143,7 @@ pub fn program(cfg: &RuntimeConfig) -> Option<String> {
         RuntimeKind::ClaudeCode => Some(cfg.claude_bin.clone()),
         RuntimeKind::Gemini => Some(cfg.gemini_bin.clone()),
         RuntimeKind::Codex => Some(cfg.codex_bin.clone()),
+        RuntimeKind::Acp => cfg.acp_command.first().cloned(),
     }
 }
 
@@ -190,7 +223,9 @@ pub fn prepare_cli_files(cfg: &RuntimeConfig) -> Result<(), (&'static str, PathB
                 .create(&cfg.codex_home)
                 .map_err(|e| ("CODEX_HOME", cfg.codex_home.clone(), e.to_string()))
         }
-        RuntimeKind::Gemini => {
+        RuntimeKind::Gemini | RuntimeKind::Acp
+            if cfg.kind == RuntimeKind::Gemini || acp_runs_gemini(cfg) =>
+        {
             let path = cfg.workdir.join(".gemini").join("settings.json");
             write_gemini_settings(&path)
                 .map_err(|reason| ("Gemini CLI's workspace settings", path, reason))

@@ -1,5 +1,6 @@
 //! The six checks every tick runs, built over the running `App`:
-//! `self_probe`, `runtime_lag`, `state_lock`, `store`, `executor`, `resources`.
+//! `self_probe`, `runtime_lag`, `state_lock`, `store`, `executor`, `resources`,
+//! and `agents` when the runtime keeps agent processes (`acp`).
 //!
 //! Each proves one part of the data path still moves; the runner gives each its
 //! own deadline, so a check here may simply await and let the deadline decide.
@@ -19,14 +20,40 @@ pub const PROBE_PATH: &str = "/health?probe=1";
 
 pub fn build_checks(app: &Arc<App>) -> Vec<Check> {
     let deadline = app.health.deadline;
-    vec![
+    let mut checks = vec![
         self_probe_via_door(app.probe_door.clone(), PROBE_PATH),
         runtime_lag_check(deadline),
         state_lock_check(app.clone()),
         store_check(app.clone()),
         executor_check(app.clone(), deadline),
         resources_check(app.config.health.max_threads, app.health.gauges.clone()),
-    ]
+    ];
+    if app.runtime().agents().is_some() {
+        checks.push(agents_check(app.clone()));
+    }
+    checks
+}
+
+/// The `acp` runtime's agent processes: *degraded* while their starts keep
+/// failing (the pool backs off), never a wedge. A failing agent is the
+/// agent's problem; restarting agentd would not mend it, so it must never
+/// stop `WATCHDOG=1`.
+fn agents_check(app: Arc<App>) -> Check {
+    Check::graded("agents", move || {
+        let app = app.clone();
+        Box::pin(async move {
+            let Some(r) = app.runtime().agents() else {
+                return Ok(None);
+            };
+            match r.degraded {
+                Some(reason) => Err(CheckFailure::Degraded(reason)),
+                None => Ok(Some(format!(
+                    "{} running ({} busy), limit {}, {} restarts",
+                    r.running, r.busy, r.limit, r.restarts
+                ))),
+            }
+        })
+    })
 }
 
 /// The shared state lock can be taken (the runner's deadline bounds the wait).

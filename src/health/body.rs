@@ -2,8 +2,8 @@
 //!
 //! The body has two parts, and each is built as often as it changes:
 //!
-//! * **Per tick**: the `watchdog` block, `rlimit_nofile`, `runtime`, `checks`
-//!   and `trends` change only when the health loop publishes (a tick, or a
+//! * **Per tick**: the `watchdog` block, `rlimit_nofile`, `runtime`, `agents`
+//!   (the `acp` runtime's pool), `checks` and `trends` change only when the health loop publishes (a tick, or a
 //!   trend sample). The loop renders them once into the verdict it publishes
 //!   ([`render_tail`], kept in `Published`), as JSON text ready to copy.
 //! * **Per request**: `status` (it goes stale by the clock), `uptime_seconds`,
@@ -130,6 +130,9 @@ struct TailJson<'a> {
     /// The configured runtime, its program, and the CLI's version (read once
     /// at start).
     runtime: &'a crate::agent::runtimes::RuntimeReport,
+    /// The warm ACP agent pool (`acp` runtime only), as of the tick.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agents: Option<crate::agent::acp::AgentsReport>,
     checks: &'a RawValue,
     /// Leak trends, pre-rendered when the last sample was taken.
     trends: &'a RawValue,
@@ -150,6 +153,7 @@ pub fn render_tail(app: &App, published: Option<&Published>) -> Bytes {
             hard: r.hard,
         },
         runtime: &app.runtime_report,
+        agents: app.runtime().agents(),
         checks: published.map(|p| &*p.checks_json).unwrap_or(&empty),
         trends: &trends,
     };

@@ -246,6 +246,9 @@ pub async fn clear_history(
 ) -> Result<Response<Body>, ApiError> {
     let session = query_session(req, false)?;
     let (cleared, deleted) = app.clear_history(session.as_deref()).await?;
+    // What the runtime holds of the deleted conversations in memory (a warm
+    // ACP agent's context) goes too, so it cannot come back.
+    app.runtime().session_cleared(session.as_deref());
     Ok(json_response(
         StatusCode::OK,
         &json!({"cleared": cleared, "deleted": deleted, "session_id": session}),

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::http::{json as json_response, ApiError, Body};
 use super::input::{json_body, required_text, timeout_field};
 use crate::agent::executor::{Execution, Finish, Phase, Rejected, Submission};
+use crate::agent::permissions::AnswerError;
 use crate::agent::replay::{Batch, OutputReader};
 use crate::agent::runtime::{Cleanup, ExecutionKind};
 use crate::app::App;
@@ -177,6 +178,10 @@ fn describe(exec: &Execution) -> Value {
         "finished_at": exec.finished_at(),
         "pid": exec.pid(),
     });
+    let pending = exec.ctx.permissions.pending();
+    if !pending.is_empty() {
+        v["pending_permissions"] = json!(pending);
+    }
     match exec.finish() {
         None => v["status"] = json!(exec.phase()),
         Some(finish) => {
@@ -207,7 +212,9 @@ pub async fn terminate(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiEr
     let exec = lookup(app, id)?;
     exec.cancel();
     let rt = &app.config.runtime;
-    let bound = rt.kill_grace * 2
+    // An ACP agent gets one grace to honour `session/cancel` before the
+    // two-signal escalation.
+    let bound = rt.kill_grace * 3
         + rt.pipe_drain
         + EXECUTION_SWEEP_BOUND
         + crate::agent::process::REAP_AFTER_KILL;
@@ -217,6 +224,30 @@ pub async fn terminate(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiEr
         )));
     }
     Ok(json_response(StatusCode::OK, &describe(&exec)))
+}
+
+/// `POST /api/executions/{id}/permissions/{request_id}` with
+/// `{"option_id": "…"}`: answer a permission request the execution's ACP
+/// agent is waiting on (`AGENTD_ACP_PERMISSIONS=ask`).
+pub async fn answer_permission(
+    app: &Arc<App>,
+    id: &str,
+    request_id: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let exec = lookup(app, id)?;
+    let obj = json_body(app, req).await?;
+    let option = required_text(&obj, "option_id")?;
+    match exec.ctx.permissions.answer(request_id, &option) {
+        Ok(()) => Ok(json_response(
+            StatusCode::OK,
+            &json!({"execution_id": exec.id, "request_id": request_id, "option_id": option}),
+        )),
+        Err(e @ AnswerError::NoSuchRequest(_)) => Err(ApiError::NotFound(e.to_string())),
+        Err(e @ AnswerError::NoSuchOption { .. }) => {
+            Err(ApiError::bad(e.to_string(), "invalid_option"))
+        }
+    }
 }
 
 /// A response body fed by a channel: the SSE forwarder task writes frames, the
@@ -236,13 +267,20 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-/// Format one output chunk as an SSE event: `id: <seq>`, then a `data:` line
-/// per line of text (a client joins them with `\n`, restoring the chunk).
-fn sse_chunk(seq: u64, text: &str) -> Bytes {
-    let mut out = String::with_capacity(text.len() + 32);
+/// Format one output chunk as an SSE event: `id: <seq>`, `event: <name>` for
+/// a typed event (plain output has none, so it is a `message`), then a
+/// `data:` line per line of text (a client joins them with `\n`, restoring
+/// the chunk).
+fn sse_chunk(seq: u64, event: Option<&str>, text: &str) -> Bytes {
+    let mut out = String::with_capacity(text.len() + 48);
     out.push_str("id: ");
     out.push_str(&seq.to_string());
     out.push('\n');
+    if let Some(event) = event {
+        out.push_str("event: ");
+        out.push_str(event);
+        out.push('\n');
+    }
     for line in text.split('\n') {
         out.push_str("data: ");
         out.push_str(line.strip_suffix('\r').unwrap_or(line));
@@ -346,7 +384,10 @@ impl Frames {
             return false;
         }
         for chunk in batch.chunks {
-            if !self.send(sse_chunk(chunk.seq, &chunk.text)).await {
+            if !self
+                .send(sse_chunk(chunk.seq, chunk.event, &chunk.text))
+                .await
+            {
                 return false;
             }
         }
@@ -418,8 +459,18 @@ mod tests {
 
     #[test]
     fn sse_chunk_has_an_id_and_prefixes_every_line() {
-        assert_eq!(&sse_chunk(1, "a\nb")[..], b"id: 1\ndata: a\ndata: b\n\n");
-        assert_eq!(&sse_chunk(7, "x\r\n")[..], b"id: 7\ndata: x\ndata: \n\n");
+        assert_eq!(
+            &sse_chunk(1, None, "a\nb")[..],
+            b"id: 1\ndata: a\ndata: b\n\n"
+        );
+        assert_eq!(
+            &sse_chunk(7, None, "x\r\n")[..],
+            b"id: 7\ndata: x\ndata: \n\n"
+        );
+        assert_eq!(
+            &sse_chunk(8, Some("tool_call"), "{}")[..],
+            b"id: 8\nevent: tool_call\ndata: {}\n\n"
+        );
     }
 
     #[test]

@@ -77,6 +77,10 @@ async fn api_route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
                 (Some((_, "stream")), _) => Err(not_allowed(&req, "GET")),
                 (Some((id, "terminate")), Method::POST) => executions::terminate(app, id).await,
                 (Some((_, "terminate")), _) => Err(not_allowed(&req, "POST")),
+                (Some((id, tail)), Method::POST) if tail.starts_with("permissions/") => {
+                    let (id, request_id) = (id.to_owned(), tail["permissions/".len()..].to_owned());
+                    executions::answer_permission(app, &id, &request_id, req).await
+                }
                 _ => Err(ApiError::NotFound(path)),
             }
         }

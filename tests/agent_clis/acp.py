@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Scenarios for agentd's `acp` runtime with real ACP agents: Gemini CLI in
+ACP mode (`gemini --acp`), pointed at the fake Gemini API on loopback.
+
+Run by acp.sh inside a network and PID namespace that has only loopback
+(the same set-up as run.sh). Reuses driver.py's processes and checks
+(FakeModel, Agentd, check, ...). Each scenario gets its own agentd; several
+run at once; every wait has a deadline. Ends with "checks: N, failed: M";
+exits 1 when a check failed.
+
+Environment: as driver.py (AGENTD_BIN, AGENTD_CLIS_DIR, E2E_WORK, E2E_ONLY,
+E2E_JOBS, E2E_DEADLINE).
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import driver
+from driver import Agentd, FakeModel, check, emit, pid_running, wait_until
+
+CLI = "gemini-acp"
+
+
+def gemini_acp_env(inst, model, with_key):
+    env = driver.gemini_env(inst, model, with_key)
+    env.pop("AGENTD_GEMINI_BIN", None)
+    env["AGENTD_RUNTIME"] = "acp"
+    env["AGENTD_ACP_CMD"] = f"{driver.bin_path('gemini')} --acp"
+    return env
+
+
+driver.CLIS_SPEC[CLI] = SimpleNamespace(env=gemini_acp_env)
+
+
+def agents(a):
+    """The /health agents block ({} when missing)."""
+    s, b = a.get("/health")
+    return (b or {}).get("agents") or {} if s in (200, 503) and isinstance(b, dict) else {}
+
+
+def agent_children(a):
+    """Pids of agentd's direct children (its ACP agent processes)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == a.proc.pid:
+            out.append(int(name))
+    return out
+
+
+def response(b):
+    return (b or {}).get("response", "") if isinstance(b, dict) else ""
+
+
+def meta(b):
+    return (b or {}).get("metadata") or {} if isinstance(b, dict) else {}
+
+
+def sc_multi_turn(a):
+    scope = "multi-turn"
+    sid = "acp-multi"
+    s1, b1 = a.chat("hello there", session_id=sid)
+    check(scope, "turn 1 answered", s1 == 200 and "turns=1: hello there" in response(b1),
+          f"HTTP {s1} {json.dumps(b1)[:300]}")
+    children = agent_children(a)
+    check(scope, "one agent process runs after turn 1", len(children) == 1, children)
+    s2, b2 = a.chat("what did I say?", session_id=sid)
+    check(scope, "turn 2 carries turn 1 (context kept by the agent)",
+          s2 == 200 and "turns=2: hello there | what did I say?" in response(b2),
+          f"HTTP {s2} {json.dumps(b2)[:300]}")
+    s3, b3 = a.chat("and now?", session_id=sid)
+    check(scope, "turn 3 carries both", s3 == 200 and "turns=3:" in response(b3), response(b3))
+    check(scope, "the same process answered every turn", agent_children(a) == children,
+          f"{children} then {agent_children(a)}")
+    check(scope, "the ACP session id is reported and stable",
+          meta(b1).get("agent_session_id") and meta(b1).get("agent_session_id") == meta(b3).get("agent_session_id"),
+          [meta(b).get("agent_session_id") for b in (b1, b2, b3)])
+    check(scope, "no session restart reported", not meta(b2).get("session_restarted"), meta(b2))
+    ag = wait_until(lambda: (lambda r: r if r.get("started") == 1 else None)(agents(a)), 5)
+    check(scope, "/health agents: 1 started, 0 restarts, limit shown",
+          ag and ag.get("restarts") == 0 and ag.get("limit") == 4 and ag.get("running") == 1,
+          agents(a))
+
+
+def sc_restart_load(a):
+    scope = "agentd restart -> session/load"
+    sid = "acp-restart"
+    s1, b1 = a.chat("remember apples", session_id=sid)
+    check(scope, "turn 1 answered", s1 == 200 and "turns=1: remember apples" in response(b1),
+          f"HTTP {s1} {json.dumps(b1)[:300]}")
+    children = agent_children(a)
+    rc = a.stop()
+    check(scope, "agentd stopped cleanly", rc == 0, rc)
+    check(scope, "its agent process went with it",
+          wait_until(lambda: not any(pid_running(p) for p in children), 10), children)
+    a.start()
+    s2, b2 = a.chat("what did I say?", session_id=sid)
+    ok = s2 == 200 and "turns=2: remember apples | what did I say?" in response(b2)
+    check(scope, "turn 2 after the restart carries turn 1 (session/load)", ok,
+          f"HTTP {s2} {json.dumps(b2)[:300]} log: {a.log_tail(600)}")
+    check(scope, "no session restart reported", ok and not meta(b2).get("session_restarted"), meta(b2))
+
+
+def sc_agent_killed(a):
+    scope = "agent SIGKILLed between turns"
+    sid = "acp-kill"
+    s1, b1 = a.chat("first words", session_id=sid)
+    check(scope, "turn 1 answered", s1 == 200, f"HTTP {s1} {json.dumps(b1)[:300]}")
+    children = agent_children(a)
+    if not check(scope, "one agent process", len(children) == 1, children):
+        return
+    os.killpg(children[0], signal.SIGKILL)
+    ag = wait_until(lambda: (lambda r: r if r.get("restarts") == 1 else None)(agents(a)), 10, 0.2)
+    check(scope, "/health counts the restart with its reason",
+          ag and "signal 9" in str(ag.get("last_restart_reason")), agents(a))
+    s, b = a.get("/health")
+    check(scope, "agentd itself stays healthy (200)", s == 200, f"HTTP {s} {str(b)[:300]}")
+    s2, b2 = a.chat("what did I say?", session_id=sid)
+    check(scope, "the next turn succeeds in a new process",
+          s2 == 200 and "what did I say?" in response(b2), f"HTTP {s2} {json.dumps(b2)[:300]}")
+    check(scope, "it continued the session (session/load) or said it could not",
+          "first words" in response(b2) or meta(b2).get("session_restarted") is True, b2)
+    check(scope, "a new agent process runs", agent_children(a) not in ([], children), agent_children(a))
+
+
+def sc_pool(a):
+    scope = "pool limit + idle close"
+    s1, b1 = a.chat("session one", session_id="pool-1")
+    check(scope, "session 1 answered", s1 == 200 and "session one" in response(b1), f"HTTP {s1} {b1}")
+    first = agent_children(a)
+    s2, b2 = a.chat("session two", session_id="pool-2")
+    check(scope, "session 2 answered", s2 == 200 and "turns=1: session two" in response(b2), f"HTTP {s2} {b2}")
+    check(scope, "the limit (1) held: session 1's process was closed for session 2",
+          wait_until(lambda: len(agent_children(a)) == 1 and agent_children(a) != first, 10),
+          f"{first} then {agent_children(a)}")
+    ag = agents(a)
+    check(scope, "/health: limit 1, 2 started, 1 closed, 0 restarts",
+          ag.get("limit") == 1 and ag.get("started") == 2 and ag.get("closed", 0) >= 1 and ag.get("restarts") == 0, ag)
+    s3, b3 = a.chat("back to one", session_id="pool-1")
+    check(scope, "session 1 again (its process was evicted): answered",
+          s3 == 200 and "back to one" in response(b3), f"HTTP {s3} {b3}")
+    gone = wait_until(lambda: agent_children(a) == [], 20, 0.2)
+    check(scope, "the idle process is closed after AGENTD_ACP_IDLE", gone, agent_children(a))
+    ag = wait_until(lambda: (lambda r: r if r.get("running") == 0 else None)(agents(a)), 5)
+    check(scope, "/health: 0 running after the idle close", ag, agents(a))
+
+
+def sc_sse(a):
+    scope = "async task + SSE"
+    s, b, _ = a.task("stream me", **{"async": True})
+    eid = (b or {}).get("execution_id") if isinstance(b, dict) else None
+    if not check(scope, "202 accepted with an execution_id", s == 202 and eid, f"HTTP {s} {b}"):
+        return
+    st = a.stream(eid)
+    data, end = [], None
+    for ev in st.events():
+        if ev["event"] == "end":
+            end = ev
+            break
+        data.append(ev)
+    st.close()
+    ids = [e["id"] for e in data]
+    check(scope, "events carry id: 1, 2, 3, ... from the start",
+          bool(ids) and ids == [str(i) for i in range(1, len(ids) + 1)], ids)
+    text = "".join(e["data"] for e in data if e["event"] == "message")
+    check(scope, "the agent's message chunks add up to its answer", "turns=1: stream me" in text, data[:5])
+    try:
+        end_body = json.loads(end["data"]) if end else {}
+    except ValueError:
+        end_body = {}
+    check(scope, "event: end carries success", end_body.get("status") == "success", end)
+
+
+def sc_terminate(a):
+    scope = "terminate mid-turn"
+    marker = f"hold-{uuid.uuid4().hex[:8]}"
+    s0, b0, _ = a.task("warm up")
+    check(scope, "warm-up answered", s0 == 200, f"HTTP {s0} {b0}")
+    children = agent_children(a)
+    s, b, _ = a.task(f"FAKE_SLOW {marker}", timeout_s=120, **{"async": True})
+    eid = (b or {}).get("execution_id") if isinstance(b, dict) else None
+    if not check(scope, "202 accepted", s == 202 and eid, f"HTTP {s} {b}"):
+        return
+    check(scope, "the agent reached the model (stalled there)",
+          wait_until(lambda: a.model.seen(marker) > 0, 60, 0.2), marker)
+    ts, tb, _ = a.request("POST", f"/api/executions/{eid}/terminate")
+    check(scope, "terminate answered 200 cancelled",
+          ts == 200 and isinstance(tb, dict) and tb.get("status") == "cancelled", f"HTTP {ts} {tb}")
+    s2, b2, _ = a.task("after the cancel")
+    check(scope, "the next turn succeeds", s2 == 200 and "after the cancel" in response(b2), f"HTTP {s2} {b2}")
+    same = agent_children(a) == children
+    ag = agents(a)
+    check(scope, "the agent honoured session/cancel and stayed warm (same process, 0 restarts)",
+          same and ag.get("restarts") == 0, f"{children} -> {agent_children(a)}; {ag}")
+
+
+def sc_rate_limit(a):
+    scope = "model 429"
+    s, b, _ = a.task("FAKE_429 please")
+    err = (b or {}).get("error") or {} if isinstance(b, dict) else {}
+    check(scope, "429 rate_limited", s == 429 and err.get("code") == "rate_limited",
+          f"HTTP {s} {json.dumps(b)[:400]}")
+
+
+def sc_tasks(a):
+    scope = "tasks"
+    s1, b1, _ = a.task("task ping")
+    check(scope, "task answered", s1 == 200 and "turns=1: task ping" in response(b1), f"HTTP {s1} {b1}")
+    s2, b2, _ = a.task("task pong")
+    check(scope, "a second task shares no context", s2 == 200 and "turns=1: task pong" in response(b2),
+          f"HTTP {s2} {b2}")
+    check(scope, "each task has its own ACP session",
+          meta(b1).get("agent_session_id") and meta(b1).get("agent_session_id") != meta(b2).get("agent_session_id"),
+          [meta(b1), meta(b2)])
+    check(scope, "the tasks shared one warm process", agents(a).get("started") == 1, agents(a))
+
+
+def permission_turn(a, scope, policy):
+    """A chat turn whose model asks for a shell tool; returns (status, body, pidfile)."""
+    pidfile = os.path.join(a.dir, f"sleeper-{policy}.pid")
+    s, b, _ = a.task(f"FAKE_SETSID:{pidfile}")
+    return s, b, pidfile
+
+
+def sleeper(pidfile):
+    try:
+        return int(open(pidfile).read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def kill_sleeper(pidfile):
+    pid = sleeper(pidfile)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def sc_permission_deny(a):
+    scope = "permission: deny"
+    s, b, pidfile = permission_turn(a, scope, "deny")
+    check(scope, "the turn ended (200)", s == 200, f"HTTP {s} {json.dumps(b)[:300]}")
+    check(scope, "the tool did not run (no pid file)", not os.path.exists(pidfile), pidfile)
+    check(scope, "the decision is logged with the execution id",
+          "ACP permission request answered" in a.log_text() and "policy deny" in a.log_text(), a.log_tail(500))
+    kill_sleeper(pidfile)
+
+
+def sc_permission_allow(a):
+    scope = "permission: allow"
+    s, b, pidfile = permission_turn(a, scope, "allow")
+    check(scope, "the tool ran and the turn succeeded",
+          s == 200 and response(b).startswith("tool done:"), f"HTTP {s} {json.dumps(b)[:300]}")
+    check(scope, "the tool's process started (pid file)", wait_until(lambda: sleeper(pidfile), 5), pidfile)
+    kill_sleeper(pidfile)
+
+
+def sc_permission_ask(a):
+    scope = "permission: ask"
+    pidfile = os.path.join(a.dir, "sleeper-ask.pid")
+    s, b, _ = a.task(f"FAKE_SETSID:{pidfile}", **{"async": True})
+    eid = (b or {}).get("execution_id") if isinstance(b, dict) else None
+    if not check(scope, "202 accepted", s == 202 and eid, f"HTTP {s} {b}"):
+        return
+    st = a.stream(eid, timeout=90)
+    asked = None
+    for ev in st.events():
+        if ev["event"] == "permission":
+            asked = json.loads(ev["data"])
+            break
+        if ev["event"] == "end":
+            break
+    check(scope, "SSE carries event: permission with the offered options",
+          asked and asked.get("options") and asked.get("request_id"), asked)
+    if not asked:
+        st.close()
+        return
+    s, b = a.get(f"/api/executions/{eid}")
+    pending = (b or {}).get("pending_permissions") or [] if isinstance(b, dict) else []
+    check(scope, "GET /api/executions/{id} shows it pending",
+          [p.get("request_id") for p in pending] == [asked["request_id"]], b)
+    bad_s, bad_b, _ = a.request("POST", f"/api/executions/{eid}/permissions/{asked['request_id']}",
+                                {"option_id": "no-such-option"})
+    check(scope, "an option it did not offer is refused with 400 naming the offered ones",
+          bad_s == 400 and asked["options"][0]["option_id"] in json.dumps(bad_b), f"HTTP {bad_s} {bad_b}")
+    allow = [o for o in asked["options"] if o.get("kind") == "allow_once"]
+    opt = (allow or asked["options"])[0]["option_id"]
+    ok_s, ok_b, _ = a.request("POST", f"/api/executions/{eid}/permissions/{asked['request_id']}",
+                              {"option_id": opt})
+    check(scope, "the answer is taken (200)", ok_s == 200, f"HTTP {ok_s} {ok_b}")
+    end = None
+    for ev in st.events():
+        if ev["event"] == "end":
+            end = json.loads(ev["data"])
+            break
+    st.close()
+    check(scope, "the turn went on with the tool and succeeded",
+          end and end.get("status") == "success" and str(end.get("response", "")).startswith("tool done:"), end)
+    kill_sleeper(pidfile)
+    # Unanswered: refused after AGENTD_ACP_PERMISSION_TIMEOUT (2 s here).
+    pidfile2 = os.path.join(a.dir, "sleeper-ask2.pid")
+    s, b, _ = a.task(f"FAKE_SETSID:{pidfile2}")
+    check(scope, "an unanswered request is refused after the timeout; the turn ends",
+          s == 200 and not os.path.exists(pidfile2), f"HTTP {s} {json.dumps(b)[:300]}")
+    check(scope, "the timeout decision is logged", "by=\"timeout\"" in a.log_text() or "by=timeout" in a.log_text(),
+          a.log_tail(400))
+    kill_sleeper(pidfile2)
+
+
+def sc_delete_history(a):
+    scope = "DELETE history"
+    sid = "acp-delete"
+    a.chat("secret words", session_id=sid)
+    children = agent_children(a)
+    s, _, _ = a.request("DELETE", f"/api/chat/history?session_id={sid}")
+    check(scope, "DELETE answered 200", s == 200, s)
+    check(scope, "the agent process holding the context was closed",
+          wait_until(lambda: not any(pid_running(p) for p in children), 15), children)
+    s2, b2 = a.chat("what did I say?", session_id=sid)
+    check(scope, "the next turn starts a new ACP session without the deleted context",
+          s2 == 200 and "turns=1: what did I say?" in response(b2), f"HTTP {s2} {b2}")
+
+
+SCENARIOS = [
+    ("multi_turn", sc_multi_turn, {}),
+    ("restart_load", sc_restart_load, {}),
+    ("agent_killed", sc_agent_killed, {}),
+    ("pool", sc_pool, {"AGENTD_ACP_MAX_AGENTS": "1", "AGENTD_ACP_IDLE": "3s"}),
+    ("sse", sc_sse, {}),
+    ("terminate", sc_terminate, {}),
+    ("rate_limit", sc_rate_limit, {}),
+    ("tasks", sc_tasks, {}),
+    ("permission_deny", sc_permission_deny, {}),
+    ("permission_allow", sc_permission_allow, {"AGENTD_ACP_PERMISSIONS": "allow"}),
+    ("permission_ask", sc_permission_ask, {"AGENTD_ACP_PERMISSIONS": "ask",
+                                           "AGENTD_ACP_PERMISSION_TIMEOUT": "2s"}),
+    ("delete_history", sc_delete_history, {}),
+]
+
+
+def run(name, fn, env, model):
+    a = Agentd(CLI, name, model, extra_env=env)
+    try:
+        a.start()
+        fn(a)
+    except Exception as e:
+        check(name, "ran to the end", False, f"{e!r}\n{traceback.format_exc()[-600:]}")
+    finally:
+        a.stop()
+
+
+def main():
+    t0 = time.monotonic()
+    only = driver.ONLY
+    model = FakeModel("acp")
+    try:
+        with ThreadPoolExecutor(max_workers=driver.JOBS) as pool:
+            jobs = [pool.submit(run, n, fn, env, model) for n, fn, env in SCENARIOS if not only or n in only]
+            for j in jobs:
+                j.result()
+    finally:
+        model.stop()
+    failed = driver._failed
+    if failed:
+        emit("#  failed: " + "; ".join(failed))
+        emit("#  agentd and fake-model logs are in the work directory")
+    emit(f"suite time: {time.monotonic() - t0:.0f} s; checks: {driver._checks}, failed: {len(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
