@@ -84,8 +84,8 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// A process that exits within this long of its start counts as a failed
-/// start for the back-off.
+/// A process that exits within this long of its start, before it answered
+/// any prompt, counts as a failed start for the back-off.
 const EARLY_EXIT: Duration = Duration::from_secs(10);
 
 /// Bytes of an agent's stderr kept (its last lines name why it died).
@@ -257,6 +257,8 @@ struct AgentProc {
     stop: CancellationToken,
     stop_reason: Mutex<Option<String>>,
     stderr: Arc<Mutex<Tail>>,
+    /// Set once the process has answered a prompt.
+    served: std::sync::atomic::AtomicBool,
 }
 
 impl AgentProc {
@@ -739,6 +741,7 @@ impl Pool {
             stop,
             stop_reason: Mutex::new(None),
             stderr: tail,
+            served: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -809,9 +812,12 @@ impl Pool {
                     .last_restart
                     .store(Some(Arc::new((unix_secs(), why.clone()))));
                 tracing::warn!(agent = id, pid, "ACP agent lost: {why}; its session continues in a new process at the next turn");
+                // Only a process that died young without ever answering a
+                // turn is a failed start; one killed after it served is a
+                // restart, not a reason to back off.
                 if agent
                     .as_ref()
-                    .is_some_and(|a| a.started.elapsed() < EARLY_EXIT)
+                    .is_some_and(|a| a.started.elapsed() < EARLY_EXIT && !a.served.load(Relaxed))
                 {
                     self.start_failed(&why);
                 }
@@ -1164,6 +1170,7 @@ impl Turn<'_> {
         let truncated = sink.truncated();
         match answer {
             Ok(response) => {
+                self.agent.served.store(true, Relaxed);
                 let (is_error, subtype, message) = match response.stop_reason {
                     StopReason::EndTurn => (false, "end_turn", None),
                     StopReason::Cancelled => (false, "cancelled", None),
