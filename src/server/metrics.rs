@@ -518,6 +518,51 @@ fn runtime(m: &mut Exposition, app: &App) {
         "1 when the runtime's program was found and executable at start.",
         f64::from(u8::from(r.runnable)),
     );
+    agents(m, app);
+}
+
+/// The `acp` runtime's agent pool (absent for every other runtime).
+fn agents(m: &mut Exposition, app: &App) {
+    let Some(a) = app.runtime().agents() else {
+        return;
+    };
+    m.family(
+        "agentd_acp_agents",
+        Kind::Gauge,
+        "ACP agent processes alive now, by state.",
+    );
+    m.sample("agentd_acp_agents", &[("state", "busy")], a.busy as f64);
+    m.sample("agentd_acp_agents", &[("state", "idle")], a.idle as f64);
+    m.one(
+        "agentd_acp_agents_limit",
+        Kind::Gauge,
+        "AGENTD_ACP_MAX_AGENTS: the most ACP agent processes at once.",
+        a.limit as f64,
+    );
+    m.one(
+        "agentd_acp_agents_started_total",
+        Kind::Counter,
+        "ACP agent processes started.",
+        a.started as f64,
+    );
+    m.one(
+        "agentd_acp_agent_restarts_total",
+        Kind::Counter,
+        "ACP agent processes that died or were killed for not answering.",
+        a.restarts as f64,
+    );
+    m.one(
+        "agentd_acp_agents_closed_total",
+        Kind::Counter,
+        "Idle ACP agent processes closed (idle timeout, room for another session, deleted history).",
+        a.closed as f64,
+    );
+    m.one(
+        "agentd_acp_agents_degraded",
+        Kind::Gauge,
+        "1 while ACP agent starts keep failing and the pool backs off.",
+        f64::from(u8::from(a.degraded.is_some())),
+    );
 }
 
 /// The leak trends, from the `/health` block the health loop pre-renders

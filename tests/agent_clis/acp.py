@@ -140,6 +140,9 @@ def sc_agent_killed(a):
           ag and "signal 9" in str(ag.get("last_restart_reason")), agents(a))
     s, b = a.get("/health")
     check(scope, "agentd itself stays healthy (200)", s == 200, f"HTTP {s} {str(b)[:300]}")
+    ms, mb, _ = a.request("GET", "/metrics", timeout=10)
+    check(scope, "/metrics counts it (agentd_acp_agent_restarts_total 1)",
+          ms == 200 and "agentd_acp_agent_restarts_total 1" in str(mb), str(mb)[-800:])
     s2, b2 = a.chat("what did I say?", session_id=sid)
     check(scope, "the next turn succeeds in a new process",
           s2 == 200 and "what did I say?" in response(b2), f"HTTP {s2} {json.dumps(b2)[:300]}")
