@@ -65,6 +65,7 @@ use crate::agent::runtime::{
     Cleanup, ExecutionContext, ExecutionKind, ResultLine, RunEnd, RunFuture, RunOutcome,
     RunRequest, Runtime,
 };
+use crate::clock::now_unix_ms;
 
 /// Longest JSON text of one typed event (a tool call, plan or permission
 /// request) put in the replay buffer; a larger one is replaced by a stub
@@ -167,18 +168,6 @@ struct Stats {
     closed: AtomicU64,
     last_restart: ArcSwapOption<(u64, String)>,
     degraded: ArcSwapOption<String>,
-}
-
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The `acp` runtime.
@@ -810,7 +799,7 @@ impl Pool {
                 self.stats.restarts.fetch_add(1, Relaxed);
                 self.stats
                     .last_restart
-                    .store(Some(Arc::new((unix_secs(), why.clone()))));
+                    .store(Some(Arc::new((now_unix_ms() / 1000, why.clone()))));
                 tracing::warn!(agent = id, pid, "ACP agent lost: {why}; its session continues in a new process at the next turn");
                 // Only a process that died young without ever answering a
                 // turn is a failed start; one killed after it served is a
@@ -1364,7 +1353,8 @@ impl Routes {
                 )));
             }
             PermissionPolicy::Ask => {
-                let Some((pending, answer)) = sink.permissions.ask(tool_call, choices, unix_ms())
+                let Some((pending, answer)) =
+                    sink.permissions.ask(tool_call, choices, now_unix_ms())
                 else {
                     let _ = responder.respond(RequestPermissionResponse::new(log_decision(
                         &sink,
