@@ -7,7 +7,7 @@
 #   tests/packaging/manifests.sh  Kubernetes manifests and the Dockerfile
 #   tests/packaging/deb.sh     the .deb's life cycle under a real systemd (root)
 #   tests/agent_clis/run.sh    the real Claude Code, Gemini CLI and Codex (root)
-#   tests/agent_clis/acp.sh    the acp runtime with the real Gemini CLI in ACP mode (root)
+#   tests/agent_clis/acp.sh    the acp runtime with real ACP agents: Gemini CLI, the Claude and Codex adapters, Qwen Code (root)
 #   tests/people/run.sh        promtool, a real Prometheus, /status in Chromium
 #
 # Every step runs even when an earlier one failed (a failed fmt, clippy or
@@ -110,7 +110,7 @@ suite "systemd end-to-end (real systemd in systemd-nspawn)" "$(root_only)" tests
 suite "packaging: manifests (kubernetes-validate) and Dockerfile" "$kv_skip" tests/packaging/manifests.sh
 suite "packaging: Debian package under systemd" "$(root_only)" tests/packaging/deb.sh
 suite "agent CLIs end-to-end (real Claude Code, Gemini CLI and Codex, fake model on loopback)" "$(root_only)" tests/agent_clis/run.sh
-suite "acp runtime end-to-end (real Gemini CLI in ACP mode, fake model on loopback)" "$(root_only)" tests/agent_clis/acp.sh
+suite "acp runtime end-to-end (real Gemini CLI, Claude and Codex adapters, Qwen Code; fake model on loopback)" "$(root_only)" tests/agent_clis/acp.sh
 suite "people: promtool, a real Prometheus scraping agentd, /status in headless Chromium" \
   "$(have promtool prometheus chromium)" tests/people/run.sh
 
