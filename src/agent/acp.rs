@@ -59,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::permissions::{PermissionChoice, Permissions};
 use crate::agent::process::{
     exit_end, scrub_env, spawn_error_reason, start_with_default_signals, stop_child_group,
+    EXECUTION_ID_ENV,
 };
 use crate::agent::replay::OutputLog;
 use crate::agent::runtime::{
@@ -66,6 +67,7 @@ use crate::agent::runtime::{
     RunRequest, Runtime,
 };
 use crate::clock::now_unix_ms;
+use crate::init::reaper::{self, SweepReport, EXECUTION_SWEEP_BOUND};
 
 /// Longest JSON text of one typed event (a tool call, plan or permission
 /// request) put in the replay buffer; a larger one is replaced by a stub
@@ -248,6 +250,11 @@ struct AgentProc {
     stderr: Arc<Mutex<Tail>>,
     /// Set once the process has answered a prompt.
     served: std::sync::atomic::AtomicBool,
+    /// Its `AGENTD_EXECUTION_ID` tag (`acp-agent-N`), which everything it
+    /// starts inherits.
+    tag: String,
+    /// Its start time (`/proc` clock ticks): what carries its tag is younger.
+    start_time: Option<u64>,
 }
 
 impl AgentProc {
@@ -280,6 +287,31 @@ impl AgentProc {
             *r = Some(reason.to_owned());
         }
         self.stop.cancel();
+    }
+
+    /// Kill what the agent's tools left running outside its process group
+    /// (a `setsid` or double-forked escapee carries the agent's tag). The
+    /// agent's own processes stay in its group and are left alone, so a warm
+    /// agent keeps working; an escapee does not outlive the turn, as with
+    /// the per-turn runtimes.
+    async fn sweep_escapees(&self) -> SweepReport {
+        let report = reaper::kill_tagged(
+            EXECUTION_ID_ENV,
+            &self.tag,
+            self.start_time,
+            Some(self.pid as i32),
+            Instant::now() + EXECUTION_SWEEP_BOUND,
+        )
+        .await;
+        if report.killed > 0 {
+            tracing::info!(
+                agent = self.id,
+                pid = self.pid,
+                escapees_killed = report.killed,
+                "killed what the agent's tools left running outside its process group"
+            );
+        }
+        report
     }
 
     fn stderr_tail(&self) -> String {
@@ -558,7 +590,8 @@ impl Pool {
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        scrub_env(&mut cmd, &format!("acp-agent-{id}"));
+        let tag = format!("acp-agent-{id}");
+        scrub_env(&mut cmd, &tag);
         for (name, value) in &opts.env {
             cmd.env(name, value);
         }
@@ -567,6 +600,9 @@ impl Pool {
             reason: spawn_error_reason(&e),
         })?;
         let pid = child.id().unwrap_or(0);
+        // tokio waits for it; the orphan reaper leaves it alone meanwhile.
+        let tracked = reaper::track_child(pid);
+        let start_time = reaper::read_stat(pid).map(|s| s.start_time);
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -629,6 +665,7 @@ impl Pool {
         let grace = opts.kill_grace;
         let supervisor_done = conn_done.clone();
         let pgid = pid as i32;
+        let sweep_tag = tag.clone();
         tokio::spawn(async move {
             let guard = GroupKill(pgid);
             let (end, stopped_with) = tokio::select! {
@@ -638,8 +675,17 @@ impl Pool {
                     (RunEnd::Signaled { signal: signal as i32 }, Some(signal as i32))
                 }
             };
-            // Whatever it started goes with it.
+            drop(tracked);
+            // Whatever it started goes with it: its group, and what left it.
             drop(guard);
+            reaper::kill_tagged(
+                EXECUTION_ID_ENV,
+                &sweep_tag,
+                start_time,
+                None,
+                Instant::now() + EXECUTION_SWEEP_BOUND,
+            )
+            .await;
             supervisor_done.cancel();
             conn_task.abort();
             if let Some(pool) = pool.upgrade() {
@@ -731,6 +777,8 @@ impl Pool {
             stop_reason: Mutex::new(None),
             stderr: tail,
             served: std::sync::atomic::AtomicBool::new(false),
+            tag,
+            start_time,
         }))
     }
 
@@ -905,7 +953,10 @@ impl Pool {
             ctx,
             deadline,
         };
-        let (outcome, session) = turn.run(held).await;
+        let (mut outcome, session) = turn.run(held).await;
+        let swept = agent.sweep_escapees().await;
+        outcome.cleanup.escapees_killed += swept.killed;
+        outcome.cleanup.survivors += swept.left.len() as u32;
         self.release(&agent, session);
         outcome
     }

@@ -106,16 +106,18 @@ def qwen_acp_env(inst, model, with_key):
 
 # What each preset is known to do, which the checks hold it to: `loads`,
 # session/load restores the conversation in a new process (Gemini CLI 0.61
-# advertises it but cannot load a session it wrote).
+# advertises it but cannot load a session it wrote); `sandboxed_tools`, its
+# tools run in a sandbox with its own PID namespace (Codex: bwrap), so the
+# pid a tool writes is not one agentd can see.
 PRESETS = {
-    "gemini": SimpleNamespace(env=gemini_acp_env, loads=False, scenarios=None),
-    "claude": SimpleNamespace(env=claude_acp_env, loads=True,
+    "gemini": SimpleNamespace(env=gemini_acp_env, loads=False, sandboxed_tools=False, scenarios=None),
+    "claude": SimpleNamespace(env=claude_acp_env, loads=True, sandboxed_tools=False,
                               scenarios={"multi_turn", "restart_load", "agent_killed", "tasks",
                                          "permission_deny", "permission_ask"}),
-    "codex": SimpleNamespace(env=codex_acp_env, loads=True,
+    "codex": SimpleNamespace(env=codex_acp_env, loads=True, sandboxed_tools=True,
                              scenarios={"multi_turn", "restart_load", "agent_killed", "tasks",
                                         "permission_deny", "permission_ask"}),
-    "qwen": SimpleNamespace(env=qwen_acp_env, loads=True,
+    "qwen": SimpleNamespace(env=qwen_acp_env, loads=True, sandboxed_tools=False,
                             scenarios={"multi_turn", "restart_load", "agent_killed", "tasks",
                                        "permission_deny"}),
 }
@@ -160,6 +162,39 @@ def agent_children(a):
     return out
 
 
+def tagged(a):
+    """{pid: pgid} of the live processes tagged as one of a's ACP agents."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and any(e.startswith(b"AGENTD_EXECUTION_ID=acp-agent-") for e in env) \
+                and int(name) != a.proc.pid and _descends(int(name), a.proc.pid):
+            out[int(name)] = int(fields[2])
+    return out
+
+
+def _descends(pid, ancestor):
+    for _ in range(64):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
+
 def response(b):
     return (b or {}).get("response", "") if isinstance(b, dict) else ""
 
@@ -184,6 +219,9 @@ def sc_multi_turn(a):
     check(scope, "turn 3 carries both", s3 == 200 and "turns=3:" in response(b3), response(b3))
     check(scope, "the same process answered every turn", agent_children(a) == children,
           f"{children} then {agent_children(a)}")
+    groups = tagged(a)
+    check(scope, "every process of the agent is in its process group",
+          children and all(g == children[0] for g in groups.values()), f"agent {children}: {groups}")
     check(scope, "the ACP session id is reported and stable",
           meta(b1).get("agent_session_id") and meta(b1).get("agent_session_id") == meta(b3).get("agent_session_id"),
           [meta(b).get("agent_session_id") for b in (b1, b2, b3)])
@@ -372,6 +410,18 @@ def kill_sleeper(pidfile):
             pass
 
 
+def check_swept(a, scope, pidfile):
+    """The tool's `setsid` sleeper left the agent's process group; agentd
+    kills it when the turn ends, and the agent stays."""
+    pid = sleeper(pidfile)
+    children = agent_children(a)
+    check(scope, "the setsid escapee the tool left is killed when the turn ends",
+          pid and wait_until(lambda: not pid_running(pid), 5), f"sleeper {pid}")
+    check(scope, "the agent itself was left running", children and agent_children(a) == children, children)
+    check(scope, "the sweep is logged", "killed what the agent's tools left running" in a.log_text(),
+          a.log_tail(500))
+
+
 def sc_permission_deny(a):
     scope = a.scope("permission: deny")
     s, b, pidfile = permission_turn(a, scope, "deny")
@@ -388,6 +438,7 @@ def sc_permission_allow(a):
     check(scope, "the tool ran and the turn succeeded",
           s == 200 and response(b).startswith("tool done:"), f"HTTP {s} {json.dumps(b)[:300]}")
     check(scope, "the tool's process started (pid file)", wait_until(lambda: sleeper(pidfile), 5), pidfile)
+    check_swept(a, scope, pidfile)
     kill_sleeper(pidfile)
 
 
@@ -432,6 +483,8 @@ def sc_permission_ask(a):
     st.close()
     check(scope, "the turn went on with the tool and succeeded",
           end and end.get("status") == "success" and str(end.get("response", "")).startswith("tool done:"), end)
+    if not preset(a).sandboxed_tools:
+        check_swept(a, scope, pidfile)
     kill_sleeper(pidfile)
     # Unanswered: refused after AGENTD_ACP_PERMISSION_TIMEOUT (2 s here).
     pidfile2 = os.path.join(a.dir, "sleeper-ask2.pid")
