@@ -1,0 +1,152 @@
+//! The `acp` runtime with a minimal real ACP agent
+//! (`tests/fixtures/acp-echo-agent.py`, JSON-RPC lines on its pipes) and with
+//! an agent that cannot start: warm multi-turn context in one process, and a
+//! crash loop that backs off and makes the `agents` check degraded while
+//! `WATCHDOG=1` goes on. The real agents (Gemini CLI, the Claude and Codex
+//! adapters, Qwen Code) are `tests/agent_clis/acp.sh`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::notify::{has_line, NotifyReceiver};
+use common::{Conn, Daemon, TestServer};
+use serde_json::json;
+
+fn echo_agent() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/acp-echo-agent.py")
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_warm_agent_keeps_the_conversation_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = echo_agent();
+    let server = TestServer::start(
+        &[("AGENTD_RUNTIME", "acp"), ("AGENTD_ACP_CMD", cmd.as_str())],
+        dir.path(),
+    )
+    .await;
+    let mut conn = Conn::open(server.addr).await.unwrap();
+    let mut ids = Vec::new();
+    for (n, text) in ["one", "two", "three"].iter().enumerate() {
+        let r = conn
+            .post_json("/api/chat", &json!({"message": text, "session_id": "s"}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let body = r.json();
+        assert_eq!(
+            body["response"],
+            format!("You said: {text} [turns={}]", n + 1),
+            "the agent's own turn counter says one process and one ACP session held the chat"
+        );
+        assert_eq!(body["metadata"]["session_restarted"], false);
+        ids.push(body["metadata"]["agent_session_id"].clone());
+    }
+    assert!(
+        ids[0].is_string() && ids.iter().all(|i| *i == ids[0]),
+        "{ids:?}"
+    );
+    let report = server.app.runtime().agents().expect("acp reports its pool");
+    assert_eq!((report.started, report.running, report.restarts), (1, 1, 0));
+
+    // Tasks run on a process kept for tasks, each in an ACP session of its
+    // own; the chat's process is not theirs.
+    for prompt in ["alone", "apart"] {
+        let r = conn
+            .post_json("/api/task", &json!({"prompt": prompt}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["response"],
+            format!("You said: {prompt} [turns=1]")
+        );
+    }
+    let report = server.app.runtime().agents().unwrap();
+    assert_eq!(
+        (report.started, report.running),
+        (2, 2),
+        "one process for the chat, one shared by both tasks"
+    );
+    server.stop().await;
+}
+
+fn is_ping(m: &str) -> bool {
+    has_line(m, "WATCHDOG=1")
+}
+
+#[test]
+fn an_agent_that_cannot_start_backs_off_and_degrades_but_the_watchdog_goes_on() {
+    let rx = NotifyReceiver::path();
+    let socket = rx.env_value();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &[
+            ("NOTIFY_SOCKET", socket.as_str()),
+            // Interval 0.5 s.
+            ("WATCHDOG_USEC", "1500000"),
+            ("AGENTD_RUNTIME", "acp"),
+            ("AGENTD_ACP_CMD", "sh -c 'echo no model here >&2; exit 3'"),
+        ],
+        dir.path(),
+    );
+    assert!(rx
+        .wait_for(|m| has_line(m, "READY=1"), common::WAIT)
+        .is_some());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let r = common::post_json(d.addr, "/api/task", &json!({"prompt": "hi"})).await;
+            assert_eq!(r.status, 502, "{}", r.text());
+            let text = r.text();
+            assert!(
+                text.contains("did not start") && text.contains("no model here"),
+                "the error names the failed start and the agent's stderr: {text}"
+            );
+        }
+        // A later tick sees the pool's state after the third failure.
+        let deadline = tokio::time::Instant::now() + common::WAIT;
+        let body = loop {
+            let b = common::get(d.addr, "/health").await.json();
+            if b["checks"]["agents"]["status"] == "degraded"
+                && b["agents"]["degraded"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("3 time(s)"))
+            {
+                break b;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never degraded: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let reason = body["agents"]["degraded"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("failed to start 3 time(s) in a row"),
+            "{body}"
+        );
+        assert_ne!(body["status"], "unhealthy", "{body}");
+    });
+    // Still degraded, and pings keep coming: a failing agent is not agentd's wedge.
+    let before = rx.count(is_ping);
+    assert!(
+        rx.wait_for_count(is_ping, before + 3, common::WAIT),
+        "WATCHDOG=1 stopped while the agent failed: {}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    for wait in [
+        "next try in 500 ms",
+        "next try in 1000 ms",
+        "next try in 2000 ms",
+    ] {
+        assert!(log.contains(wait), "the back-off doubles ({wait}): {log}");
+    }
+}
