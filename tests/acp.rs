@@ -150,3 +150,70 @@ fn an_agent_that_cannot_start_backs_off_and_degrades_but_the_watchdog_goes_on() 
         assert!(log.contains(wait), "the back-off doubles ({wait}): {log}");
     }
 }
+
+#[tokio::test]
+async fn an_agent_that_ignores_cancel_is_killed_counted_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = echo_agent();
+    let server = TestServer::start(
+        &[
+            ("AGENTD_RUNTIME", "acp"),
+            ("AGENTD_ACP_CMD", cmd.as_str()),
+            ("AGENTD_KILL_GRACE", "300ms"),
+        ],
+        dir.path(),
+    )
+    .await;
+    let mut conn = Conn::open(server.addr).await.unwrap();
+    let r = conn
+        .post_json("/api/task", &json!({"prompt": "HANG now", "async": true}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let pid = loop {
+        let running = conn.get("/api/executions/running").await.json();
+        let pid = running["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["execution_id"] == id.as_str())
+            .and_then(|e| e["pid"].as_u64());
+        if let Some(pid) = pid.filter(|p| *p > 0) {
+            break pid as u32;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let t = conn
+        .post_json(&format!("/api/executions/{id}/terminate"), &json!({}))
+        .await;
+    assert_eq!(t.status, 200, "{}", t.text());
+    assert_eq!(t.json()["status"], "cancelled");
+    assert!(
+        common::procs::live_group_members(pid).is_empty(),
+        "the wedged agent's group {pid} survived"
+    );
+    let report = server.app.runtime().agents().unwrap();
+    assert_eq!(report.restarts, 1, "{report:?}");
+    assert_eq!(
+        report.last_restart_reason.as_deref(),
+        Some("unresponsive: no answer to session/cancel")
+    );
+    assert_eq!(
+        report.degraded, None,
+        "an agent killed for not answering is a restart, not a failed start"
+    );
+    let r = conn
+        .post_json("/api/task", &json!({"prompt": "after"}))
+        .await;
+    assert_eq!(
+        r.status,
+        200,
+        "a new process serves the next turn: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["response"], "You said: after [turns=1]");
+    assert_eq!(server.app.runtime().agents().unwrap().started, 2);
+    server.stop().await;
+}

@@ -849,12 +849,14 @@ impl Pool {
                     .last_restart
                     .store(Some(Arc::new((now_unix_ms() / 1000, why.clone()))));
                 tracing::warn!(agent = id, pid, "ACP agent lost: {why}; its session continues in a new process at the next turn");
-                // Only a process that died young without ever answering a
-                // turn is a failed start; one killed after it served is a
-                // restart, not a reason to back off.
-                if agent
-                    .as_ref()
-                    .is_some_and(|a| a.started.elapsed() < EARLY_EXIT && !a.served.load(Relaxed))
+                // Only a process that died by itself, young, without ever
+                // answering a turn is a failed start; one that served, or one
+                // agentd killed for not answering (which took a whole cancel
+                // grace or ping timeout), is a restart, not a reason to back off.
+                if reason.is_none()
+                    && agent.as_ref().is_some_and(|a| {
+                        a.started.elapsed() < EARLY_EXIT && !a.served.load(Relaxed)
+                    })
                 {
                     self.start_failed(&why);
                 }
