@@ -15,27 +15,17 @@
 # (/opt/agentd-clis).
 set -euo pipefail
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-CLIS_DIR=${AGENTD_CLIS_DIR:-/opt/agentd-clis}
-
-die() { echo "bench/acp.sh: $*" >&2; exit 2; }
-[ "$(id -u)" = 0 ] || die "run as root (it creates network namespaces)"
-for tool in python3 unshare ip node; do
-  command -v "$tool" >/dev/null || die "$tool is missing"
-done
-[ -x "$CLIS_DIR/node_modules/.bin/gemini" ] \
-  || die "Gemini CLI is not installed in $CLIS_DIR (bash tests/agent_clis/install-clis.sh)"
-if [ -z "${AGENTD_BIN:-}" ] && [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-  echo "# cargo build --release --bin agentd" >&2
-  (cd "$ROOT" && cargo build --locked --quiet --release --bin agentd)
+BENCH=$(cd "$(dirname "$0")" && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$(dirname "$BENCH")/target}
+if [ -z "${AGENTD_BIN:-}" ]; then
+  # The plain release build the other benchmarks measure.
+  if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+    echo "# cargo build --release --bin agentd" >&2
+    (cd "$BENCH/.." && cargo build --locked --quiet --release --bin agentd)
+  fi
+  export AGENTD_BIN=$CARGO_TARGET_DIR/release/agentd
 fi
-BIN=${AGENTD_BIN:-$CARGO_TARGET_DIR/release/agentd}
-[ -x "$BIN" ] || die "agentd binary not found: $BIN"
-
-W=$(mktemp -d /tmp/agentd-bench-acp.XXXXXX)
-trap 'rm -rf "$W"' EXIT
-PYTHONDONTWRITEBYTECODE=1 AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
-  unshare --net --pid --fork --mount-proc \
-  bash -c 'ip link set lo up && python3 "$@"' bash "$HERE/acp.py"
+SUITE=bench-acp
+source "$BENCH/../tests/agent_clis/common.sh"
+need_clis gemini
+E2E_KEEP=0 launch "$BENCH/acp.py"

@@ -60,30 +60,10 @@ def claude_acp_env(inst, model, with_key):
 
 def codex_acp_env(inst, model, with_key):
     home = os.path.join(inst.dir, "codex-home")
-    os.makedirs(home, mode=0o700, exist_ok=True)
-    with open(os.path.join(home, "config.toml"), "w") as f:
-        f.write(f"""\
-# codex-acp talks to the fake model only. A model slug Codex knows, or every
-# answer starts with a "model metadata not found" warning.
-model = "gpt-5.5"
-model_provider = "fake"
-# Ask before every command, so a tool call reaches session/request_permission.
-approval_policy = "untrusted"
-
-[model_providers.fake]
-name = "fake"
-base_url = "{model.url}/v1"
-wire_api = "responses"
-env_key = "{driver.CODEX_KEY_VAR}"
-request_max_retries = 0
-stream_max_retries = 0
-
-[analytics]
-enabled = false
-
-[features]
-plugins = false
-""")
+    # A model slug Codex knows, or every answer starts with a "model metadata
+    # not found" warning; ask before every command, so that a tool call
+    # reaches session/request_permission.
+    driver.write_codex_config(home, model, slug="gpt-5.5", extra='approval_policy = "untrusted"\n')
     env = {"CODEX_HOME": home}
     if with_key:
         env[driver.CODEX_KEY_VAR] = "fake-codex-key-e2e"

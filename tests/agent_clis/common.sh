@@ -1,4 +1,4 @@
-# Shared by run.sh and acp.sh (sourced): the checks, the agentd build, the
+# Shared by run.sh, acp.sh and bench/acp.sh (sourced): the checks, the agentd build, the
 # work directory and the launch of a Python driver inside fresh network and
 # PID namespaces. The caller sets SUITE (its name in messages) and calls
 # need_clis, then launch.
@@ -44,12 +44,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-launch() { # driver.py|acp.py args...
+launch() { # script (in this directory, or a path) args...
   local script=$1
   shift
+  case $script in /*) ;; *) script=$HERE/$script ;; esac
   # bash is PID 1 of the new PID namespace and reaps what is orphaned to it;
   # when it exits, the kernel kills everything left in the namespace.
   PYTHONDONTWRITEBYTECODE=1 AGENTD_BIN=$BIN AGENTD_CLIS_DIR=$CLIS_DIR E2E_WORK=$W \
     unshare --net --pid --fork --mount-proc \
-    bash -c 'ip link set lo up && python3 "$@"' bash "$HERE/$script" "$@"
+    bash -c 'ip link set lo up && python3 "$@"' bash "$script" "$@"
 }

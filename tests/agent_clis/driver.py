@@ -397,23 +397,15 @@ def gemini_env(inst, model, with_key):
 CODEX_KEY_VAR = "FAKE_CODEX_KEY"
 
 
-def codex_env(inst, model, with_key):
-    env = {
-        "AGENTD_RUNTIME": "codex",
-        "AGENTD_CODEX_BIN": bin_path("codex"),
-    }
-    if with_key:
-        env[CODEX_KEY_VAR] = "fake-codex-key-e2e"
-    # CODEX_HOME is left unset: agentd's default, <state>/codex, is where
-    # this configuration must be found.
-    home = os.path.join(inst.state, "codex")
+def write_codex_config(home, model, slug="gpt-5", extra=""):
+    """CODEX_HOME/config.toml pointing Codex (or codex-acp) at the fake model."""
     os.makedirs(home, mode=0o700, exist_ok=True)
     with open(os.path.join(home, "config.toml"), "w") as f:
         f.write(f"""\
 # Codex talks to the fake model only.
-model = "gpt-5"
+model = "{slug}"
 model_provider = "fake"
-
+{extra}
 [model_providers.fake]
 name = "fake"
 base_url = "{model.url}/v1"
@@ -431,6 +423,18 @@ enabled = false
 [features]
 plugins = false
 """)
+
+
+def codex_env(inst, model, with_key):
+    env = {
+        "AGENTD_RUNTIME": "codex",
+        "AGENTD_CODEX_BIN": bin_path("codex"),
+    }
+    if with_key:
+        env[CODEX_KEY_VAR] = "fake-codex-key-e2e"
+    # CODEX_HOME is left unset: agentd's default, <state>/codex, is where
+    # this configuration must be found.
+    write_codex_config(os.path.join(inst.state, "codex"), model)
     return env
 
 
