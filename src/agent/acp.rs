@@ -799,6 +799,11 @@ impl Pool {
             exit.wait_for(|e| e.is_some()),
         )
         .await;
+        // What it said before it went is the reason a user needs: read
+        // stderr to its end (its group is gone, so the pipe closes, unless
+        // an escapee holds it: then what was read so far).
+        let eof = tail.lock().unwrap_or_else(|e| e.into_inner()).eof.clone();
+        let _ = timeout(STDERR_DRAIN, eof.cancelled()).await;
         let stderr = tail.lock().unwrap_or_else(|e| e.into_inner()).text();
         tracing::warn!(agent = id, pid, "ACP agent did not start: {why}");
         NoAgent::Start {
@@ -1557,10 +1562,15 @@ impl TextAcc {
     }
 }
 
+/// How long a failed start waits for the rest of the agent's stderr.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
+
 /// The last `STDERR_TAIL` bytes of an agent's stderr.
 #[derive(Default)]
 struct Tail {
     bytes: std::collections::VecDeque<u8>,
+    /// Cancelled when the stderr pipe reached its end.
+    eof: CancellationToken,
 }
 
 impl Tail {
@@ -1583,12 +1593,13 @@ async fn read_stderr(mut stderr: tokio::process::ChildStderr, tail: Arc<Mutex<Ta
     let mut buf = vec![0u8; 8192];
     while let Ok(n) = stderr.read(&mut buf).await {
         if n == 0 {
-            return;
+            break;
         }
         tail.lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(&buf[..n]);
     }
+    tail.lock().unwrap_or_else(|e| e.into_inner()).eof.cancel();
 }
 
 #[cfg(test)]
