@@ -190,12 +190,20 @@ async fn an_agent_that_ignores_cancel_is_killed_counted_and_replaced() {
         .await;
     assert_eq!(t.status, 200, "{}", t.text());
     assert_eq!(t.json()["status"], "cancelled");
-    assert!(
-        common::procs::live_group_members(pid).is_empty(),
-        "the wedged agent's group {pid} survived"
-    );
-    let report = server.app.runtime().agents().unwrap();
-    assert_eq!(report.restarts, 1, "{report:?}");
+    // The answer may come at terminate's own bound, while the escalation to
+    // SIGKILL is still under way: wait for the group and the count.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let report = loop {
+        let report = server.app.runtime().agents().unwrap();
+        if report.restarts == 1 && common::procs::live_group_members(pid).is_empty() {
+            break report;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the wedged agent's group {pid} survived: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(
         report.last_restart_reason.as_deref(),
         Some("unresponsive: no answer to session/cancel")
