@@ -71,6 +71,12 @@ impl Published {
     pub fn tail(&self) -> Option<Arc<Bytes>> {
         self.tail.load_full()
     }
+
+    /// The same as [`tail`](Self::tail) without taking a reference: for the
+    /// `/health` request path, which copies it at once.
+    pub fn tail_guard(&self) -> arc_swap::Guard<Option<Arc<Bytes>>> {
+        self.tail.load()
+    }
 }
 
 #[derive(Serialize)]

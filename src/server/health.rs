@@ -82,14 +82,20 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
         return resp;
     }
     let deep = has_query_flag(req, "deep");
-    let published = if deep {
-        Some(Arc::new(Published::new(
-            app.health.deep().await.as_ref().clone(),
-        )))
-    } else {
-        app.health.last.load_full()
-    };
-    let verdict = published.as_ref().map(|p| &p.verdict);
+    if deep {
+        let published = Published::new(app.health.deep().await.as_ref().clone());
+        return answer(app, Some(&published), true);
+    }
+    // A guard, not a clone of the `Arc`: no reference count that every
+    // worker's requests would bounce between cores.
+    let last = app.health.last.load();
+    answer(app, last.as_deref(), false)
+}
+
+/// The `/health` answer for `published` (the loop's last verdict, or a deep
+/// run's).
+fn answer(app: &App, published: Option<&Published>, deep: bool) -> Response<Body> {
+    let verdict = published.map(|p| &p.verdict);
     let (status, detail) = verdict_status(app, verdict, deep);
     let code = if status == "healthy" {
         StatusCode::OK
@@ -99,9 +105,14 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
     // Live gauges now; the per-tick part as the loop rendered it (a deep
     // run's verdict, or one before the first tick, renders its own).
     let live = Live::read(app);
-    let tail = match published.as_deref().and_then(Published::tail) {
+    let rendered;
+    let tail_guard = published.map(Published::tail_guard);
+    let tail: &[u8] = match tail_guard.as_ref().and_then(|g| g.as_deref()) {
         Some(tail) => tail,
-        None => Arc::new(render_tail(app, published.as_deref())),
+        None => {
+            rendered = render_tail(app, published);
+            &rendered
+        }
     };
     let deep = deep.then(|| {
         (
@@ -109,7 +120,7 @@ pub async fn get(app: &Arc<App>, req: &Request<Incoming>) -> Response<Body> {
             app.health.deep.runs(),
         )
     });
-    let body = write_body(status, detail.as_deref(), &live, &tail, deep);
+    let body = write_body(status, detail.as_deref(), &live, tail, deep);
     let mut resp = Response::new(full(body));
     *resp.status_mut() = code;
     resp.headers_mut().insert(

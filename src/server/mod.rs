@@ -38,17 +38,18 @@ pub mod stats;
 pub mod status;
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -304,27 +305,40 @@ fn serve_probe(
     });
 }
 
-/// Serve one connection until it closes, goes idle too long, or the drain asks
-/// it to finish its current request and close.
+/// Serve one connection until it closes, goes quiet too long, or the drain
+/// asks it to finish its current request and close.
+///
+/// Time limits, kept by one timer per connection that is re-armed only when
+/// it fires or when a request head starts arriving (never once per request):
+/// * a request head must arrive in full within `header_read_timeout` of its
+///   first byte (a new connection's first head: of the accept), else the
+///   connection is closed at once (slowloris);
+/// * a kept-alive connection with no request in flight and no byte of a next
+///   head is closed (gracefully) after `idle_timeout`.
+///
+/// Neither runs while a request is in flight (from its parsed head until its
+/// handler answered). hyper's own header timer is off: it cost a boxed timer
+/// and two timer-wheel operations per request.
 async fn serve<IO>(io: IO, app: &Arc<App>, draining: CancellationToken)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let started = Instant::now();
-    // Milliseconds since `started` of the last request start/end, and how many
-    // requests are in flight: together they say whether the connection idles.
-    let activity = Arc::new(Activity::default());
+    // One Arc per connection for what every request needs: cloning it per
+    // request touches only this connection's cache line, not `App`'s
+    // reference count that every worker shares.
+    let ctx = Arc::new(ConnCtx {
+        app: app.clone(),
+        activity: Activity::new(),
+    });
     let service = {
-        let app = app.clone();
-        let activity = activity.clone();
+        let ctx = ctx.clone();
         service_fn(move |req| {
-            let app = app.clone();
-            let activity = activity.clone();
+            let ctx = ctx.clone();
             async move {
-                activity.begin(started);
-                let resp = router::route(&app, req).await;
-                app.stats.request_completed();
-                activity.end(started);
+                ctx.activity.begin();
+                let resp = router::route(&ctx.app, req).await;
+                ctx.app.stats.request_completed();
+                ctx.activity.end();
                 Ok::<_, Infallible>(resp)
             }
         })
@@ -332,8 +346,9 @@ where
     let max_header_bytes = app.config.max_header_bytes;
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.header_read_timeout)
+        // The header time limit is ours (see above); without a timer hyper
+        // arms none of its own.
+        .header_read_timeout(None)
         // Headers over the limit get 431; the read buffer never grows past
         // it (hyper's floor is 8 KiB), so header memory per connection is
         // bounded whatever a client sends.
@@ -341,55 +356,242 @@ where
         .max_buf_size(max_header_bytes.max(HYPER_MIN_BUF))
         .max_headers(parse_errors::MAX_HEADER_FIELDS)
         .keep_alive(true);
-    let io = JsonParseErrors::new(io, max_header_bytes);
+    let io = HeadClock {
+        inner: JsonParseErrors::new(io, max_header_bytes),
+        ctx: ctx.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = pin!(conn);
-    let idle_timeout = app.config.idle_timeout;
+    let limits = Limits {
+        header: app.config.header_read_timeout,
+        idle: app.config.idle_timeout,
+    };
+    let activity = &ctx.activity;
+    let mut timer = pin!(tokio::time::sleep_until(
+        activity.instant(limits.header.as_millis() as u64)
+    ));
+    // The activity the timer was last armed after.
+    let mut armed_head = activity.head_started_ms.load(Relaxed);
+    let mut armed_end = activity.last_end_ms.load(Relaxed);
+    let mut drain = pin!(draining.cancelled());
+    // The waker the drain future and the timer last saw: while the task's
+    // waker stays the same (it does for a spawned task), polling them again
+    // would only re-register it, and the drain future's poll takes the
+    // mutex every connection's drain future shares.
+    let mut seen: Option<Waker> = None;
     let mut closing = false;
-    loop {
-        let idle_deadline = tokio::time::Instant::from_std(
-            started + Duration::from_millis(activity.last_ms.load(Relaxed)) + idle_timeout,
-        );
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
+    let ended = poll_fn(|cx| loop {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if closing {
+            return Poll::Pending;
+        }
+        let same = seen.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        let drained = if same {
+            draining.is_cancelled()
+        } else {
+            drain.as_mut().poll(cx).is_ready()
+        };
+        if drained {
+            conn.as_mut().graceful_shutdown();
+            closing = true;
+            continue;
+        }
+        // A head started arriving, or a request ended, since the timer was
+        // armed: that limit may come before the one armed (later ones are
+        // found when it fires).
+        let head = activity.head_started_ms.load(Relaxed);
+        let end = activity.last_end_ms.load(Relaxed);
+        if head != armed_head || end != armed_end {
+            let due = if head != 0 {
+                head - 1 + limits.header.as_millis() as u64
+            } else {
+                end + limits.idle.as_millis() as u64
+            };
+            let due = activity.instant(due);
+            (armed_head, armed_end) = (head, end);
+            if due < timer.deadline() {
+                timer.as_mut().reset(due);
+                seen = None;
             }
-            _ = draining.cancelled(), if !closing => {
+        }
+        let fired = if same && seen.is_some() {
+            timer.is_elapsed()
+        } else {
+            seen = Some(cx.waker().clone());
+            timer.as_mut().poll(cx).is_ready()
+        };
+        if !fired {
+            return Poll::Pending;
+        }
+        match activity.check(limits) {
+            Quiet::HeadTooSlow => return Poll::Ready(Ok(())),
+            Quiet::Idle => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = tokio::time::sleep_until(idle_deadline), if !closing => {
-                if activity.in_flight.load(Relaxed) == 0
-                    && started.elapsed() >= Duration::from_millis(activity.last_ms.load(Relaxed)) + idle_timeout
-                {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
+            Quiet::Until(at) => {
+                armed_head = activity.head_started_ms.load(Relaxed);
+                armed_end = activity.last_end_ms.load(Relaxed);
+                timer.as_mut().reset(at);
+                seen = None;
             }
+        }
+    })
+    .await;
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// What every request of one connection shares.
+struct ConnCtx {
+    app: Arc<App>,
+    activity: Activity,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    header: Duration,
+    idle: Duration,
+}
+
+/// What the connection's timer found.
+enum Quiet {
+    /// A head took longer than `header_read_timeout`: close now.
+    HeadTooSlow,
+    /// Kept alive and idle for `idle_timeout`: close gracefully.
+    Idle,
+    /// Nothing due yet: look again then.
+    Until(tokio::time::Instant),
+}
+
+/// A connection's request activity, in milliseconds since it was accepted.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicU64,
+    /// When the last request's handler answered (0: none yet).
+    last_end_ms: AtomicU64,
+    /// One more than when the first byte of a head not yet parsed was read;
+    /// 0 while no head is arriving. A new connection waits for its first head
+    /// from the accept.
+    head_started_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            last_end_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(1),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The moment `ms` after the accept.
+    fn instant(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
+    }
+
+    /// A head was parsed: the request is in flight, no head is arriving.
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+    }
+
+    fn end(&self) {
+        self.last_end_ms.store(self.now_ms(), Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+        self.in_flight.fetch_sub(1, Relaxed);
+    }
+
+    /// Bytes were read: if no head was arriving, one starts now. (Bytes of a
+    /// request body read while it is in flight are cleared by its `end`.)
+    fn read_some(&self) {
+        if self.head_started_ms.load(Relaxed) == 0 {
+            self.head_started_ms.store(self.now_ms() + 1, Relaxed);
+        }
+    }
+
+    fn check(&self, limits: Limits) -> Quiet {
+        let now = self.now_ms();
+        if self.in_flight.load(Relaxed) > 0 {
+            // Not timed while in flight; look again a limit from now.
+            let next = limits.header.min(limits.idle).as_millis() as u64;
+            return Quiet::Until(self.instant(now + next));
+        }
+        let head = self.head_started_ms.load(Relaxed);
+        if head != 0 {
+            let due = head - 1 + limits.header.as_millis() as u64;
+            return if now >= due {
+                Quiet::HeadTooSlow
+            } else {
+                Quiet::Until(self.instant(due))
+            };
+        }
+        let due = self.last_end_ms.load(Relaxed) + limits.idle.as_millis() as u64;
+        if now >= due {
+            Quiet::Idle
+        } else {
+            Quiet::Until(self.instant(due))
         }
     }
 }
 
-#[derive(Default)]
-struct Activity {
-    last_ms: AtomicU64,
-    in_flight: AtomicU64,
+/// The connection's byte stream, noting when a head starts arriving.
+struct HeadClock<IO> {
+    inner: IO,
+    ctx: Arc<ConnCtx>,
 }
 
-impl Activity {
-    fn begin(&self, started: Instant) {
-        self.in_flight.fetch_add(1, Relaxed);
-        self.last_ms
-            .store(started.elapsed().as_millis() as u64, Relaxed);
+impl<IO: AsyncRead + Unpin> AsyncRead for HeadClock<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.ctx.activity.read_some();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadClock<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
-    fn end(&self, started: Instant) {
-        self.last_ms
-            .store(started.elapsed().as_millis() as u64, Relaxed);
-        self.in_flight.fetch_sub(1, Relaxed);
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
