@@ -401,7 +401,9 @@ fn spawn_sentinel(app: &Arc<App>) -> Option<sentinel::SentinelHandle> {
         _ => None,
     };
     let config = SentinelConfig {
-        poll: (interval / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        // The sentinel wakes when the heartbeat would turn stale; this only
+        // bounds the wait in between.
+        poll: (interval * 2).clamp(Duration::from_millis(20), Duration::from_secs(1)),
         stall_after: interval * 2,
         abort_after,
         bundle_dir: app.config.state_dir.join("diagnostics"),

@@ -82,8 +82,9 @@ impl Heartbeat {
 
 #[derive(Debug, Clone)]
 pub struct SentinelConfig {
-    /// How often the heartbeat is looked at. Detection lags a stall by at most
-    /// this much.
+    /// The longest wait between two looks at the heartbeat. The sentinel
+    /// also wakes when the heartbeat would turn stale (or an abort is due),
+    /// so a stall is seen when it begins, whatever this is.
     pub poll: Duration,
     /// A heartbeat older than this is a stall. Should exceed the loop's
     /// interval plus its checks' deadline, or every slow tick is an incident.
@@ -192,10 +193,15 @@ fn watch(
     let mut aborted: Option<u64> = None;
     loop {
         {
+            let wait = next_look(
+                heartbeat.since_last(),
+                config,
+                reported == Some(heartbeat.beats()),
+            );
             let guard = shared.lock();
             let (guard, _) = shared
                 .changed
-                .wait_timeout_while(guard, config.poll, |s| !s.stop)
+                .wait_timeout_while(guard, wait, |s| !s.stop)
                 .unwrap_or_else(PoisonError::into_inner);
             if guard.stop {
                 return;
@@ -233,6 +239,25 @@ fn watch(
             abort();
         }
     }
+}
+
+/// How long to wait before looking at the heartbeat again: until the moment
+/// it would be stale (or an abort due), at most `poll`. A loop that beats on
+/// time therefore wakes the sentinel about once per `stall_after`, not every
+/// `poll`, and a stall is still seen the moment it begins.
+fn next_look(since_last: Duration, config: &SentinelConfig, reported: bool) -> Duration {
+    // Just past the limit, so the look finds the heartbeat stale, not equal.
+    const PAST: Duration = Duration::from_millis(1);
+    let mut wait = config.poll;
+    if !reported {
+        if let Some(left) = config.stall_after.checked_sub(since_last) {
+            wait = wait.min(left + PAST);
+        }
+    }
+    if let Some(left) = config.abort_after.and_then(|a| a.checked_sub(since_last)) {
+        wait = wait.min(left + PAST);
+    }
+    wait
 }
 
 fn ms(d: Duration) -> u64 {
