@@ -31,7 +31,10 @@ pub fn build_checks(app: &Arc<App>) -> Vec<Check> {
     if app.runtime().agents().is_some() {
         checks.push(agents_check(app.clone()));
     }
-    checks
+    // Every one of them awaits (none blocks its thread), so the runner polls
+    // them in its own task: a tick spawns no task per check. `runtime_lag`
+    // still spawns the task whose start it measures.
+    checks.into_iter().map(Check::inline).collect()
 }
 
 /// The `acp` runtime's agent processes: *degraded* while their starts keep

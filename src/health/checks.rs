@@ -9,10 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use serde::{Serialize, Serializer};
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -80,6 +83,9 @@ type Outcome = Pin<Box<dyn Future<Output = Result<Option<String>, CheckFailure>>
 pub struct Check {
     pub name: &'static str,
     run: Arc<dyn Fn() -> Outcome + Send + Sync>,
+    /// Polled by the runner itself instead of in a task of its own (see
+    /// [`Check::inline`]).
+    inline: bool,
 }
 
 impl std::fmt::Debug for Check {
@@ -110,7 +116,19 @@ impl Check {
         Check {
             name,
             run: Arc::new(move || Box::pin(f()) as Outcome),
+            inline: false,
         }
+    }
+
+    /// Run this check inside the runner's own task, beside the other inline
+    /// checks, instead of spawning a task for it: no task, no timer and no
+    /// wake-up of another worker of its own each run. Only for a check that
+    /// never blocks its thread (it awaits, so the runner's deadline can drop
+    /// it); a check that may block must keep its own task, where the runner
+    /// can still report it as `Timeout`.
+    pub fn inline(mut self) -> Check {
+        self.inline = true;
+        self
     }
 }
 
@@ -167,6 +185,27 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A finished check's outcome as its result.
+fn result_of(outcome: Result<Option<String>, CheckFailure>, ms: f64) -> CheckResult {
+    match outcome {
+        Ok(detail) => CheckResult {
+            status: CheckStatus::Ok,
+            ms,
+            detail,
+        },
+        Err(CheckFailure::Wedge(why)) => CheckResult {
+            status: CheckStatus::Failed,
+            ms,
+            detail: Some(why),
+        },
+        Err(CheckFailure::Degraded(why)) => CheckResult {
+            status: CheckStatus::Degraded,
+            ms,
+            detail: Some(why),
+        },
+    }
+}
+
 fn timeout_result(deadline: Duration) -> CheckResult {
     CheckResult {
         status: CheckStatus::Timeout,
@@ -184,40 +223,64 @@ fn timeout_result(deadline: Duration) -> CheckResult {
 /// as the runner itself runs on another thread (a multi-thread runtime, or a
 /// runtime of its own), that check is reported as `Timeout` when the margin
 /// runs out and its task is aborted, which takes effect when it next yields.
+///
+/// Checks marked [`Check::inline`] are polled together in the runner's own
+/// task under one timer for the deadline; each still reports its own result,
+/// and one that does not finish is `Timeout` without holding up the others.
 pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
     let at = SystemTime::now();
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     let mut names = BTreeMap::new();
-    for check in checks {
+    let mut inline = FuturesUnordered::new();
+    for check in checks.iter().filter(|c| c.inline) {
+        let name = check.name;
+        let run = (check.run)();
+        inline.push(async move {
+            let begun = Instant::now();
+            // A panic fails this check, as it would in a task of its own,
+            // instead of unwinding through the runner.
+            let outcome = AssertUnwindSafe(run).catch_unwind().await;
+            let ms = millis(begun.elapsed());
+            let result = match outcome {
+                Ok(outcome) => result_of(outcome, ms),
+                Err(_) => CheckResult {
+                    status: CheckStatus::Failed,
+                    ms,
+                    detail: Some("check panicked".into()),
+                },
+            };
+            (name, result)
+        });
+    }
+    let mut results = BTreeMap::new();
+    let mut inline_results = Vec::new();
+    let inline_run = async {
+        if inline.is_empty() {
+            return;
+        }
+        let _ = tokio::time::timeout(deadline, async {
+            while let Some(done) = inline.next().await {
+                inline_results.push(done);
+            }
+        })
+        .await;
+    };
+    for check in checks.iter().filter(|c| !c.inline) {
         let check = check.clone();
         let handle = tasks.spawn(async move {
             let begun = Instant::now();
             let outcome = tokio::time::timeout(deadline, (check.run)()).await;
             let ms = millis(begun.elapsed());
             match outcome {
-                Ok(Ok(detail)) => CheckResult {
-                    status: CheckStatus::Ok,
-                    ms,
-                    detail,
-                },
-                Ok(Err(CheckFailure::Wedge(why))) => CheckResult {
-                    status: CheckStatus::Failed,
-                    ms,
-                    detail: Some(why),
-                },
-                Ok(Err(CheckFailure::Degraded(why))) => CheckResult {
-                    status: CheckStatus::Degraded,
-                    ms,
-                    detail: Some(why),
-                },
+                Ok(outcome) => result_of(outcome, ms),
                 Err(_) => timeout_result(deadline),
             }
         });
         names.insert(handle.id(), check.name);
     }
 
-    let mut results = BTreeMap::new();
+    let any_spawned = !names.is_empty();
     let collect = async {
         while let Some(joined) = tasks.join_next_with_id().await {
             match joined {
@@ -243,9 +306,19 @@ pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
         }
     };
     // Only a check that blocks its thread gets here; see the doc above.
-    let _ = tokio::time::timeout(deadline + COLLECT_MARGIN, collect).await;
+    let spawned = async {
+        if any_spawned {
+            let _ = tokio::time::timeout(deadline + COLLECT_MARGIN, collect).await;
+        }
+    };
+    tokio::join!(inline_run, spawned);
+    drop(inline);
     tasks.abort_all();
-    for name in names.values() {
+    results.extend(inline_results);
+    for name in names
+        .values()
+        .chain(checks.iter().filter(|c| c.inline).map(|c| &c.name))
+    {
         results
             .entry(*name)
             .or_insert_with(|| timeout_result(deadline));
