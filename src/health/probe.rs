@@ -18,12 +18,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::checks::Check;
@@ -92,45 +88,79 @@ pub fn self_probe_via_door(door: Arc<ProbeDoor>, path_and_query: &'static str) -
     })
 }
 
-async fn request<S>(stream: S, host: &str, path_and_query: &str) -> Result<StatusCode, String>
+/// Most bytes of an answer's head the probe reads: far above the head of
+/// `/health?probe=1`, and a bound on what a strange peer can make it read.
+const MAX_HEAD: usize = 1024;
+
+/// `GET path_and_query` with `Connection: close` over `stream`; the status
+/// of the answer once its whole head has arrived. The request is written by
+/// hand and only the head is read: the server side (the accept loop, hyper,
+/// the handler) is what the probe proves, and a client connection machinery
+/// of its own would only add work to every tick.
+async fn request<S>(mut stream: S, host: &str, path_and_query: &str) -> Result<StatusCode, String>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+    let head = format!(
+        "GET {path_and_query} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\
+         user-agent: agentd-self-probe\r\n\r\n"
+    );
+    stream
+        .write_all(head.as_bytes())
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let req = Request::get(path_and_query)
-        .header(header::HOST, host)
-        .header(header::CONNECTION, "close")
-        .header(header::USER_AGENT, "agentd-self-probe")
-        .body(Empty::new())
         .map_err(|e| format!("request: {e}"))?;
-    let mut response = std::pin::pin!(sender.send_request(req));
-    let mut conn = Box::pin(conn);
-    // Drive the connection and wait for the response head together.
-    let head = tokio::select! {
-        biased;
-        answer = &mut response => Ok(answer),
-        ended = &mut conn => Err(ended),
-    };
-    let answer = match head {
-        Ok(answer) => answer,
-        // The connection ended first: closed, failed, or done right after
-        // handing over the response. Dropping it resolves the response future
-        // at once (with the response if it was delivered, else an error)
-        // rather than leaving it to the runner's deadline.
-        Err(ended) => {
-            drop(conn);
-            match (response.await, ended) {
-                (Ok(r), _) => Ok(r),
-                (Err(_), Err(e)) => return Err(format!("connection: {e}")),
-                (Err(e), Ok(())) => Err(e),
-            }
+    let mut buf = [0u8; MAX_HEAD];
+    let mut got = 0;
+    loop {
+        let n = stream
+            .read(&mut buf[got..])
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        if n == 0 {
+            return Err("connection: closed before a complete answer head".into());
         }
-    };
-    // Only the status matters; dropping the body and the connection closes
-    // the socket (we asked for `Connection: close` anyway).
-    answer
-        .map(|r| r.status())
-        .map_err(|e| format!("request: {e}"))
+        let from = got.saturating_sub(3);
+        got += n;
+        if buf[from..got].windows(4).any(|w| w == b"\r\n\r\n") {
+            return status_of(&buf[..got]);
+        }
+        if got == buf.len() {
+            return Err(format!("response: no end of the head in {MAX_HEAD} bytes"));
+        }
+    }
+}
+
+/// The status code of an HTTP/1.x answer head.
+fn status_of(head: &[u8]) -> Result<StatusCode, String> {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    line.strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| line.strip_prefix(b"HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| std::str::from_utf8(code).ok()?.parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| {
+            format!(
+                "response: not an HTTP status line: {:?}",
+                String::from_utf8_lossy(line)
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_comes_from_the_status_line_only() {
+        assert_eq!(
+            status_of(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            Ok(StatusCode::OK)
+        );
+        assert_eq!(
+            status_of(b"HTTP/1.0 503 Service Unavailable\r\n\r\n"),
+            Ok(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        assert!(status_of(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(status_of(b"HTTP/1.1 2x0 OK\r\n\r\n").is_err());
+    }
 }

@@ -69,6 +69,32 @@ pub struct ProbeDoor {
     rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>>>,
 }
 
+/// A connected pair of Unix stream sockets, created non-blocking and
+/// close-on-exec in one call (tokio's `pair` sets non-blocking afterwards,
+/// four more system calls on every tick).
+#[cfg(target_os = "linux")]
+fn socket_pair() -> io::Result<(tokio::net::UnixStream, tokio::net::UnixStream)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    if unsafe { libc::socketpair(libc::AF_UNIX, flags, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded, so both are open descriptors we own.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((
+        tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(a))?,
+        tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(b))?,
+    ))
+}
+
+/// Where `SOCK_NONBLOCK` does not exist: tokio's pair.
+#[cfg(not(target_os = "linux"))]
+fn socket_pair() -> io::Result<(tokio::net::UnixStream, tokio::net::UnixStream)> {
+    tokio::net::UnixStream::pair()
+}
+
 /// Why the probe could not get through its door.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeDoorError {
@@ -93,7 +119,7 @@ impl ProbeDoor {
     /// end the loop serves. Waits for room in the door's queue (a stalled
     /// loop never makes room; the caller's deadline decides).
     pub async fn connect(&self) -> Result<tokio::net::UnixStream, ProbeDoorError> {
-        let (ours, theirs) = tokio::net::UnixStream::pair().map_err(ProbeDoorError::SocketPair)?;
+        let (ours, theirs) = socket_pair().map_err(ProbeDoorError::SocketPair)?;
         self.tx
             .send(theirs)
             .await
