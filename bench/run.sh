@@ -165,7 +165,9 @@ start_same() {
     for i in $(seq 200); do
         SB_ADDR=$(sed -n 1p "$WORK/same.out")
         SB_LEN=$(sed -n 2p "$WORK/same.out")
-        [[ -n $SB_LEN ]] && return
+        # Both lines: the address may be read before it is written and the
+        # length just after.
+        [[ -n $SB_ADDR && -n $SB_LEN ]] && return
         kill -0 "$SB_PID" 2>/dev/null || break
         sleep 0.05
     done
