@@ -11,8 +11,8 @@
 //! Busy is not wedged: the self-probe never competes with clients, neither
 //! for a connection slot nor for a place in the kernel's accept queue. It
 //! enters through its own door into this same loop (`ProbeDoor`: one end of
-//! a Unix socket pair, handed over a bounded channel that the loop selects
-//! on beside the listener) and is served on one of `PROBE_RESERVED_SLOTS`
+//! an in-memory byte pipe, handed over a bounded channel that the loop
+//! selects on beside the listener) and is served on one of `PROBE_RESERVED_SLOTS`
 //! slots no client can take, through hyper and the `/health` handler like
 //! any request. A stalled loop therefore still fails the probe (the door is
 //! not taken), while a flood that fills every client slot and overflows the
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -64,42 +64,18 @@ pub const PROBE_RESERVED_SLOTS: usize = 2;
 
 /// The self-probe's own way into the accept loop (see the module doc).
 pub struct ProbeDoor {
-    tx: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    tx: tokio::sync::mpsc::Sender<DuplexStream>,
     /// Taken once by the accept loop.
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>>>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<DuplexStream>>>,
 }
 
-/// A connected pair of Unix stream sockets, created non-blocking and
-/// close-on-exec in one call (tokio's `pair` sets non-blocking afterwards,
-/// four more system calls on every tick).
-#[cfg(target_os = "linux")]
-fn socket_pair() -> io::Result<(tokio::net::UnixStream, tokio::net::UnixStream)> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-    // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    if unsafe { libc::socketpair(libc::AF_UNIX, flags, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socketpair succeeded, so both are open descriptors we own.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((
-        tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(a))?,
-        tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(b))?,
-    ))
-}
-
-/// Where `SOCK_NONBLOCK` does not exist: tokio's pair.
-#[cfg(not(target_os = "linux"))]
-fn socket_pair() -> io::Result<(tokio::net::UnixStream, tokio::net::UnixStream)> {
-    tokio::net::UnixStream::pair()
-}
+/// Bytes either end of a probe connection buffers: several times a probe's
+/// request (about 100 bytes) and its answer (about 150).
+const PROBE_PIPE_BYTES: usize = 4096;
 
 /// Why the probe could not get through its door.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeDoorError {
-    #[error("cannot create a socket pair: {0}")]
-    SocketPair(io::Error),
     #[error("the accept loop has stopped")]
     Closed,
 }
@@ -115,11 +91,17 @@ impl Default for ProbeDoor {
 }
 
 impl ProbeDoor {
-    /// A connection to the accept loop: our end of a socket pair whose other
-    /// end the loop serves. Waits for room in the door's queue (a stalled
-    /// loop never makes room; the caller's deadline decides).
-    pub async fn connect(&self) -> Result<tokio::net::UnixStream, ProbeDoorError> {
-        let (ours, theirs) = socket_pair().map_err(ProbeDoorError::SocketPair)?;
+    /// A connection to the accept loop: our end of an in-memory byte pipe
+    /// whose other end the loop serves. Waits for room in the door's queue
+    /// (a stalled loop never makes room; the caller's deadline decides).
+    ///
+    /// In memory, not a socket pair: what the probe proves is the loop, hyper
+    /// and the handler, and a kernel pipe cost every tick a dozen system
+    /// calls (the pair, four epoll registrations, the closes) and wake-ups
+    /// through the I/O driver. The kernel's side (the listener, its accept
+    /// queue, fds) is watched by the loop's counters and `resources`.
+    pub async fn connect(&self) -> Result<DuplexStream, ProbeDoorError> {
+        let (ours, theirs) = tokio::io::duplex(PROBE_PIPE_BYTES);
         self.tx
             .send(theirs)
             .await
@@ -127,7 +109,7 @@ impl ProbeDoor {
         Ok(ours)
     }
 
-    fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>> {
+    fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<DuplexStream>> {
         self.rx.lock().ok().and_then(|mut rx| rx.take())
     }
 }
@@ -311,7 +293,7 @@ async fn accept(listener: &Listener) -> io::Result<Conn> {
 /// With both reserved slots busy (two probes still running), it is dropped:
 /// the probe then fails, which is right, because probes should not pile up.
 fn serve_probe(
-    stream: tokio::net::UnixStream,
+    stream: DuplexStream,
     app: &Arc<App>,
     slots: &Semaphore,
     probe_slots: &Arc<Semaphore>,
