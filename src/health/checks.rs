@@ -330,12 +330,57 @@ pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
     }
 }
 
-/// `runtime_lag`: schedules a task on the runtime that runs the check and
-/// measures the delay until it runs. See [`runtime_lag_check_on`].
+tokio::task_local! {
+    /// When the run in this task should have started: set by the watchdog
+    /// loop around its tick's checks (see [`runtime_lag_check`]).
+    static DUE_AT: Instant;
+}
+
+/// Runs `checks` as the run that was due at `due`: `runtime_lag` then
+/// measures how late the run started instead of scheduling anything of its
+/// own.
+pub async fn run_checks_due_at(checks: &[Check], deadline: Duration, due: Instant) -> Verdict {
+    DUE_AT.scope(due, run_checks(checks, deadline)).await
+}
+
+/// `runtime_lag` on the runtime that runs the check: how long a task that
+/// was ready waited for the scheduler, failing past `max_lag`.
+///
+/// In a run started with [`run_checks_due_at`] (the watchdog's tick) that is
+/// how late the run started after it was due: its timer fired and the task
+/// waited behind whatever was ready on the runtime. Elsewhere (an on-demand
+/// `?deep=1` run, tests) the check yields and measures the delay until it
+/// runs again: a yielded task goes to the back of its worker's run queue,
+/// after a turn of the I/O and timer driver. A runtime that never comes back
+/// is left to the runner's deadline.
+///
+/// Neither schedules a task: a task made ready on every tick (a spawned one,
+/// or a yield) made the worker wake its idle sibling, a context switch each
+/// way on every tick.
 pub fn runtime_lag_check(max_lag: Duration) -> Check {
-    Check::new("runtime_lag", move || {
-        lag_probe(Handle::try_current().ok(), max_lag)
+    Check::new("runtime_lag", move || async move {
+        if Handle::try_current().is_err() {
+            return Err("not running inside a tokio runtime".into());
+        }
+        if let Ok(due) = DUE_AT.try_with(|due| *due) {
+            return judge_lag(due.elapsed(), max_lag);
+        }
+        let queued = Instant::now();
+        tokio::task::yield_now().await;
+        judge_lag(queued.elapsed(), max_lag)
     })
+}
+
+fn judge_lag(lag: Duration, max_lag: Duration) -> Result<Option<String>, String> {
+    if lag <= max_lag {
+        Ok(Some(format!("lag {:.2} ms", millis(lag))))
+    } else {
+        Err(format!(
+            "lag {:.2} ms over {} ms",
+            millis(lag),
+            max_lag.as_millis()
+        ))
+    }
 }
 
 /// `runtime_lag` for a given runtime: spawns a task on `runtime` and measures
@@ -345,24 +390,16 @@ pub fn runtime_lag_check(max_lag: Duration) -> Check {
 /// server runtime then shows up as a failed check, not as a loop that cannot
 /// run its checks at all.
 pub fn runtime_lag_check_on(runtime: Handle, max_lag: Duration) -> Check {
-    Check::new("runtime_lag", move || {
-        lag_probe(Some(runtime.clone()), max_lag)
-    })
+    Check::new("runtime_lag", move || lag_probe(runtime.clone(), max_lag))
 }
 
-async fn lag_probe(runtime: Option<Handle>, max_lag: Duration) -> Result<Option<String>, String> {
-    let runtime = runtime.ok_or("not running inside a tokio runtime")?;
+async fn lag_probe(runtime: Handle, max_lag: Duration) -> Result<Option<String>, String> {
     let queued = Instant::now();
     let mut probe = runtime.spawn(async move { queued.elapsed() });
     // Waiting at most `max_lag` makes the check fail as soon as the answer is
     // known, instead of running into the runner's deadline.
     match tokio::time::timeout(max_lag, &mut probe).await {
-        Ok(Ok(lag)) if lag <= max_lag => Ok(Some(format!("lag {:.2} ms", millis(lag)))),
-        Ok(Ok(lag)) => Err(format!(
-            "lag {:.2} ms over {} ms",
-            millis(lag),
-            max_lag.as_millis()
-        )),
+        Ok(Ok(lag)) => judge_lag(lag, max_lag),
         Ok(Err(err)) => Err(format!("lag probe task failed: {err}")),
         Err(_) => {
             // Still queued behind whatever blocks the runtime; it would only
@@ -378,9 +415,9 @@ async fn lag_probe(runtime: Option<Handle>, max_lag: Duration) -> Result<Option<
 
 /// `resources`: open fds below [`FD_LIMIT_PERCENT`] of the soft limit and
 /// fewer than `max_threads` threads, from a fresh reading (which also refreshes
-/// the `/health` cache). An unreadable gauge fails: with a full fd table the
-/// kernel refuses to open `/proc/self/fd`, so "cannot read" is itself the
-/// symptom.
+/// the `/health` cache). An unreadable gauge fails: where the fd count needs
+/// a listing of `/proc/self/fd` (kernels before 6.2), a full fd table refuses
+/// to open it, so "cannot read" is itself the symptom.
 pub fn resources_check(max_threads: usize, gauges: Arc<ProcGauges>) -> Check {
     let max_threads = i64::try_from(max_threads).unwrap_or(i64::MAX);
     Check::new("resources", move || {

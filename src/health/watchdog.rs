@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::checks::{run_checks, CheckStatus, Verdict};
+use super::checks::{run_checks_due_at, CheckStatus, Verdict};
 use super::trends::Sample;
 use crate::clock::now_unix_ms;
 
@@ -43,9 +43,12 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     // of the check interval.
     let mut sampler = tokio::time::interval(health.trends.interval);
     sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the last tick ended: a tick that ran past the interval makes the
+    // next one due at once, which is no lag of the runtime's.
+    let mut ended = Instant::now();
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
+        let due = tokio::select! {
+            due = ticker.tick() => due.into_std().max(ended),
             _ = sampler.tick() => {
                 health.trends.record(take_sample(&app));
                 if let Some(published) = health.last.load_full() {
@@ -54,8 +57,9 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
                 continue;
             }
             _ = app.shutdown.triggered() => return,
-        }
-        let passed = tick(&app, &mut failing, &mut status).await;
+        };
+        let passed = tick(&app, &mut failing, &mut status, due).await;
+        ended = Instant::now();
         if passed {
             if let Some(tx) = first_pass.take() {
                 let _ = tx.send(());
@@ -92,11 +96,12 @@ async fn tick(
     app: &Arc<App>,
     failing: &mut BTreeSet<&'static str>,
     status: &mut StatusLine,
+    due: Instant,
 ) -> bool {
     let health = &app.health;
     app.faults.on_health_tick();
     let started = Instant::now();
-    let verdict = run_checks(health.checks(), health.deadline).await;
+    let verdict = run_checks_due_at(health.checks(), health.deadline, due).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let passed = !verdict.wedged();
     health.ticks.fetch_add(1, Relaxed);
