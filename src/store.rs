@@ -1206,29 +1206,36 @@ impl Worker {
         {
             return Err(StoreError::Unwritable(format!("checkpoint failed: {e}")));
         }
-        let _: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT id FROM messages ORDER BY id DESC LIMIT 1")?
-            .query_row([], |r| r.get(0))
-            .optional()?;
         let durable = self.commits.durable_writes.load(Relaxed);
         let wrote = durable == self.durable_seen;
+        let read_newest = |conn: &Connection| -> rusqlite::Result<Option<i64>> {
+            conn.prepare_cached("SELECT id FROM messages ORDER BY id DESC LIMIT 1")?
+                .query_row([], |r| r.get(0))
+                .optional()
+        };
         if wrote {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
-            // Autocommit: one statement, one transaction.
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
-                     ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
-                )?
-                .execute(params![now])?;
+            // The read and the write in one transaction: one round of the
+            // WAL's locks instead of two.
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            read_newest(&tx)?;
+            tx.prepare_cached(
+                "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at, beats = beats + 1",
+            )?
+            .execute(params![now])?;
+            tx.commit()?;
             // No one's data waits on this row, so the proof before the write
             // (just above) stands for the file; only a checkpoint the commit
             // ran has to be learnt.
             self.learn_checkpoint()?;
+        } else {
+            read_newest(&self.conn)?;
         }
         self.durable_seen = durable;
         match free_bytes(&self.state_dir) {
