@@ -37,6 +37,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 AGENTD=$CARGO_TARGET_DIR/release/agentd
 HELLO=$CARGO_TARGET_DIR/release/examples/bare_hello
 SAME=$CARGO_TARGET_DIR/release/examples/same_bytes
+FLOOR=$CARGO_TARGET_DIR/release/examples/wake_floor
 
 CONNECTIONS=${BENCH_CONNECTIONS:-256}
 WRK_THREADS=${BENCH_WRK_THREADS:-2}
@@ -109,11 +110,11 @@ need_wrk() {
 }
 
 build() {
-    if [[ ${BENCH_SKIP_BUILD:-0} == 1 && -x $AGENTD && -x $HELLO && -x $SAME ]]; then
+    if [[ ${BENCH_SKIP_BUILD:-0} == 1 && -x $AGENTD && -x $HELLO && -x $SAME && -x $FLOOR ]]; then
         return
     fi
     log "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-    (cd "$ROOT" && cargo build --release --quiet --bin agentd --example bare_hello --example same_bytes)
+    (cd "$ROOT" && cargo build --release --quiet --bin agentd --example bare_hello --example same_bytes --example wake_floor)
 }
 
 # start_agentd NAME [VAR=VALUE...]: start agentd on a free port with its own
@@ -412,6 +413,14 @@ bench_watchdog() {
     by=$(sed -n 's/^BYTHREAD //p' "$WORK/wd.out")
     row "watchdog CPU per tick (interval $HEALTH_INTERVAL, minus a 1h-interval baseline)" \
         "$us µs ± $res µs ($note; whole-life rusage cross-check $ru µs; by thread: ${by:-n/a})" "< 200 µs" "$pass"
+    # The machine's floor for the same wake-ups with no work in them (see
+    # examples/wake_floor.rs), over as many ticks at the same interval.
+    local floor
+    "$FLOOR" "$HEALTH_INTERVAL" "$ticks" >"$WORK/floor.out"
+    sed 's/^/   /' "$WORK/floor.out" >&2
+    floor=$(field "$WORK/floor.out" us_per_tick)
+    row "context: the tick's thread wake-ups alone, no work (timer wake of a tokio worker, a round trip to another thread, a sentinel every 2 intervals)" \
+        "$floor µs per tick: agentd's own work is $(calc "$us - $floor" 0) µs above it, $(calc "$us / $floor") × the floor" "" ""
 }
 
 bench_cold_start() {
