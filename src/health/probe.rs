@@ -1,15 +1,14 @@
-//! The `self_probe` check: a real HTTP request to the server's own listener.
+//! The `self_probe` check: a real HTTP request to the server itself.
 //!
-//! Each run opens a new connection (TCP or Unix socket), so it goes through
-//! the kernel's accept queue, the accept loop and a handler, exactly the path
-//! that broke when a server kept its port in LISTEN while answering nothing.
-//! It passes only on status 200.
+//! Each run opens a new connection, so it goes through the accept loop, hyper
+//! and a handler, exactly the path that broke when a server kept its port in
+//! LISTEN while answering nothing. It passes only on status 200.
 //!
 //! `self_probe_check` connects to a listener address (TCP or Unix). agentd's
-//! own tick uses `self_probe_via_door`: the same request over a connection
-//! handed straight to the accept loop (`server::ProbeDoor`), so a flood that
-//! fills every client slot and the listen backlog cannot fail it, while a
-//! stalled accept loop still does.
+//! own tick uses `self_probe_via_door`: the same request over an in-memory
+//! connection handed straight to the accept loop (`server::ProbeDoor`), so a
+//! flood that fills every client slot and the listen backlog cannot fail it,
+//! while a stalled accept loop still does.
 //!
 //! Not for: probing other services, or reusing connections (a kept-alive
 //! connection would bypass the accept loop, which is the thing under test).
