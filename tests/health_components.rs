@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use agentd::health::bundle::{is_bundle_name, write_bundle};
 use agentd::health::checks::{
-    resources_check, run_checks, runtime_lag_check, runtime_lag_check_on, Check, CheckStatus,
-    COLLECT_MARGIN,
+    resources_check, run_checks, run_checks_due_at, runtime_lag_check, runtime_lag_check_on, Check,
+    CheckStatus, COLLECT_MARGIN,
 };
 use agentd::health::gauges::{
     fd_limits, fds, open_fds, thread_count, threads, ProcGauges, UNREADABLE,
@@ -326,6 +326,33 @@ async fn a_check_that_blocks_its_thread_cannot_hold_the_verdict() {
     );
     assert_eq!(verdict.checks["blocks"].status, CheckStatus::Timeout);
     assert_eq!(verdict.checks["fine"].status, CheckStatus::Ok);
+}
+
+#[tokio::test]
+async fn a_tick_that_starts_late_fails_runtime_lag_by_how_late_it_started() {
+    let _serial = SERIAL.lock().await;
+    // Inline, as the tick's checks are: a check in a task of its own cannot
+    // see when the run was due.
+    let check = [runtime_lag_check(Duration::from_millis(100)).inline()];
+    let late = run_checks_due_at(
+        &check,
+        Duration::from_secs(1),
+        Instant::now() - Duration::from_millis(300),
+    )
+    .await;
+    let lag = &late.checks["runtime_lag"];
+    assert_eq!(lag.status, CheckStatus::Failed, "{lag:?}");
+    let detail = lag.detail.as_deref().unwrap();
+    let ms: f64 = detail
+        .strip_prefix("lag ")
+        .and_then(|d| d.strip_suffix(" ms over 100 ms"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{detail}"));
+    assert!(ms >= 300.0, "{detail}");
+
+    let on_time = run_checks_due_at(&check, Duration::from_secs(1), Instant::now()).await;
+    let lag = &on_time.checks["runtime_lag"];
+    assert_eq!(lag.status, CheckStatus::Ok, "{lag:?}");
 }
 
 #[tokio::test]

@@ -331,23 +331,24 @@ pub async fn run_checks(checks: &[Check], deadline: Duration) -> Verdict {
 }
 
 tokio::task_local! {
-    /// When the run in this task should have started: set by the watchdog
-    /// loop around its tick's checks (see [`runtime_lag_check`]).
-    static DUE_AT: Instant;
+    /// How late the run in this task started after it was due: set by the
+    /// watchdog loop around its tick's checks (see [`runtime_lag_check`]).
+    static STARTED_LATE: Duration;
 }
 
-/// Runs `checks` as the run that was due at `due`: `runtime_lag` then
-/// measures how late the run started instead of scheduling anything of its
-/// own.
+/// Runs `checks` as the run that was due at `due`: `runtime_lag` then judges
+/// how late the run started instead of scheduling anything of its own.
 pub async fn run_checks_due_at(checks: &[Check], deadline: Duration, due: Instant) -> Verdict {
-    DUE_AT.scope(due, run_checks(checks, deadline)).await
+    STARTED_LATE
+        .scope(due.elapsed(), run_checks(checks, deadline))
+        .await
 }
 
 /// `runtime_lag` on the runtime that runs the check: how long a task that
 /// was ready waited for the scheduler, failing past `max_lag`.
 ///
-/// In a run started with [`run_checks_due_at`] (the watchdog's tick) that is
-/// how late the run started after it was due: its timer fired and the task
+/// Inline ([`Check::inline`]) in a run started with [`run_checks_due_at`]
+/// (the watchdog's tick) that is how late the run started after it was due: its timer fired and the task
 /// waited behind whatever was ready on the runtime. Elsewhere (an on-demand
 /// `?deep=1` run, tests) the check yields and measures the delay until it
 /// runs again: a yielded task goes to the back of its worker's run queue,
@@ -358,16 +359,22 @@ pub async fn run_checks_due_at(checks: &[Check], deadline: Duration, due: Instan
 /// or a yield) made the worker wake its idle sibling, a context switch each
 /// way on every tick.
 pub fn runtime_lag_check(max_lag: Duration) -> Check {
-    Check::new("runtime_lag", move || async move {
-        if Handle::try_current().is_err() {
-            return Err("not running inside a tokio runtime".into());
+    Check::new("runtime_lag", move || {
+        // Read when the run makes the check's future: in the runner's task
+        // when the check is inline (as the tick's are); a check in a task of
+        // its own does not see the run's task-locals and yields instead.
+        let started_late = STARTED_LATE.try_with(|late| *late).ok();
+        async move {
+            if Handle::try_current().is_err() {
+                return Err("not running inside a tokio runtime".into());
+            }
+            if let Some(late) = started_late {
+                return judge_lag(late, max_lag);
+            }
+            let queued = Instant::now();
+            tokio::task::yield_now().await;
+            judge_lag(queued.elapsed(), max_lag)
         }
-        if let Ok(due) = DUE_AT.try_with(|due| *due) {
-            return judge_lag(due.elapsed(), max_lag);
-        }
-        let queued = Instant::now();
-        tokio::task::yield_now().await;
-        judge_lag(queued.elapsed(), max_lag)
     })
 }
 
