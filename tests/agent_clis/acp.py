@@ -248,6 +248,26 @@ def sc_restart_load(a):
               " WARN " in log and "starts a new one without the earlier context" in log, a.log_tail(600))
 
 
+def persisted(a, text):
+    """True once a file the agent keeps under its home (its session
+    transcript) holds `text`. agentd's own state dir and log are not
+    looked at."""
+    roots = [a.home, os.path.join(a.dir, "codex-home")]
+    for root in roots:
+        for top, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(top, name)
+                try:
+                    if os.path.getsize(path) > 4 << 20:
+                        continue
+                    with open(path, "rb") as f:
+                        if text.encode() in f.read():
+                            return True
+                except OSError:
+                    continue
+    return False
+
+
 def sc_agent_killed(a):
     scope = a.scope("agent SIGKILLed between turns")
     sid = "acp-kill"
@@ -256,6 +276,13 @@ def sc_agent_killed(a):
     children = agent_children(a)
     if not check(scope, "one agent process", len(children) == 1, children):
         return
+    if preset(a).loads:
+        # A crash *between* turns: after the agent wrote the turn to its
+        # session (Claude Code writes its transcript just after it answers;
+        # a kill inside that moment loses the turn, which no client can
+        # prevent).
+        check(scope, "the agent has written turn 1 to its session",
+              wait_until(lambda: persisted(a, "first words"), 15, 0.1), a.home)
     os.killpg(children[0], signal.SIGKILL)
     ag = wait_agents(a, lambda r: r.get("restarts") == 1)
     check(scope, "/health counts the restart with its reason",
