@@ -32,8 +32,8 @@ pub fn build_checks(app: &Arc<App>) -> Vec<Check> {
         checks.push(agents_check(app.clone()));
     }
     // Every one of them awaits (none blocks its thread), so the runner polls
-    // them in its own task: a tick spawns no task per check. `runtime_lag`
-    // still spawns the task whose start it measures.
+    // them in its own task: a tick spawns no task per check (`runtime_lag`
+    // judges how late the tick started, see `runtime_lag_check`).
     checks.into_iter().map(Check::inline).collect()
 }
 

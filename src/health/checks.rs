@@ -348,8 +348,9 @@ pub async fn run_checks_due_at(checks: &[Check], deadline: Duration, due: Instan
 /// was ready waited for the scheduler, failing past `max_lag`.
 ///
 /// Inline ([`Check::inline`]) in a run started with [`run_checks_due_at`]
-/// (the watchdog's tick) that is how late the run started after it was due: its timer fired and the task
-/// waited behind whatever was ready on the runtime. Elsewhere (an on-demand
+/// (the watchdog's tick) that is how late the run started after it was due:
+/// its timer fired and the task waited behind whatever was ready on the
+/// runtime. Elsewhere (an on-demand
 /// `?deep=1` run, tests) the check yields and measures the delay until it
 /// runs again: a yielded task goes to the back of its worker's run queue,
 /// after a turn of the I/O and timer driver. A runtime that never comes back

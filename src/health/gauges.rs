@@ -434,6 +434,17 @@ impl ProcGauges {
 mod tests {
     use super::*;
 
+    /// Whether `ours` equals `reference` in one of 50 tries where the
+    /// reference read the same before and after it (nothing else moved the
+    /// gauge meanwhile).
+    fn agree_in_a_quiet_moment(reference: impl Fn() -> i64, ours: impl Fn() -> i64) -> bool {
+        (0..50).any(|_| {
+            let before = reference();
+            let value = ours();
+            before == reference() && value == before
+        })
+    }
+
     #[test]
     fn thread_count_is_the_threads_line_of_status_and_files_stay_open() {
         let status_threads = || -> i64 {
@@ -446,17 +457,11 @@ mod tests {
                 .parse()
                 .unwrap()
         };
-        // Other tests run threads alongside: compare around a quiet moment.
-        let mut agreed = false;
-        for _ in 0..50 {
-            let before = status_threads();
-            let ours = thread_count();
-            if before == status_threads() && ours == before {
-                agreed = true;
-                break;
-            }
-        }
-        assert!(agreed, "thread_count never matched Threads: of status");
+        // Other tests run threads alongside.
+        assert!(
+            agree_in_a_quiet_moment(status_threads, thread_count),
+            "thread_count never matched Threads: of status"
+        );
         assert!(rss_bytes() > 0);
         // A leak would show in every round; another test's passing fd in one.
         let leaked_every_round = (0..20).all(|_| {
@@ -473,17 +478,11 @@ mod tests {
 
     #[test]
     fn open_fds_is_the_listing_of_proc_self_fd() {
-        // Other tests open files alongside: compare around a quiet moment.
-        let mut agreed = false;
-        for _ in 0..50 {
-            let before = listed_fds();
-            let ours = open_fds();
-            if before == listed_fds() && ours == before {
-                agreed = true;
-                break;
-            }
-        }
-        assert!(agreed, "open_fds never matched a listing of /proc/self/fd");
+        // Other tests open files alongside.
+        assert!(
+            agree_in_a_quiet_moment(listed_fds, open_fds),
+            "open_fds never matched a listing of /proc/self/fd"
+        );
     }
 
     #[test]

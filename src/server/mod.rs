@@ -412,12 +412,7 @@ where
         let head = activity.head_started_ms.load(Relaxed);
         let end = activity.last_end_ms.load(Relaxed);
         if head != armed_head || end != armed_end {
-            let due = if head != 0 {
-                head - 1 + limits.header.as_millis() as u64
-            } else {
-                end + limits.idle.as_millis() as u64
-            };
-            let due = activity.instant(due);
+            let due = activity.instant(limits.due_ms(head, end));
             (armed_head, armed_end) = (head, end);
             if due < timer.deadline() {
                 timer.as_mut().reset(due);
@@ -463,6 +458,20 @@ struct ConnCtx {
 struct Limits {
     header: Duration,
     idle: Duration,
+}
+
+impl Limits {
+    /// When (ms after the accept) the limit that applies runs out: the
+    /// header limit while a head is arriving (`head`, one more than its
+    /// first byte's time, not 0), else the idle limit after the last
+    /// request ended at `end`.
+    fn due_ms(self, head: u64, end: u64) -> u64 {
+        if head != 0 {
+            head - 1 + self.header.as_millis() as u64
+        } else {
+            end + self.idle.as_millis() as u64
+        }
+    }
 }
 
 /// What the connection's timer found.
@@ -534,19 +543,11 @@ impl Activity {
             return Quiet::Until(self.instant(now + next));
         }
         let head = self.head_started_ms.load(Relaxed);
-        if head != 0 {
-            let due = head - 1 + limits.header.as_millis() as u64;
-            return if now >= due {
-                Quiet::HeadTooSlow
-            } else {
-                Quiet::Until(self.instant(due))
-            };
-        }
-        let due = self.last_end_ms.load(Relaxed) + limits.idle.as_millis() as u64;
-        if now >= due {
-            Quiet::Idle
-        } else {
-            Quiet::Until(self.instant(due))
+        let due = limits.due_ms(head, self.last_end_ms.load(Relaxed));
+        match (now >= due, head != 0) {
+            (true, true) => Quiet::HeadTooSlow,
+            (true, false) => Quiet::Idle,
+            (false, _) => Quiet::Until(self.instant(due)),
         }
     }
 }
