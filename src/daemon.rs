@@ -14,6 +14,7 @@
 //!    SIGHUP → `RELOADING=1`, re-read the config file, `READY=1`
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,6 +190,11 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     if let Err(e) = app.store.close().await {
         tracing::error!("closing the store: {e}");
     }
+    if FORCED_EXIT.load(Ordering::SeqCst) {
+        // A second signal's forced exit is under way: it exits non-zero
+        // once the store (closed once, for both) is closed.
+        std::future::pending::<()>().await;
+    }
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
@@ -346,9 +352,14 @@ fn spawn_signal_handlers(app: Arc<App>) {
     });
 }
 
+/// Set when a second signal's forced exit begins: the stop then leaves the
+/// exit to it.
+static FORCED_EXIT: AtomicBool = AtomicBool::new(false);
+
 /// A second SIGINT/SIGTERM during the stop: close the store, kill what still
 /// runs, exit non-zero now.
 async fn forced_exit(app: &App, signo: i32) -> ! {
+    FORCED_EXIT.store(true, Ordering::SeqCst);
     tracing::warn!(signal = signo, "second signal during the stop: exiting now");
     app.health
         .notifier

@@ -296,6 +296,8 @@ pub struct Store {
     path: PathBuf,
     /// Counted by the store thread, read lock-free by `/metrics`.
     commits: Arc<CommitCounts>,
+    /// The answer of the one close.
+    closed: Arc<tokio::sync::OnceCell<Result<(), StoreError>>>,
 }
 
 /// Append transactions and rows committed since start: group commit shows as
@@ -413,6 +415,7 @@ impl Store {
                 enqueue_timeout: config.enqueue_timeout,
                 path,
                 commits,
+                closed: Arc::default(),
             },
             StoreThread(Some(handle)),
         ))
@@ -522,9 +525,14 @@ impl Store {
     }
 
     /// Checkpoint and stop the thread. Requests already queued are served
-    /// first; later ones get `Stopped`.
+    /// first; later ones get `Stopped`. Closing again (the stop and a
+    /// second signal's forced exit may both close) waits for the first
+    /// close and gets its answer.
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.call(|reply| Request::Close { reply }).await
+        self.closed
+            .get_or_init(|| self.call(|reply| Request::Close { reply }))
+            .await
+            .clone()
     }
 
     /// Fault injection: make the store thread block forever.
