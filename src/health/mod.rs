@@ -3,6 +3,8 @@
 //!
 //! * `watchdog`      — the loop: tick → checks → verdict → `WATCHDOG=1`,
 //!   keepalive touch, `STATUS=`; it also takes the trend samples.
+//! * `ticker`        — the loop's clock: one wake-up per tick (a periodic
+//!   timerfd on Linux).
 //! * `state`         — `HealthState`, shared by the loop, `/health`, the
 //!   sentinel and `App`; below both `app` and `watchdog`, importing neither.
 //! * `body`          — the `/health` body: per-tick part rendered by the loop,
@@ -33,5 +35,6 @@ pub mod probe;
 pub mod sentinel;
 pub mod single_flight;
 pub mod state;
+pub mod ticker;
 pub mod trends;
 pub mod watchdog;

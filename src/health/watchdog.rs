@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::checks::{run_checks_due_at, CheckStatus, Verdict};
+use super::ticker::Ticker;
 use super::trends::Sample;
 use crate::clock::now_unix_ms;
 
@@ -37,8 +38,7 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     let mut first_pass = Some(first_pass);
     let mut failing: BTreeSet<&'static str> = BTreeSet::new();
     let mut status = StatusLine::default();
-    let mut ticker = tokio::time::interval(health.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = Ticker::new(health.interval);
     // Trend samples keep their own cadence (a minute by default), independent
     // of the check interval.
     let mut sampler = tokio::time::interval(health.trends.interval);
@@ -48,7 +48,7 @@ pub async fn run(app: Arc<App>, first_pass: tokio::sync::oneshot::Sender<()>) {
     let mut ended = Instant::now();
     loop {
         let due = tokio::select! {
-            due = ticker.tick() => due.into_std().max(ended),
+            due = ticker.tick() => due.max(ended),
             _ = sampler.tick() => {
                 health.trends.record(take_sample(&app));
                 if let Some(published) = health.last.load_full() {
