@@ -6,7 +6,8 @@
 //! (the store thread wakes, then the worker again), and every other interval
 //! or so the sentinel thread wakes to look at the heartbeat. This program
 //! does exactly those wake-ups and nothing else: a tokio multi-thread
-//! runtime (two workers, as agentd) whose task sleeps to each tick, sends one
+//! runtime (two workers, as agentd) whose task waits for each tick on
+//! agentd's own ticker (`health::ticker`), sends one
 //! message to a plain thread over a channel and awaits its oneshot answer,
 //! beside a thread that sleeps two intervals at a time. It reports its own
 //! CPU time per tick, from `getrusage`.
@@ -68,7 +69,8 @@ fn main() {
         .expect("runtime");
     // On a worker, as agentd's loop (the main thread only waits for the end).
     let run = runtime.spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
+        // agentd's own clock for the tick (a timerfd on Linux).
+        let mut ticker = agentd::health::ticker::Ticker::new(interval);
         ticker.tick().await;
         // Settle, as the watchdog benchmark does before its window.
         for _ in 0..10 {

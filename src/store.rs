@@ -298,6 +298,11 @@ pub struct Store {
     commits: Arc<CommitCounts>,
     /// The answer of the one close.
     closed: Arc<tokio::sync::OnceCell<Result<(), StoreError>>>,
+    /// The connection and all it proves, under the lock the store thread
+    /// serves each request with.
+    worker: Arc<Mutex<Worker>>,
+    /// Cleared when the store thread ends, however it ends.
+    alive: Arc<AtomicBool>,
 }
 
 /// Append transactions and rows committed since start: group commit shows as
@@ -402,9 +407,15 @@ impl Store {
         if let Err(e) = worker.quick_check() {
             return Err(open_fail(e.to_string()));
         }
+        let worker = Arc::new(Mutex::new(worker));
+        let alive = Arc::new(AtomicBool::new(true));
+        let (shared, running) = (worker.clone(), alive.clone());
         let handle = std::thread::Builder::new()
             .name("agentd-store".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                let _alive = ClearOnDrop(running);
+                Worker::run(shared, rx)
+            })
             .map_err(|e| StoreError::Open {
                 path: path.clone(),
                 reason: format!("cannot start the store thread: {e}"),
@@ -416,6 +427,8 @@ impl Store {
                 path,
                 commits,
                 closed: Arc::default(),
+                worker,
+                alive,
             },
             StoreThread(Some(handle)),
         ))
@@ -443,10 +456,7 @@ impl Store {
             Err(_) => return Err(StoreError::Busy(self.enqueue_timeout)),
         };
         permit.send(make(reply));
-        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-            Ok(answer) => answer.map_err(|_| StoreError::Stopped)?,
-            Err(_) => Err(StoreError::NoAnswer(REPLY_TIMEOUT)),
-        }
+        wait_answer(rx).await
     }
 
     /// Durably append messages; returns after they are committed.
@@ -520,8 +530,30 @@ impl Store {
     /// committed write (the heartbeat row), and free space in the state dir.
     /// `DiskFull` when the disk is full, `Lost` when the file was deleted or
     /// replaced, `Sqlite` for an I/O error or a read-only file system.
+    ///
+    /// When the store thread is idle (nothing queued, its lock free) and no
+    /// `quick_check` is due, the heartbeat runs here, on the caller's
+    /// thread, under the same lock: the same proofs with no wake-up of the
+    /// store thread and back. Otherwise it queues behind the store's other
+    /// requests, which proves the thread takes them.
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
-        self.call(|reply| Request::Heartbeat { reply }).await
+        match self.heartbeat_here() {
+            Some(answer) => wait_answer(answer).await,
+            None => self.call(|reply| Request::Heartbeat { reply }).await,
+        }
+    }
+
+    fn heartbeat_here(&self) -> Option<oneshot::Receiver<Result<(), StoreError>>> {
+        if !self.alive.load(Relaxed) || self.queued() > 0 {
+            return None;
+        }
+        let mut worker = self.worker.try_lock().ok()?;
+        if worker.quick_check_due() {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        worker.answer_heartbeat(reply);
+        Some(answer)
     }
 
     /// Checkpoint and stop the thread. Requests already queued are served
@@ -539,6 +571,27 @@ impl Store {
     #[cfg(feature = "fault-injection")]
     pub fn inject_hang(&self) -> bool {
         self.tx.try_send(Request::Hang).is_ok()
+    }
+}
+
+/// A store request's answer, within `REPLY_TIMEOUT`; one already given
+/// needs no timer.
+async fn wait_answer<T>(mut rx: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+    if let Ok(answer) = rx.try_recv() {
+        return answer;
+    }
+    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        Ok(answer) => answer.map_err(|_| StoreError::Stopped)?,
+        Err(_) => Err(StoreError::NoAnswer(REPLY_TIMEOUT)),
+    }
+}
+
+/// Clears the flag when dropped: on the store thread's return or unwind.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
     }
 }
 
@@ -709,7 +762,10 @@ fn bound_queries(
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    /// The store thread: each request is served under the worker's lock,
+    /// which the tick's heartbeat takes instead when the thread is idle (see
+    /// `Store::heartbeat`).
+    fn run(shared: Arc<Mutex<Worker>>, mut rx: mpsc::Receiver<Request>) {
         let mut deferred: Option<Request> = None;
         loop {
             let req = match deferred.take() {
@@ -719,20 +775,35 @@ impl Worker {
                     None => break,
                 },
             };
+            let mut worker = shared.lock().unwrap_or_else(|e| e.into_inner());
+            if !worker.serve(req, &mut rx, &mut deferred) {
+                break;
+            }
+        }
+    }
+
+    /// One request; `false` once the store is closed.
+    fn serve(
+        &mut self,
+        req: Request,
+        rx: &mut mpsc::Receiver<Request>,
+        deferred: &mut Option<Request>,
+    ) -> bool {
+        {
             match req {
                 Request::Append { turn, reply } => {
                     // Group commit: fold every append already waiting into this
                     // transaction; the first other request ends the batch and
                     // runs next, so order is kept.
                     let mut batch = vec![(turn, reply)];
-                    self.fill(&mut rx, &mut batch, &mut deferred);
+                    self.fill(rx, &mut batch, deferred);
                     // Pipelining: while the previous batch's fsync runs, this
                     // one keeps filling; it commits when that fsync is done
                     // (or after `SYNC_WAIT_CAP`), and one fsync covers it.
                     if deferred.is_none() && batch.len() < self.max_batch {
                         if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
                             sync.wait_idle(SYNC_WAIT_CAP);
-                            self.fill(&mut rx, &mut batch, &mut deferred);
+                            self.fill(rx, &mut batch, deferred);
                         }
                     }
                     self.append_batch(batch);
@@ -768,24 +839,7 @@ impl Worker {
                 Request::Sessions { reply } => {
                     let _ = reply.send(self.sessions().map_err(Into::into));
                 }
-                Request::Heartbeat { reply } => match self.heartbeat() {
-                    // Its own row was written and the disk has not flushed
-                    // lately: answered once the row is durable.
-                    Ok(true)
-                        if self
-                            .sync
-                            .as_ref()
-                            .is_some_and(|s| !s.synced_within(HEARTBEAT_SYNC_INTERVAL)) =>
-                    {
-                        self.answer_durable(Ok(()), reply, 0)
-                    }
-                    Ok(_) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
+                Request::Heartbeat { reply } => self.answer_heartbeat(reply),
                 Request::Close { reply } => {
                     let r = self
                         .conn
@@ -803,10 +857,11 @@ impl Worker {
                         sync.stop();
                     }
                     let _ = reply.send(r);
-                    break;
+                    return false;
                 }
                 #[cfg(feature = "fault-injection")]
                 Request::Hang => {
+                    // As a thread stuck inside SQLite would: with the lock.
                     tracing::warn!("fault injection: the store thread now blocks forever");
                     loop {
                         std::thread::park();
@@ -814,6 +869,36 @@ impl Worker {
                 }
             }
         }
+        true
+    }
+
+    /// Run the heartbeat and answer it: at once, or once its own row is
+    /// durable when it wrote one and the disk has not flushed lately.
+    fn answer_heartbeat(&mut self, reply: Reply<()>) {
+        match self.heartbeat() {
+            Ok(true)
+                if self
+                    .sync
+                    .as_ref()
+                    .is_some_and(|s| !s.synced_within(HEARTBEAT_SYNC_INTERVAL)) =>
+            {
+                self.answer_durable(Ok(()), reply, 0)
+            }
+            Ok(_) => {
+                let _ = reply.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Whether the next heartbeat runs `PRAGMA quick_check`.
+    fn quick_check_due(&self) -> bool {
+        !self.quick_check_interval.is_zero()
+            && self
+                .last_quick_check
+                .is_none_or(|t| t.elapsed() >= self.quick_check_interval)
     }
 
     /// Move appends already waiting into `batch`, up to `max_batch`; the
@@ -1153,11 +1238,7 @@ impl Worker {
     /// damage for good; a check that ran out of time found nothing and is
     /// logged.
     fn quick_check(&mut self) -> Result<(), StoreError> {
-        if self.quick_check_interval.is_zero()
-            || self
-                .last_quick_check
-                .is_some_and(|t| t.elapsed() < self.quick_check_interval)
-        {
+        if !self.quick_check_due() {
             return Ok(());
         }
         self.last_quick_check = Some(Instant::now());
@@ -1367,6 +1448,37 @@ mod tests {
             thread.join();
             assert_eq!(beats(dir.path()), 2, "{sync:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn heartbeat_runs_here_only_while_the_store_thread_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        {
+            // The lock taken, as the store thread takes it for a request.
+            let _busy = store.worker.lock().unwrap();
+            assert!(
+                store.heartbeat_here().is_none(),
+                "queues while the lock is taken"
+            );
+        }
+        let answer = store.heartbeat_here().expect("runs here when idle");
+        wait_answer(answer).await.unwrap();
+        assert_eq!(beats(dir.path()), 1, "the row was written here");
+        // Through the queue, the same proof.
+        store
+            .call(|reply| Request::Heartbeat { reply })
+            .await
+            .unwrap();
+        assert_eq!(beats(dir.path()), 2);
+        store.close().await.unwrap();
+        thread.join();
+        assert!(!store.alive.load(Relaxed), "the thread's end is seen");
+        assert!(
+            store.heartbeat_here().is_none(),
+            "no heartbeat here once it ended"
+        );
+        assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
     }
 
     #[tokio::test]
