@@ -789,83 +789,81 @@ impl Worker {
         rx: &mut mpsc::Receiver<Request>,
         deferred: &mut Option<Request>,
     ) -> bool {
-        {
-            match req {
-                Request::Append { turn, reply } => {
-                    // Group commit: fold every append already waiting into this
-                    // transaction; the first other request ends the batch and
-                    // runs next, so order is kept.
-                    let mut batch = vec![(turn, reply)];
-                    self.fill(rx, &mut batch, deferred);
-                    // Pipelining: while the previous batch's fsync runs, this
-                    // one keeps filling; it commits when that fsync is done
-                    // (or after `SYNC_WAIT_CAP`), and one fsync covers it.
-                    if deferred.is_none() && batch.len() < self.max_batch {
-                        if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
-                            sync.wait_idle(SYNC_WAIT_CAP);
-                            self.fill(rx, &mut batch, deferred);
-                        }
+        match req {
+            Request::Append { turn, reply } => {
+                // Group commit: fold every append already waiting into this
+                // transaction; the first other request ends the batch and
+                // runs next, so order is kept.
+                let mut batch = vec![(turn, reply)];
+                self.fill(rx, &mut batch, deferred);
+                // Pipelining: while the previous batch's fsync runs, this
+                // one keeps filling; it commits when that fsync is done
+                // (or after `SYNC_WAIT_CAP`), and one fsync covers it.
+                if deferred.is_none() && batch.len() < self.max_batch {
+                    if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
+                        sync.wait_idle(SYNC_WAIT_CAP);
+                        self.fill(rx, &mut batch, deferred);
                     }
-                    self.append_batch(batch);
                 }
-                Request::CliSession {
-                    session_id,
-                    runtime,
-                    reply,
-                } => {
-                    let _ = reply.send(self.cli_session(&session_id, &runtime).map_err(Into::into));
-                }
-                Request::NextGeneration {
-                    session_id,
-                    runtime,
-                    reply,
-                } => {
-                    let r = self.still_ours().and_then(|()| {
-                        let cli = self.next_generation(&session_id, &runtime)?;
-                        self.confirm_written().map(|()| cli)
-                    });
-                    self.answer_durable(r, reply, 1);
-                }
-                Request::Recent { limit, reply } => {
-                    let _ = reply.send(self.recent(limit).map_err(Into::into));
-                }
-                Request::Clear { session, reply } => {
-                    let r = self.still_ours().and_then(|()| {
-                        let deleted = self.clear(session.as_deref())?;
-                        self.confirm_written().map(|()| deleted)
-                    });
-                    self.answer_durable(r, reply, 1);
-                }
-                Request::Sessions { reply } => {
-                    let _ = reply.send(self.sessions().map_err(Into::into));
-                }
-                Request::Heartbeat { reply } => self.answer_heartbeat(reply),
-                Request::Close { reply } => {
-                    let r = self
-                        .conn
-                        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-                        .map_err(Into::into);
-                    rx.close();
-                    // Serve what was queued before the close, then stop.
-                    while let Ok(req) = rx.try_recv() {
-                        if let Request::Append { turn, reply } = req {
-                            self.append_batch(vec![(turn, reply)]);
-                        }
+                self.append_batch(batch);
+            }
+            Request::CliSession {
+                session_id,
+                runtime,
+                reply,
+            } => {
+                let _ = reply.send(self.cli_session(&session_id, &runtime).map_err(Into::into));
+            }
+            Request::NextGeneration {
+                session_id,
+                runtime,
+                reply,
+            } => {
+                let r = self.still_ours().and_then(|()| {
+                    let cli = self.next_generation(&session_id, &runtime)?;
+                    self.confirm_written().map(|()| cli)
+                });
+                self.answer_durable(r, reply, 1);
+            }
+            Request::Recent { limit, reply } => {
+                let _ = reply.send(self.recent(limit).map_err(Into::into));
+            }
+            Request::Clear { session, reply } => {
+                let r = self.still_ours().and_then(|()| {
+                    let deleted = self.clear(session.as_deref())?;
+                    self.confirm_written().map(|()| deleted)
+                });
+                self.answer_durable(r, reply, 1);
+            }
+            Request::Sessions { reply } => {
+                let _ = reply.send(self.sessions().map_err(Into::into));
+            }
+            Request::Heartbeat { reply } => self.answer_heartbeat(reply),
+            Request::Close { reply } => {
+                let r = self
+                    .conn
+                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                    .map_err(Into::into);
+                rx.close();
+                // Serve what was queued before the close, then stop.
+                while let Ok(req) = rx.try_recv() {
+                    if let Request::Append { turn, reply } = req {
+                        self.append_batch(vec![(turn, reply)]);
                     }
-                    // Every batch handed to the sync thread is answered first.
-                    if let Some(mut sync) = self.sync.take() {
-                        sync.stop();
-                    }
-                    let _ = reply.send(r);
-                    return false;
                 }
-                #[cfg(feature = "fault-injection")]
-                Request::Hang => {
-                    // As a thread stuck inside SQLite would: with the lock.
-                    tracing::warn!("fault injection: the store thread now blocks forever");
-                    loop {
-                        std::thread::park();
-                    }
+                // Every batch handed to the sync thread is answered first.
+                if let Some(mut sync) = self.sync.take() {
+                    sync.stop();
+                }
+                let _ = reply.send(r);
+                return false;
+            }
+            #[cfg(feature = "fault-injection")]
+            Request::Hang => {
+                // As a thread stuck inside SQLite would: with the lock.
+                tracing::warn!("fault injection: the store thread now blocks forever");
+                loop {
+                    std::thread::park();
                 }
             }
         }
