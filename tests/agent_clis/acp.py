@@ -218,6 +218,11 @@ def sc_restart_load(a):
     s1, b1 = a.chat("remember apples", session_id=sid)
     check(scope, "turn 1 answered", s1 == 200 and "turns=1: remember apples" in response(b1),
           f"HTTP {s1} {json.dumps(b1)[:300]}")
+    if preset(a).loads:
+        # As in the SIGKILL scenario: Claude Code writes its transcript just
+        # after it answers, and a stop inside that moment loses the turn.
+        check(scope, "the agent has written turn 1 to its session",
+              wait_until(lambda: persisted(a, "remember apples"), 15, 0.1), a.home)
     children = agent_children(a)
     rc = a.stop()
     check(scope, "agentd stopped cleanly", rc == 0, rc)
