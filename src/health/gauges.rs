@@ -381,6 +381,23 @@ impl ProcGauges {
         snapshot
     }
 
+    /// Reads what the `resources` check judges (threads, open fds, the fd
+    /// limits) now, and puts it into the cached snapshot, whose RSS stays as
+    /// it was read (it is no check's input; `/health` rereads it once the
+    /// snapshot is `ttl` old). Saves the tick a `/proc/self/statm` read.
+    pub fn refresh_counts(&self) -> ProcSnapshot {
+        let (fd_soft, fd_hard) = fd_limits();
+        let snapshot = ProcSnapshot {
+            thread_count: thread_count(),
+            open_fds: open_fds(),
+            fd_soft,
+            fd_hard,
+            ..**self.snapshot.load()
+        };
+        self.snapshot.store(Arc::new(snapshot));
+        snapshot
+    }
+
     /// Refreshes done since creation.
     pub fn refreshes(&self) -> u64 {
         self.refreshes.load(Ordering::Relaxed)
