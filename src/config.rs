@@ -111,6 +111,10 @@ pub struct StoreConfig {
     /// `store::QUICK_CHECK_BUDGET` each time) to find damage inside
     /// `state.db` that its header does not show. Zero turns it off.
     pub quick_check_interval: Duration,
+    /// How old the `store` check's last proof of writing may be before a
+    /// tick makes a new one (`store::Worker::heartbeat`): ticks closer
+    /// together than this reuse it. Zero proves on every tick.
+    pub proof_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +290,7 @@ settings! {
     store_synchronous => "AGENTD_STORE_SYNCHRONOUS",
     store_enqueue_timeout => "AGENTD_STORE_ENQUEUE_TIMEOUT",
     store_quick_check_interval => "AGENTD_STORE_QUICK_CHECK_INTERVAL",
+    store_proof_interval => "AGENTD_STORE_PROOF_INTERVAL",
     runtime => "AGENTD_RUNTIME",
     runtime_cmd => "AGENTD_RUNTIME_CMD",
     claude_bin => "AGENTD_CLAUDE_BIN",
@@ -798,6 +803,7 @@ fn build(
             Duration::ZERO,
             7 * 86_400 * SEC,
         )?,
+        proof_interval: duration(raw, "store_proof_interval", SEC, Duration::ZERO, 60 * SEC)?,
     };
     let mut executor = ExecutorConfig {
         max_concurrent: int(raw, "max_concurrent", 4, 1, 4096)? as usize,
@@ -1073,6 +1079,20 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.runtime.workdir, PathBuf::from("/srv/work"));
+    }
+
+    #[test]
+    fn store_proof_interval_defaults_to_a_second_and_is_bounded() {
+        assert_eq!(
+            load(&[]).unwrap().store.proof_interval,
+            Duration::from_secs(1)
+        );
+        let c = load(&[("AGENTD_STORE_PROOF_INTERVAL", "0")]).unwrap();
+        assert_eq!(c.store.proof_interval, Duration::ZERO);
+        let err = load(&[("AGENTD_STORE_PROOF_INTERVAL", "2h")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AGENTD_STORE_PROOF_INTERVAL"), "{err}");
     }
 
     #[test]

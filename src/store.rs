@@ -400,6 +400,8 @@ impl Store {
             damaged: None,
             quick_check_interval: config.quick_check_interval,
             last_quick_check: None,
+            proof_interval: config.proof_interval,
+            proved: None,
             quick_check_deadline,
             clock,
         };
@@ -719,6 +721,13 @@ struct Worker {
     damaged: Option<StoreError>,
     quick_check_interval: Duration,
     last_quick_check: Option<Instant>,
+    /// `AGENTD_STORE_PROOF_INTERVAL`: how old the last proof of writing may
+    /// be before the heartbeat makes a new one.
+    proof_interval: Duration,
+    /// When the heartbeat last proved writing (file proof, read, commit or a
+    /// real write, free space). Cleared by any failure, so a failing store
+    /// is looked at again on every tick.
+    proved: Option<Instant>,
     /// Nanoseconds after `clock` at which a running query is interrupted
     /// (0: none). Set only around `PRAGMA quick_check`.
     quick_check_deadline: Arc<AtomicU64>,
@@ -952,6 +961,8 @@ impl Worker {
                 let _ = reply.send(r.map(|()| value));
             }),
             Err(e) => {
+                // A failed write makes the next tick prove writing again.
+                self.proved = None;
                 let _ = reply.send(Err(e));
             }
         }
@@ -992,6 +1003,7 @@ impl Worker {
                 }
             }
             Err(err) => {
+                self.proved = None;
                 tracing::error!(error = %err, rows, "append failed; nothing in this batch was stored");
                 for (_, reply) in batch {
                     let _ = reply.send(Err(err.clone()));
@@ -1188,17 +1200,23 @@ impl Worker {
     /// connection opened (see `store_file`). The first failure is kept and
     /// logged once; it is every later write's answer.
     fn still_ours(&mut self) -> Result<(), StoreError> {
+        self.known_damage()?;
+        match self.file.verify() {
+            Ok(()) => Ok(()),
+            Err(p @ FileProblem::Unreadable(_)) => Err(p.into()),
+            Err(p) => Err(self.damage(p.into())),
+        }
+    }
+
+    /// Damage already found, or a failed fsync of the WAL: no file access.
+    fn known_damage(&mut self) -> Result<(), StoreError> {
         if let Some(e) = &self.damaged {
             return Err(e.clone());
         }
         if let Some(why) = self.sync.as_ref().and_then(Syncer::failed) {
             return Err(self.damage(StoreError::Unwritable(why)));
         }
-        match self.file.verify() {
-            Ok(()) => Ok(()),
-            Err(p @ FileProblem::Unreadable(_)) => Err(p.into()),
-            Err(p) => Err(self.damage(p.into())),
-        }
+        Ok(())
     }
 
     /// The proof after a commit and before its answer: if the commit
@@ -1277,22 +1295,63 @@ impl Worker {
 
     /// The `store` check's round trip: the file is still ours, a read, a
     /// proof that writing works, and enough free space for the next write.
-    /// The proof is a real write made durable since the last heartbeat when
+    /// The proof is a real write made durable since the last proof when
     /// there was one (a chat under load proves more than a heartbeat row
     /// would); otherwise one committed upsert of the heartbeat row (the table
-    /// never grows). Returns whether it wrote the row: that answer waits for
-    /// the row to be durable.
+    /// never grows). A tick within `AGENTD_STORE_PROOF_INTERVAL` of the last
+    /// proof that passed reuses it, after checking for damage and checkpoint
+    /// failures found meanwhile (a failure makes the next tick prove again).
+    /// Returns whether it wrote the row: that answer waits for the row to be
+    /// durable.
     fn heartbeat(&mut self) -> Result<bool, StoreError> {
-        self.still_ours()?;
-        self.quick_check()?;
-        if let Some(e) = self
+        self.proved = self.proved.filter(|_| self.proof_is_fresh());
+        if self.proved.is_some() {
+            // Between proofs, what the store learnt meanwhile still counts,
+            // and a failure makes the next tick prove again.
+            let known = self.known_damage().and_then(|()| self.checkpoint_ok());
+            if known.is_err() {
+                self.proved = None;
+            }
+            return known.map(|()| false);
+        }
+        let proof = self.prove_writing();
+        if proof.is_ok() {
+            self.proved = Some(Instant::now());
+        }
+        proof
+    }
+
+    /// Whether the last proof of writing is recent enough to stand for this
+    /// tick's: younger than nine tenths of `proof_interval`, so ticks one
+    /// interval apart each make their own despite jitter, and never while a
+    /// `quick_check` is due.
+    fn proof_is_fresh(&self) -> bool {
+        !self.quick_check_due()
+            && self
+                .proved
+                .is_some_and(|t| t.elapsed() < self.proof_interval.mul_f64(0.9))
+    }
+
+    fn checkpoint_ok(&self) -> Result<(), StoreError> {
+        match self
             .checkpoint_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
         {
-            return Err(StoreError::Unwritable(format!("checkpoint failed: {e}")));
+            Some(e) => Err(StoreError::Unwritable(format!("checkpoint failed: {e}"))),
+            None => Ok(()),
         }
+    }
+
+    /// The heartbeat's proof: `state.db` is still ours, a read works, a
+    /// write was committed (a real one since the last proof, else the
+    /// heartbeat row), and the state dir has room. `Ok(true)` when the
+    /// heartbeat committed its own row.
+    fn prove_writing(&mut self) -> Result<bool, StoreError> {
+        self.still_ours()?;
+        self.quick_check()?;
+        self.checkpoint_ok()?;
         let durable = self.commits.durable_writes.load(Relaxed);
         let wrote = durable == self.durable_seen;
         let read_newest = |conn: &Connection| -> rusqlite::Result<Option<i64>> {
@@ -1349,6 +1408,7 @@ mod tests {
             synchronous: SyncMode::Normal,
             enqueue_timeout: Duration::from_secs(5),
             quick_check_interval: Duration::from_secs(900),
+            proof_interval: Duration::ZERO,
         }
     }
 
@@ -1446,6 +1506,67 @@ mod tests {
             thread.join();
             assert_eq!(beats(dir.path()), 2, "{sync:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_passing_proof_stands_for_the_ticks_within_the_proof_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.proof_interval = Duration::from_secs(3600);
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        for _ in 0..3 {
+            store.heartbeat().await.unwrap();
+        }
+        // The moved-away file is seen by the next write, not by the reused
+        // proof; once the write found it, every tick fails at once.
+        let db = dir.path().join(DB_FILE);
+        std::fs::rename(&db, dir.path().join("moved.db")).unwrap();
+        store.heartbeat().await.unwrap();
+        assert!(matches!(
+            store.append(vec![msg(0, "s")]).await,
+            Err(StoreError::Lost(_))
+        ));
+        assert!(matches!(store.heartbeat().await, Err(StoreError::Lost(_))));
+        store.close().await.unwrap();
+        thread.join();
+        let beats: i64 = Connection::open(dir.path().join("moved.db"))
+            .unwrap()
+            .query_row("SELECT beats FROM health_heartbeat", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(beats, 1, "one proof for the first three ticks");
+    }
+
+    #[tokio::test]
+    async fn a_failed_proof_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config();
+        cfg.proof_interval = Duration::from_secs(3600);
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        store.heartbeat().await.unwrap();
+        // A checkpoint failure recorded meanwhile fails the reused proof too.
+        *store
+            .worker
+            .lock()
+            .unwrap()
+            .checkpoint_error
+            .lock()
+            .unwrap() = Some("disk I/O error".into());
+        for _ in 0..2 {
+            let e = store.heartbeat().await.unwrap_err();
+            assert!(e.to_string().contains("checkpoint failed"), "{e}");
+        }
+        *store
+            .worker
+            .lock()
+            .unwrap()
+            .checkpoint_error
+            .lock()
+            .unwrap() = None;
+        // Cleared: the next tick proves again, with a commit of its own.
+        store.heartbeat().await.unwrap();
+        store.close().await.unwrap();
+        thread.join();
+        assert_eq!(beats(dir.path()), 2, "the failed ticks proved again");
     }
 
     #[tokio::test]

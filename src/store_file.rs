@@ -15,8 +15,9 @@
 //!   it checkpoints, so between two checkpoints its header (magic string,
 //!   file change counter, page count, schema cookie) cannot change unless
 //!   someone else wrote the file;
-//! * **length**: the file holds at least the pages its header counts (one
-//!   `fstat`); a shorter file was truncated.
+//! * **length**: the file holds at least the pages its header counts (the
+//!   same `stat`: the path names the open inode); a shorter file was
+//!   truncated.
 //!
 //! Deeper damage (a page in the middle overwritten) leaves the header alone;
 //! the store's scheduled `PRAGMA quick_check` finds it.
@@ -110,7 +111,7 @@ struct FileIdentity {
 #[derive(Debug)]
 pub struct DbFile {
     path: PathBuf,
-    /// A read-only descriptor of the same inode, for `pread` and `fstat`.
+    /// A read-only descriptor of the same inode, for `pread`.
     file: File,
     identity: FileIdentity,
     /// The header as the last checkpoint left it.
@@ -143,7 +144,7 @@ impl DbFile {
     /// provided it still is a database and its change counter did not go
     /// backwards.
     pub fn checkpointed(&mut self) -> Result<(), FileProblem> {
-        self.check_identity()?;
+        let len = self.check_identity()?;
         let now = self.read_header()?;
         self.check_header_shape(&now)?;
         let (before, after) = (change_counter(&self.header), change_counter(&now));
@@ -154,12 +155,12 @@ impl DbFile {
             });
         }
         self.header = now;
-        self.check_length()
+        self.check_length(len)
     }
 
-    /// The whole proof: identity, header, length. Three system calls.
+    /// The whole proof: identity, header, length. Two system calls.
     pub fn verify(&self) -> Result<(), FileProblem> {
-        self.check_identity()?;
+        let len = self.check_identity()?;
         let now = self.read_header()?;
         if now != self.header {
             self.check_header_shape(&now)?;
@@ -168,7 +169,7 @@ impl DbFile {
                 expected_counter: change_counter(&self.header),
             });
         }
-        self.check_length()
+        self.check_length(len)
     }
 
     /// The expected header's file change counter (for reports and tests).
@@ -176,9 +177,11 @@ impl DbFile {
         change_counter(&self.header)
     }
 
-    fn check_identity(&self) -> Result<(), FileProblem> {
+    /// The path still names the file opened; its length (one `stat` of the
+    /// path tells both: the same inode is the open file).
+    fn check_identity(&self) -> Result<u64, FileProblem> {
         match std::fs::metadata(&self.path) {
-            Ok(m) if m.dev() == self.identity.dev && m.ino() == self.identity.ino => Ok(()),
+            Ok(m) if m.dev() == self.identity.dev && m.ino() == self.identity.ino => Ok(m.len()),
             Ok(_) => Err(FileProblem::Replaced),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(FileProblem::Deleted),
             Err(e) => Err(FileProblem::Unreadable(format!(
@@ -214,12 +217,7 @@ impl DbFile {
         Ok(())
     }
 
-    fn check_length(&self) -> Result<(), FileProblem> {
-        let len = self
-            .file
-            .metadata()
-            .map_err(|e| FileProblem::Unreadable(e.to_string()))?
-            .len();
+    fn check_length(&self, len: u64) -> Result<(), FileProblem> {
         let expected = expected_len(&self.header);
         if len < expected {
             return Err(FileProblem::Truncated { len, expected });

@@ -72,7 +72,8 @@ fn state_lock_check(app: Arc<App>) -> Check {
 
 /// A round trip through the SQLite thread that commits a real write (the
 /// heartbeat row) and checks that `state.db` is still the open file and the
-/// disk has room.
+/// disk has room; at most once per `AGENTD_STORE_PROOF_INTERVAL`, ticks in
+/// between reusing the last proof that passed (`store::Worker::heartbeat`).
 ///
 /// Wedge or load: a full disk is *degraded* (reads are still served, and it
 /// clears by itself when space returns, so a restart would not help); a
