@@ -423,9 +423,10 @@ async fn lag_probe(runtime: Handle, max_lag: Duration) -> Result<Option<String>,
 
 /// `resources`: open fds below [`FD_LIMIT_PERCENT`] of the soft limit and
 /// fewer than `max_threads` threads, from a fresh reading of those (which
-/// also goes into the `/health` cache; RSS is not read). An unreadable gauge fails: where the fd count needs
-/// a listing of `/proc/self/fd` (kernels before 6.2), a full fd table refuses
-/// to open it, so "cannot read" is itself the symptom.
+/// also goes into the `/health` cache; RSS is not read). An unreadable gauge
+/// fails: where the fd count needs a listing of `/proc/self/fd` (kernels
+/// before 6.2), a full fd table refuses to open it, so "cannot read" is
+/// itself the symptom.
 pub fn resources_check(max_threads: usize, gauges: Arc<ProcGauges>) -> Check {
     let max_threads = i64::try_from(max_threads).unwrap_or(i64::MAX);
     Check::new("resources", move || {
