@@ -94,7 +94,7 @@ impl App {
         health: HealthState,
         on_slow_step: &dyn Fn(&str),
     ) -> Result<(Arc<App>, StoreThread), StartError> {
-        let (store, thread) = Store::open(&config.state_dir, &config.store, on_slow_step)?;
+        let (store, thread) = Store::open(&config.state_dir, &config.store, on_slow_step).await?;
         // After the store: the default work directory lives in the state dir.
         runtimes::prepare_workdir(&config.runtime.workdir).map_err(|reason| {
             StartError::Workdir {

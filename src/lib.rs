@@ -12,6 +12,9 @@
 //! * `store_sync` — the store's sync thread: one fsync of the WAL for every
 //!   batch committed while the last one ran, answers after it (pipelined
 //!   group commit at `synchronous=full`).
+//! * `store_watch` — what the store thread tells the `store` check without
+//!   a round trip: how long the last proof stands, a request it is stuck in,
+//!   a write lock another process holds (SQLite's busy handler).
 //! * `store_file` — proof that `state.db` is still the database the store
 //!   opened (identity, header, length), checked around every write.
 //! * `health`   — gauges, deep checks, the watchdog loop and the sentinel.
@@ -44,3 +47,4 @@ pub mod state_dir;
 pub mod store;
 pub mod store_file;
 pub mod store_sync;
+pub mod store_watch;

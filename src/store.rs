@@ -38,6 +38,7 @@ use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
 use crate::store_file::{DbFile, FileProblem};
 use crate::store_sync::{SyncJob, Syncer};
+use crate::store_watch::Watch;
 
 /// WAL pages after which a commit checkpoints: SQLite's own default
 /// (`wal_autocheckpoint`), which the store's WAL hook takes over so that it
@@ -82,10 +83,6 @@ pub const DB_FILE: &str = "state.db";
 /// batch would cost a `DELETE` per commit; this keeps the table within
 /// `retention_messages + RETENTION_SWEEP_EVERY` rows.
 const RETENTION_SWEEP_EVERY: u64 = 1024;
-
-/// SQLite's own wait for a lock held by another process (an operator's
-/// `sqlite3` shell); our own thread never contends with itself.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest a caller waits for the store thread's answer once its request is
 /// queued. A hung database turns into errors (and a failing `store` check, so
@@ -171,6 +168,11 @@ pub enum StoreError {
     Stopped,
     #[error("the store did not answer within {0:?}")]
     NoAnswer(Duration),
+    /// SQLITE_BUSY: another process (an operator's `sqlite3` shell, a
+    /// backup) holds the write lock of `state.db` beyond the busy timeout.
+    /// Nothing in the write was stored; clears by itself when the lock goes.
+    #[error("{0}")]
+    Locked(String),
     /// SQLITE_FULL / ENOSPC: nothing in the write was stored. Clears by itself
     /// when space returns.
     #[error("disk full: {0}")]
@@ -205,6 +207,7 @@ impl From<rusqlite::Error> for StoreError {
         use rusqlite::ErrorCode as C;
         match e.sqlite_error_code() {
             Some(C::DiskFull) => StoreError::DiskFull(e.to_string()),
+            Some(C::DatabaseBusy) => StoreError::Locked(e.to_string()),
             Some(C::DatabaseCorrupt | C::NotADatabase) => StoreError::Corrupt(e.to_string()),
             Some(C::ReadOnly | C::PermissionDenied | C::SystemIoFailure | C::CannotOpen) => {
                 StoreError::Unwritable(e.to_string())
@@ -275,9 +278,11 @@ enum Request {
     Sessions {
         reply: Reply<SessionSummary>,
     },
-    /// The health check's write: see `Worker::heartbeat`.
+    /// The health check's write: see `Worker::heartbeat`. `fresh` makes a
+    /// new proof even when the last one still stands (`?deep=1`).
     Heartbeat {
         reply: Reply<()>,
+        fresh: bool,
     },
     /// Checkpoint the WAL and stop the thread.
     Close {
@@ -298,9 +303,11 @@ pub struct Store {
     commits: Arc<CommitCounts>,
     /// The answer of the one close.
     closed: Arc<tokio::sync::OnceCell<Result<(), StoreError>>>,
-    /// The connection and all it proves, under the lock the store thread
-    /// serves each request with.
-    worker: Arc<Mutex<Worker>>,
+    /// What the store thread tells the `store` check without a round trip.
+    watch: Arc<Watch>,
+    /// The last checkpoint's failure (the WAL hook's), which a reused
+    /// proof must not hide.
+    checkpoint_error: Arc<Mutex<Option<String>>>,
     /// Cleared when the store thread ends, however it ends.
     alive: Arc<AtomicBool>,
 }
@@ -318,6 +325,9 @@ pub struct CommitCounts {
     /// so far: the `store` check's proof that writing works when it moved
     /// since the last tick (see `Worker::heartbeat`).
     pub durable_writes: AtomicU64,
+    /// Set by the sync thread when an fsync of the WAL failed: every later
+    /// write is refused, and no earlier proof of writing stands.
+    pub sync_failed: AtomicBool,
 }
 
 /// Owns the thread; `join` after `close` at shutdown.
@@ -335,93 +345,67 @@ impl Store {
     /// Open (creating if needed) `<state_dir>/state.db`, migrate it, and start
     /// the thread that owns the connection. `on_slow_step` is called before
     /// each migration so start-up can extend its systemd timeout.
-    pub fn open(
+    ///
+    /// The store thread opens the connection itself: it is made, migrated,
+    /// checked and used on that thread alone, never on the caller's.
+    pub async fn open(
         state_dir: &Path,
         config: &StoreConfig,
         on_slow_step: &dyn Fn(&str),
     ) -> Result<(Store, StoreThread), StoreError> {
-        prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
-        private_db_files(&path)?;
-        // At `full`, SQLite commits at `NORMAL` (no fsync inside COMMIT) and
-        // the sync thread makes each batch durable before it is answered:
-        // the next batch commits while the previous fsync runs.
-        // At `normal`, answers follow COMMIT, durable at the next checkpoint
-        // as SQLite defines it.
-        let mut conn = open_connection(&path, SyncMode::Normal)?;
-        migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
-            path: path.clone(),
-            reason: format!("migration failed: {e}"),
-        })?;
-        let open_fail = |reason: String| StoreError::Open {
-            path: path.clone(),
-            reason,
-        };
-        // A clean file to compare against: everything so far checkpointed
-        // into it, so its header is the one the next checkpoint moves on.
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .map_err(|e| open_fail(format!("cannot checkpoint: {e}")))?;
-        let file = DbFile::open(&path).map_err(|p| open_fail(p.to_string()))?;
-        let checkpointed = Arc::new(AtomicBool::new(false));
-        let checkpoint_error = Arc::new(Mutex::new(None));
-        own_checkpoints(&mut conn, checkpointed.clone(), checkpoint_error.clone())
-            .map_err(|e| open_fail(format!("cannot install the WAL hook: {e}")))?;
-        let quick_check_deadline = Arc::new(AtomicU64::new(0));
-        let clock = Instant::now();
-        bound_queries(&mut conn, quick_check_deadline.clone(), clock)
-            .map_err(|e| open_fail(format!("cannot install the progress handler: {e}")))?;
         let (tx, rx) = mpsc::channel(config.queue.max(1));
+        // A message per migration and the outcome: bounded by the schema.
+        let (news_tx, mut news) = mpsc::channel(MIGRATIONS.len() + 1);
         let commits = Arc::new(CommitCounts::default());
-        let sync = match config.synchronous {
-            SyncMode::Normal => None,
-            SyncMode::Full => {
-                let mut wal = path.as_os_str().to_owned();
-                wal.push("-wal");
-                let wal = std::fs::File::open(&wal)
-                    .map_err(|e| open_fail(format!("cannot open state.db-wal to sync it: {e}")))?;
-                Some(
-                    Syncer::start(wal, SYNC_QUEUE, commits.clone())
-                        .map_err(|e| open_fail(format!("cannot start the sync thread: {e}")))?,
-                )
-            }
-        };
-        let mut worker = Worker {
-            sync,
-            durable_seen: 0,
-            commits: commits.clone(),
-            conn,
-            max_batch: config.max_batch.max(1),
-            retention: config.retention_messages,
-            since_sweep: 0,
-            state_dir: state_dir.to_owned(),
-            file,
-            checkpointed,
-            checkpoint_error,
-            damaged: None,
-            quick_check_interval: config.quick_check_interval,
-            last_quick_check: None,
-            proof_interval: config.proof_interval,
-            proved: None,
-            quick_check_deadline,
-            clock,
-        };
-        // Damage inside the file shows at start, before anything is served.
-        if let Err(e) = worker.quick_check() {
-            return Err(open_fail(e.to_string()));
-        }
-        let worker = Arc::new(Mutex::new(worker));
+        let watch = Arc::new(Watch::default());
+        let checkpoint_error = Arc::new(Mutex::new(None));
         let alive = Arc::new(AtomicBool::new(true));
-        let (shared, running) = (worker.clone(), alive.clone());
-        let handle = std::thread::Builder::new()
-            .name("agentd-store".into())
-            .spawn(move || {
-                let _alive = ClearOnDrop(running);
-                Worker::run(shared, rx)
-            })
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                reason: format!("cannot start the store thread: {e}"),
-            })?;
+        let handle = {
+            let (dir, config) = (state_dir.to_owned(), config.clone());
+            let (commits, watch, running) = (commits.clone(), watch.clone(), alive.clone());
+            let checkpoint_error = checkpoint_error.clone();
+            std::thread::Builder::new()
+                .name("agentd-store".into())
+                .spawn(move || {
+                    let _alive = ClearOnDrop(running);
+                    let step = |s: &str| {
+                        let _ = news_tx.blocking_send(Opening::Step(s.to_owned()));
+                    };
+                    let shared = Shared {
+                        commits,
+                        watch,
+                        checkpoint_error,
+                    };
+                    match Worker::open(&dir, &config, shared, &step) {
+                        Ok(worker) => {
+                            let _ = news_tx.blocking_send(Opening::Done(Ok(())));
+                            drop(news_tx);
+                            worker.run(rx)
+                        }
+                        Err(e) => {
+                            let _ = news_tx.blocking_send(Opening::Done(Err(e)));
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::Open {
+                    path: path.clone(),
+                    reason: format!("cannot start the store thread: {e}"),
+                })?
+        };
+        loop {
+            match news.recv().await {
+                Some(Opening::Step(step)) => on_slow_step(&step),
+                Some(Opening::Done(Ok(()))) => break,
+                Some(Opening::Done(Err(e))) => return Err(e),
+                None => {
+                    return Err(StoreError::Open {
+                        path,
+                        reason: "the store thread ended while opening the database".into(),
+                    })
+                }
+            }
+        }
         Ok((
             Store {
                 tx,
@@ -429,7 +413,8 @@ impl Store {
                 path,
                 commits,
                 closed: Arc::default(),
-                worker,
+                watch,
+                checkpoint_error,
                 alive,
             },
             StoreThread(Some(handle)),
@@ -531,31 +516,45 @@ impl Store {
     /// The health check's write: the identity of `state.db`, a read, a real
     /// committed write (the heartbeat row), and free space in the state dir.
     /// `DiskFull` when the disk is full, `Lost` when the file was deleted or
-    /// replaced, `Sqlite` for an I/O error or a read-only file system.
+    /// replaced, `Locked` while another process holds the write lock,
+    /// `Sqlite` for an I/O error or a read-only file system.
     ///
-    /// When the store thread is idle (nothing queued, its lock free) and no
-    /// `quick_check` is due, the heartbeat runs here, on the caller's
-    /// thread, under the same lock: the same proofs with no wake-up of the
-    /// store thread and back. Otherwise it queues behind the store's other
-    /// requests, which proves the thread takes them.
-    pub async fn heartbeat(&self) -> Result<(), StoreError> {
-        match self.heartbeat_here() {
-            Some(answer) => wait_answer(answer).await,
-            None => self.call(|reply| Request::Heartbeat { reply }).await,
+    /// Between proofs (see `AGENTD_STORE_PROOF_INTERVAL`) the last one that
+    /// passed stands, read from the watch with no round trip to the store
+    /// thread, while that thread is not stuck in one request and no lock is
+    /// reported; `fresh` (`?deep=1`) always makes a new one. Otherwise the
+    /// heartbeat queues behind the store's other requests, which proves the
+    /// thread takes them. While it waits, a lock that another process holds
+    /// is reported as soon as the store thread has waited `LOCK_REPORT_AFTER`
+    /// for it, and a tick that finds a heartbeat already queued behind such
+    /// a lock reports it without queuing another.
+    pub async fn heartbeat(&self, fresh: bool) -> Result<(), StoreError> {
+        let watch = &self.watch;
+        let locked = watch.locked_for();
+        if !fresh && locked.is_none() && self.alive.load(Relaxed) {
+            let failed =
+                self.commits.sync_failed.load(Relaxed) || lock(&self.checkpoint_error).is_some();
+            if failed {
+                watch.clear_proof();
+            } else if watch.proof_stands() && !watch.stuck() {
+                return Ok(());
+            }
         }
-    }
-
-    fn heartbeat_here(&self) -> Option<oneshot::Receiver<Result<(), StoreError>>> {
-        if !self.alive.load(Relaxed) || self.queued() > 0 {
-            return None;
+        if let Some(held) = locked.filter(|_| watch.heartbeat_pending()) {
+            return Err(StoreError::Locked(Watch::locked_reason(held)));
         }
-        let mut worker = self.worker.try_lock().ok()?;
-        if worker.quick_check_due() {
-            return None;
+        let news = watch.lock_news();
+        tokio::pin!(news);
+        news.as_mut().enable();
+        watch.start_heartbeat();
+        let answer = self.call(|reply| Request::Heartbeat { reply, fresh });
+        tokio::select! {
+            answer = answer => answer,
+            () = news => {
+                let held = watch.locked_for().unwrap_or_default();
+                Err(StoreError::Locked(Watch::locked_reason(held)))
+            }
         }
-        let (reply, answer) = oneshot::channel();
-        worker.answer_heartbeat(reply);
-        Some(answer)
     }
 
     /// Checkpoint and stop the thread. Requests already queued are served
@@ -588,6 +587,20 @@ async fn wait_answer<T>(mut rx: oneshot::Receiver<Result<T, StoreError>>) -> Res
     }
 }
 
+/// What the store thread shares with the `Store` handles.
+struct Shared {
+    commits: Arc<CommitCounts>,
+    watch: Arc<Watch>,
+    checkpoint_error: Arc<Mutex<Option<String>>>,
+}
+
+/// What the store thread says while it opens the database.
+enum Opening {
+    /// A slow step begins (a migration): start-up extends its timeout.
+    Step(String),
+    Done(Result<(), StoreError>),
+}
+
 /// Clears the flag when dropped: on the store thread's return or unwind.
 struct ClearOnDrop(Arc<AtomicBool>);
 
@@ -595,6 +608,10 @@ impl Drop for ClearOnDrop {
     fn drop(&mut self) {
         self.0.store(false, Relaxed);
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
@@ -652,13 +669,20 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+fn open_connection(
+    path: &Path,
+    sync: SyncMode,
+    watch: &Arc<Watch>,
+) -> Result<Connection, StoreError> {
     let fail = |e: rusqlite::Error| StoreError::Open {
         path: path.to_owned(),
         reason: e.to_string(),
     };
-    let conn = Connection::open(path).map_err(fail)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+    let mut conn = Connection::open(path).map_err(fail)?;
+    // A write lock that another process holds: wait at most BUSY_TIMEOUT,
+    // and say so to the `store` check while waiting (see `store_watch`).
+    conn.busy_handler(Some(Watch::busy_handler(watch.clone())))
+        .map_err(fail)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(fail)?;
@@ -726,8 +750,12 @@ struct Worker {
     proof_interval: Duration,
     /// When the heartbeat last proved writing (file proof, read, commit or a
     /// real write, free space). Cleared by any failure, so a failing store
-    /// is looked at again on every tick.
+    /// is looked at again on every tick. Published in `watch` (see
+    /// `Worker::set_proved`).
     proved: Option<Instant>,
+    /// What the `store` check reads without a round trip: how long the
+    /// proof stands, whether this thread is in a request, lock waits.
+    watch: Arc<Watch>,
     /// Nanoseconds after `clock` at which a running query is interrupted
     /// (0: none). Set only around `PRAGMA quick_check`.
     quick_check_deadline: Arc<AtomicU64>,
@@ -743,11 +771,15 @@ fn own_checkpoints(
     conn: &mut Connection,
     checkpointed: Arc<AtomicBool>,
     error: Arc<Mutex<Option<String>>>,
+    watch: Arc<Watch>,
 ) -> rusqlite::Result<()> {
     conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
         if pages >= CHECKPOINT_PAGES {
             let result = wal.checkpoint();
             checkpointed.store(true, Relaxed);
+            if result.is_err() {
+                watch.clear_proof();
+            }
             *error.lock().unwrap_or_else(|e| e.into_inner()) = result.err().map(|e| e.to_string());
         }
         Ok(())
@@ -771,10 +803,98 @@ fn bound_queries(
 }
 
 impl Worker {
-    /// The store thread: each request is served under the worker's lock,
-    /// which the tick's heartbeat takes instead when the thread is idle (see
-    /// `Store::heartbeat`).
-    fn run(shared: Arc<Mutex<Worker>>, mut rx: mpsc::Receiver<Request>) {
+    /// Open the connection on the store thread: the state dir and the
+    /// file's modes, migrations, the WAL hook, the sync thread, and the
+    /// start-up `quick_check`.
+    fn open(
+        state_dir: &Path,
+        config: &StoreConfig,
+        shared: Shared,
+        on_slow_step: &dyn Fn(&str),
+    ) -> Result<Worker, StoreError> {
+        let Shared {
+            commits,
+            watch,
+            checkpoint_error,
+        } = shared;
+        prepare_state_dir(state_dir)?;
+        let path = state_dir.join(DB_FILE);
+        private_db_files(&path)?;
+        // At `full`, SQLite commits at `NORMAL` (no fsync inside COMMIT) and
+        // the sync thread makes each batch durable before it is answered:
+        // the next batch commits while the previous fsync runs.
+        // At `normal`, answers follow COMMIT, durable at the next checkpoint
+        // as SQLite defines it.
+        let mut conn = open_connection(&path, SyncMode::Normal, &watch)?;
+        migrate(&conn, on_slow_step).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: format!("migration failed: {e}"),
+        })?;
+        let open_fail = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        // A clean file to compare against: everything so far checkpointed
+        // into it, so its header is the one the next checkpoint moves on.
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(|e| open_fail(format!("cannot checkpoint: {e}")))?;
+        let file = DbFile::open(&path).map_err(|p| open_fail(p.to_string()))?;
+        let checkpointed = Arc::new(AtomicBool::new(false));
+        own_checkpoints(
+            &mut conn,
+            checkpointed.clone(),
+            checkpoint_error.clone(),
+            watch.clone(),
+        )
+        .map_err(|e| open_fail(format!("cannot install the WAL hook: {e}")))?;
+        let quick_check_deadline = Arc::new(AtomicU64::new(0));
+        let clock = Instant::now();
+        bound_queries(&mut conn, quick_check_deadline.clone(), clock)
+            .map_err(|e| open_fail(format!("cannot install the progress handler: {e}")))?;
+        let sync = match config.synchronous {
+            SyncMode::Normal => None,
+            SyncMode::Full => {
+                let mut wal = path.as_os_str().to_owned();
+                wal.push("-wal");
+                let wal = std::fs::File::open(&wal)
+                    .map_err(|e| open_fail(format!("cannot open state.db-wal to sync it: {e}")))?;
+                Some(
+                    Syncer::start(wal, SYNC_QUEUE, commits.clone())
+                        .map_err(|e| open_fail(format!("cannot start the sync thread: {e}")))?,
+                )
+            }
+        };
+        let mut worker = Worker {
+            sync,
+            durable_seen: 0,
+            commits,
+            conn,
+            max_batch: config.max_batch.max(1),
+            retention: config.retention_messages,
+            since_sweep: 0,
+            state_dir: state_dir.to_owned(),
+            file,
+            checkpointed,
+            checkpoint_error,
+            damaged: None,
+            quick_check_interval: config.quick_check_interval,
+            last_quick_check: None,
+            proof_interval: config.proof_interval,
+            proved: None,
+            watch,
+            quick_check_deadline,
+            clock,
+        };
+        // Damage inside the file shows at start, before anything is served.
+        if let Err(e) = worker.quick_check() {
+            return Err(open_fail(e.to_string()));
+        }
+        Ok(worker)
+    }
+
+    /// The store thread: one request at a time, each marked in the watch
+    /// while it is served.
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut deferred: Option<Request> = None;
         loop {
             let req = match deferred.take() {
@@ -784,8 +904,10 @@ impl Worker {
                     None => break,
                 },
             };
-            let mut worker = shared.lock().unwrap_or_else(|e| e.into_inner());
-            if !worker.serve(req, &mut rx, &mut deferred) {
+            self.watch.serving(true);
+            let go_on = self.serve(req, &mut rx, &mut deferred);
+            self.watch.serving(false);
+            if !go_on {
                 break;
             }
         }
@@ -847,7 +969,7 @@ impl Worker {
             Request::Sessions { reply } => {
                 let _ = reply.send(self.sessions().map_err(Into::into));
             }
-            Request::Heartbeat { reply } => self.answer_heartbeat(reply),
+            Request::Heartbeat { reply, fresh } => self.answer_heartbeat(reply, fresh),
             Request::Close { reply } => {
                 let r = self
                     .conn
@@ -881,8 +1003,10 @@ impl Worker {
 
     /// Run the heartbeat and answer it: at once, or once its own row is
     /// durable when it wrote one and the disk has not flushed lately.
-    fn answer_heartbeat(&mut self, reply: Reply<()>) {
-        match self.heartbeat() {
+    fn answer_heartbeat(&mut self, reply: Reply<()>, fresh: bool) {
+        let result = self.heartbeat(fresh);
+        self.watch.heartbeat_done();
+        match result {
             Ok(true)
                 if self
                     .sync
@@ -957,12 +1081,15 @@ impl Worker {
         writes: u64,
     ) {
         match result {
-            Ok(value) => self.when_durable(writes, move |r| {
-                let _ = reply.send(r.map(|()| value));
-            }),
+            Ok(value) => {
+                self.watch.got_lock();
+                self.when_durable(writes, move |r| {
+                    let _ = reply.send(r.map(|()| value));
+                })
+            }
             Err(e) => {
                 // A failed write makes the next tick prove writing again.
-                self.proved = None;
+                self.set_proved(None);
                 let _ = reply.send(Err(e));
             }
         }
@@ -985,6 +1112,7 @@ impl Worker {
             .and_then(|()| self.confirm_written());
         match result {
             Ok(()) => {
+                self.watch.got_lock();
                 self.commits.commits.fetch_add(1, Relaxed);
                 self.commits.rows.fetch_add(rows, Relaxed);
                 let writes = batch.len() as u64;
@@ -1003,7 +1131,7 @@ impl Worker {
                 }
             }
             Err(err) => {
-                self.proved = None;
+                self.set_proved(None);
                 tracing::error!(error = %err, rows, "append failed; nothing in this batch was stored");
                 for (_, reply) in batch {
                     let _ = reply.send(Err(err.clone()));
@@ -1245,6 +1373,7 @@ impl Worker {
     fn damage(&mut self, err: StoreError) -> StoreError {
         tracing::error!(error = %err, "state.db can no longer be trusted; refusing every write");
         self.damaged = Some(err.clone());
+        self.watch.clear_proof();
         err
     }
 
@@ -1303,22 +1432,39 @@ impl Worker {
     /// failures found meanwhile (a failure makes the next tick prove again).
     /// Returns whether it wrote the row: that answer waits for the row to be
     /// durable.
-    fn heartbeat(&mut self) -> Result<bool, StoreError> {
-        self.proved = self.proved.filter(|_| self.proof_is_fresh());
-        if self.proved.is_some() {
+    fn heartbeat(&mut self, fresh: bool) -> Result<bool, StoreError> {
+        if !fresh && self.proof_is_fresh() {
             // Between proofs, what the store learnt meanwhile still counts,
             // and a failure makes the next tick prove again.
             let known = self.known_damage().and_then(|()| self.checkpoint_ok());
             if known.is_err() {
-                self.proved = None;
+                self.set_proved(None);
             }
             return known.map(|()| false);
         }
         let proof = self.prove_writing();
-        if proof.is_ok() {
-            self.proved = Some(Instant::now());
-        }
+        self.set_proved(proof.as_ref().ok().map(|_| Instant::now()));
         proof
+    }
+
+    /// Record when writing was last proved (`None`: a failure since) and
+    /// publish until when that proof stands: nine tenths of
+    /// `proof_interval` later, or when the next `quick_check` is due if
+    /// that is sooner.
+    fn set_proved(&mut self, at: Option<Instant>) {
+        self.proved = at;
+        match at {
+            Some(t) if !self.proof_interval.is_zero() => {
+                let mut until = t + self.proof_interval.mul_f64(0.9);
+                if !self.quick_check_interval.is_zero() {
+                    if let Some(last) = self.last_quick_check {
+                        until = until.min(last + self.quick_check_interval);
+                    }
+                }
+                self.watch.proved_until(until);
+            }
+            _ => self.watch.clear_proof(),
+        }
     }
 
     /// Whether the last proof of writing is recent enough to stand for this
@@ -1376,6 +1522,7 @@ impl Worker {
             )?
             .execute(params![now])?;
             tx.commit()?;
+            self.watch.got_lock();
             // No one's data waits on this row, so the proof before the write
             // (just above) stands for the file; only a checkpoint the commit
             // ran has to be learnt.
@@ -1428,13 +1575,13 @@ mod tests {
     #[tokio::test]
     async fn appended_messages_survive_reopen_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         for i in 0..10 {
             store.append(vec![msg(i, "s")]).await.unwrap();
         }
         store.close().await.unwrap();
         thread.join();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let recent: Vec<_> = store
             .recent(3)
             .await
@@ -1452,7 +1599,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config();
         cfg.retention_messages = 100;
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
         let batch: Vec<_> = (0..2000).map(|i| msg(i, "s")).collect();
         store.append(batch).await.unwrap();
         let summary = store.sessions().await.unwrap();
@@ -1466,7 +1613,7 @@ mod tests {
     #[tokio::test]
     async fn clear_one_session_and_probe() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         store
             .append(vec![msg(0, "a"), msg(1, "a"), msg(2, "b")])
             .await
@@ -1475,9 +1622,12 @@ mod tests {
         let s = store.sessions().await.unwrap();
         assert_eq!((s.total_messages, s.total_sessions), (1, 1));
         assert_eq!(s.sessions[0].session_id, "b");
-        store.heartbeat().await.unwrap();
+        store.heartbeat(false).await.unwrap();
         store.close().await.unwrap();
-        assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
+        assert!(matches!(
+            store.heartbeat(false).await,
+            Err(StoreError::Stopped)
+        ));
         thread.join();
     }
 
@@ -1494,14 +1644,14 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = config();
             cfg.synchronous = sync;
-            let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+            let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
             // Nothing written yet: the heartbeat commits its own row.
-            store.heartbeat().await.unwrap();
+            store.heartbeat(false).await.unwrap();
             // A chat turn committed since: it is the proof, no row of its own.
             store.append(vec![msg(0, "s"), msg(1, "s")]).await.unwrap();
-            store.heartbeat().await.unwrap();
+            store.heartbeat(false).await.unwrap();
             // Nothing since: the row again.
-            store.heartbeat().await.unwrap();
+            store.heartbeat(false).await.unwrap();
             store.close().await.unwrap();
             thread.join();
             assert_eq!(beats(dir.path()), 2, "{sync:?}");
@@ -1513,20 +1663,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config();
         cfg.proof_interval = Duration::from_secs(3600);
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
         for _ in 0..3 {
-            store.heartbeat().await.unwrap();
+            store.heartbeat(false).await.unwrap();
         }
         // The moved-away file is seen by the next write, not by the reused
         // proof; once the write found it, every tick fails at once.
         let db = dir.path().join(DB_FILE);
         std::fs::rename(&db, dir.path().join("moved.db")).unwrap();
-        store.heartbeat().await.unwrap();
+        store.heartbeat(false).await.unwrap();
         assert!(matches!(
             store.append(vec![msg(0, "s")]).await,
             Err(StoreError::Lost(_))
         ));
-        assert!(matches!(store.heartbeat().await, Err(StoreError::Lost(_))));
+        assert!(matches!(
+            store.heartbeat(false).await,
+            Err(StoreError::Lost(_))
+        ));
         store.close().await.unwrap();
         thread.join();
         let beats: i64 = Connection::open(dir.path().join("moved.db"))
@@ -1541,63 +1694,94 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config();
         cfg.proof_interval = Duration::from_secs(3600);
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
-        store.heartbeat().await.unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
+        store.heartbeat(false).await.unwrap();
         // A checkpoint failure recorded meanwhile fails the reused proof too.
-        *store
-            .worker
-            .lock()
-            .unwrap()
-            .checkpoint_error
-            .lock()
-            .unwrap() = Some("disk I/O error".into());
+        *store.checkpoint_error.lock().unwrap() = Some("disk I/O error".into());
         for _ in 0..2 {
-            let e = store.heartbeat().await.unwrap_err();
+            let e = store.heartbeat(false).await.unwrap_err();
             assert!(e.to_string().contains("checkpoint failed"), "{e}");
         }
-        *store
-            .worker
-            .lock()
-            .unwrap()
-            .checkpoint_error
-            .lock()
-            .unwrap() = None;
+        *store.checkpoint_error.lock().unwrap() = None;
         // Cleared: the next tick proves again, with a commit of its own.
-        store.heartbeat().await.unwrap();
+        store.heartbeat(false).await.unwrap();
         store.close().await.unwrap();
         thread.join();
         assert_eq!(beats(dir.path()), 2, "the failed ticks proved again");
     }
 
+    #[cfg(feature = "fault-injection")]
     #[tokio::test]
-    async fn heartbeat_runs_here_only_while_the_store_thread_is_idle() {
+    async fn a_tick_between_proofs_needs_no_round_trip_but_a_stuck_thread_is_seen() {
+        use crate::store_watch::STUCK_AFTER;
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
-        {
-            // The lock taken, as the store thread takes it for a request.
-            let _busy = store.worker.lock().unwrap();
-            assert!(
-                store.heartbeat_here().is_none(),
-                "queues while the lock is taken"
-            );
-        }
-        let answer = store.heartbeat_here().expect("runs here when idle");
-        wait_answer(answer).await.unwrap();
-        assert_eq!(beats(dir.path()), 1, "the row was written here");
-        // Through the queue, the same proof.
-        store
-            .call(|reply| Request::Heartbeat { reply })
-            .await
-            .unwrap();
+        let mut cfg = config();
+        cfg.proof_interval = Duration::from_secs(3600);
+        let (store, _thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
+        store.heartbeat(false).await.unwrap();
+        assert_eq!(beats(dir.path()), 1);
+        // `fresh` (`?deep=1`) proves anew although the proof stands.
+        store.heartbeat(true).await.unwrap();
         assert_eq!(beats(dir.path()), 2);
+        // A thread that cannot answer: a reused proof needs no answer ...
+        assert!(store.inject_hang());
+        store.heartbeat(false).await.unwrap();
+        // ... until the thread has been inside one request for too long.
+        tokio::time::sleep(STUCK_AFTER + Duration::from_millis(50)).await;
+        let late = tokio::time::timeout(Duration::from_millis(300), store.heartbeat(false)).await;
+        assert!(
+            late.is_err(),
+            "a stuck store thread is asked, and does not answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_by_another_process_is_reported_and_writes_fail_fast() {
+        use crate::store_watch::{BUSY_RETRY_WAIT, BUSY_TIMEOUT};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
+        store.append(vec![msg(0, "s")]).await.unwrap();
+        // That write is the proof of the next heartbeat: use it up, so the
+        // one below has to write.
+        store.heartbeat(true).await.unwrap();
+        // Another connection takes the write lock, as a `sqlite3` shell does.
+        let other = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        // The check hears of the lock before the store thread gives up.
+        let began = Instant::now();
+        let e = store.heartbeat(true).await.unwrap_err();
+        assert!(matches!(e, StoreError::Locked(_)), "{e}");
+        assert!(e.to_string().contains("database is locked"), "{e}");
+        assert!(began.elapsed() < BUSY_TIMEOUT, "reported while waiting");
+        // A write waits the busy timeout once, and nothing is stored ...
+        let e = store.append(vec![msg(1, "s")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Locked(_)), "{e}");
+        // ... and the next only briefly, while the lock is still held.
+        let again = Instant::now();
+        let e = store.append(vec![msg(2, "s")]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Locked(_)), "{e}");
+        let waited = again.elapsed();
+        assert!(
+            waited < BUSY_TIMEOUT,
+            "{waited:?} (short wait {BUSY_RETRY_WAIT:?})"
+        );
+        // Reads go on meanwhile (WAL).
+        assert_eq!(store.recent(10).await.unwrap().len(), 1);
+
+        other.execute_batch("ROLLBACK").unwrap();
+        store.heartbeat(true).await.unwrap();
+        store.append(vec![msg(3, "s")]).await.unwrap();
+        let contents: Vec<String> = store
+            .recent(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
+        assert_eq!(contents, ["m0", "m3"], "nothing refused was stored");
         store.close().await.unwrap();
         thread.join();
-        assert!(!store.alive.load(Relaxed), "the thread's end is seen");
-        assert!(
-            store.heartbeat_here().is_none(),
-            "no heartbeat here once it ended"
-        );
-        assert!(matches!(store.heartbeat().await, Err(StoreError::Stopped)));
     }
 
     #[tokio::test]
@@ -1605,7 +1789,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config();
         cfg.synchronous = SyncMode::Full;
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
         let appends: Vec<_> = (0..64)
             .map(|i| {
                 let store = store.clone();
@@ -1626,18 +1810,19 @@ mod tests {
         );
         store.close().await.unwrap();
         thread.join();
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
         assert_eq!(store.sessions().await.unwrap().total_messages, 64);
         store.close().await.unwrap();
         thread.join();
     }
 
-    #[test]
-    fn unwritable_state_dir_is_a_clear_error() {
+    #[tokio::test]
+    async fn unwritable_state_dir_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").unwrap();
         let err = Store::open(&file, &config(), &|_| {})
+            .await
             .err()
             .unwrap()
             .to_string();
@@ -1656,7 +1841,7 @@ mod tests {
     #[tokio::test]
     async fn the_cli_own_session_id_is_kept_and_replaced_by_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let first = store.cli_session("c".into(), "codex".into()).await.unwrap();
         assert_eq!(first.agent_id, None);
         let turn = |agent: Option<&str>| {
@@ -1687,7 +1872,7 @@ mod tests {
             .unwrap();
         drop(store);
         thread.join();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let got = store.cli_session("c".into(), "codex".into()).await.unwrap();
         assert_eq!(got.agent_id.as_deref(), Some("thread-2"), "survives reopen");
         drop(store);
@@ -1697,7 +1882,7 @@ mod tests {
     #[tokio::test]
     async fn cli_sessions_are_recorded_with_the_turn_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let first = store
             .cli_session("demo".into(), "claude-code".into())
             .await
@@ -1735,7 +1920,7 @@ mod tests {
         store.close().await.unwrap();
         thread.join();
 
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let again = store
             .cli_session("demo".into(), "claude-code".into())
             .await
@@ -1748,7 +1933,7 @@ mod tests {
     #[tokio::test]
     async fn deleting_a_session_moves_it_to_a_new_cli_session_for_good() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let g0 = store
             .cli_session("a".into(), "claude-code".into())
             .await
@@ -1838,7 +2023,7 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(rows, [("*".to_owned(), 2), ("b".to_owned(), 3)]);
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let b = store
             .cli_session("b".into(), "claude-code".into())
             .await
@@ -1853,7 +2038,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config();
         cfg.retention_messages = 10;
-        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &cfg, &|_| {}).await.unwrap();
         let old = store
             .cli_session("old".into(), "claude-code".into())
             .await

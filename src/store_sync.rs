@@ -148,6 +148,7 @@ fn run(wal: File, rx: Receiver<SyncJob>, shared: Arc<Shared>, counts: Arc<Commit
                 let why = format!("fsync of state.db-wal failed: {e}");
                 tracing::error!(error = %e, "fsync of state.db-wal failed; refusing every write");
                 *lock(&shared.failed) = Some(why.clone());
+                counts.sync_failed.store(true, Relaxed);
                 why
             }),
         };

@@ -73,20 +73,28 @@ fn state_lock_check(app: Arc<App>) -> Check {
 /// A round trip through the SQLite thread that commits a real write (the
 /// heartbeat row) and checks that `state.db` is still the open file and the
 /// disk has room; at most once per `AGENTD_STORE_PROOF_INTERVAL`, ticks in
-/// between reusing the last proof that passed (`store::Worker::heartbeat`).
+/// between reusing the last proof that passed without a round trip
+/// (`store::Store::heartbeat`). A `?deep=1` run always proves anew.
 ///
-/// Wedge or load: a full disk is *degraded* (reads are still served, and it
-/// clears by itself when space returns, so a restart would not help); a
-/// deleted or replaced `state.db`, an I/O error, a read-only file system and
-/// a store thread that does not answer are wedges (a restart reopens the
-/// database, on a fresh file if it was deleted).
+/// It only awaits the store thread's answer: no SQLite call runs on the
+/// tick's worker.
+///
+/// Wedge or load: a full disk and a write lock that another process holds
+/// are *degraded* (reads are still served, and each clears by itself, so a
+/// restart would not help); a deleted or replaced `state.db`, an I/O error,
+/// a read-only file system and a store thread that does not answer are
+/// wedges (a restart reopens the database, on a fresh file if it was
+/// deleted).
 fn store_check(app: Arc<App>) -> Check {
     Check::graded("store", move || {
         let app = app.clone();
+        let fresh = !crate::health::checks::in_tick();
         Box::pin(async move {
-            match app.store.heartbeat().await {
+            match app.store.heartbeat(fresh).await {
                 Ok(()) => Ok(None),
-                Err(e @ StoreError::DiskFull(_)) => Err(CheckFailure::Degraded(e.to_string())),
+                Err(e @ (StoreError::DiskFull(_) | StoreError::Locked(_))) => {
+                    Err(CheckFailure::Degraded(e.to_string()))
+                }
                 Err(e) => Err(CheckFailure::Wedge(e.to_string())),
             }
         })

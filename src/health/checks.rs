@@ -344,6 +344,14 @@ pub async fn run_checks_due_at(checks: &[Check], deadline: Duration, due: Instan
         .await
 }
 
+/// Whether the caller runs inside a watchdog tick's run (one started with
+/// [`run_checks_due_at`]) rather than an on-demand `?deep=1` run or a
+/// test's. Read it where the run makes a check's future, as
+/// [`runtime_lag_check`] does: an inline check sees the run's task-locals.
+pub fn in_tick() -> bool {
+    STARTED_LATE.try_with(|_| ()).is_ok()
+}
+
 /// `runtime_lag` on the runtime that runs the check: how long a task that
 /// was ready waited for the scheduler, failing past `max_lag`.
 ///

@@ -133,7 +133,8 @@ impl From<StoreError> for ApiError {
             | StoreError::NoAnswer(_)
             | StoreError::Lost(_)
             | StoreError::Corrupt(_)
-            | StoreError::Unwritable(_) => ApiError::Unavailable(e.to_string()),
+            | StoreError::Unwritable(_)
+            | StoreError::Locked(_) => ApiError::Unavailable(e.to_string()),
             StoreError::DiskFull(_) => ApiError::InsufficientStorage(format!(
                 "not stored: {e}; free space in the state directory"
             )),
