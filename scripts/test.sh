@@ -11,7 +11,9 @@
 #   tests/people/run.sh        promtool, a real Prometheus, /status in Chromium
 #
 # Every step runs even when an earlier one failed (a failed fmt, clippy or
-# `cargo test` counts as a failure, and the suites after it still run); the
+# `cargo test` counts as a failure, and the suites after it still run; every
+# test binary runs even when another failed, and one that did not reach its
+# result line counts as a failure); the
 # last line is `total: N passed, M failed` and the exit code is non-zero when
 # anything failed. The runtime tests run a second time with SIGINT ignored. `bash .ci/run` (as root) installs what they need.
 set -euo pipefail
@@ -52,10 +54,34 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy (default features)" cargo clippy --locked --all-targets -- -D warnings
 step "cargo clippy (all features)" cargo clippy --locked --all-targets --all-features -- -D warnings
 
+# every_binary_ran: each test binary (the library's and the binary's unit
+# tests, and every tests/*.rs) must have started ("Running ...") and ended
+# with its own `test result:` line in $log. One that never started (a build
+# error) or crashed before its result counts as one failure, named, so the
+# total never hides the tests it held.
+every_binary_ran() {
+  local name missing=0
+  local done_list
+  done_list=$(awk '
+    /^ *Running / { cur = ($2 == "unittests") ? $3 : $2; next }
+    /^test result:/ { if (cur != "") print cur; cur = "" }
+  ' "$log")
+  for name in src/lib.rs src/main.rs tests/*.rs; do
+    if ! grep -qxF "$name" <<<"$done_list"; then
+      echo "$name: its tests did not run to their result line (build error or crash)"
+      missing=$((missing + 1))
+    fi
+  done
+  failed=$((failed + missing))
+  [ "$missing" = 0 ]
+}
+
 echo "== cargo test"
 rc=0
-cargo test --locked --all-features --lib --bins --tests 2>&1 | tee "$log" || rc=$?
+# --no-fail-fast: every test binary runs even when an earlier one failed.
+cargo test --locked --all-features --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || rc=$?
 tests_ran "cargo test" "$rc"
+every_binary_ran || rc=1
 
 # One runtime test binary again, started with SIGINT ignored and no stdin, as
 # `nohup`, `&` in a script and some CI runners start a job: agents must still
