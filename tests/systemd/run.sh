@@ -11,10 +11,10 @@
 #   E2E_FAULTS="hang-store" sudo -E bash tests/systemd/run.sh faults
 #
 # Scenarios: security faults idle flood reload stop badconfig socket coldstart
-# diskfull.
+# diskfull lockheld.
 # Environment: AGENTD_BIN=path skips the build (must be built with
 # --features fault-injection); E2E_KEEP=1 keeps the work directory;
-# E2E_MESSAGES (50), E2E_IDLE_SECONDS (12), E2E_LOAD_SECONDS (18), E2E_DB_MB (100),
+# E2E_MESSAGES (50), E2E_IDLE_SECONDS (12), E2E_LOCK_SECONDS (60), E2E_LOAD_SECONDS (18), E2E_DB_MB (100),
 # E2E_FLOOD_CONNS (1300), E2E_FLOOD_SECONDS (4 x WatchdogSec).
 #
 # Needs root and systemd-nspawn (package systemd-container; installed here
@@ -28,7 +28,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 E2E_LIB=$HERE/lib
 PY=$(command -v /usr/bin/python3 || command -v python3)
-ALL_SCENARIOS=(security faults idle flood reload stop badconfig socket coldstart diskfull)
+ALL_SCENARIOS=(security faults idle flood reload stop badconfig socket coldstart diskfull lockheld)
 
 # shellcheck source=lib/common.sh
 . "$E2E_LIB/common.sh"
@@ -42,6 +42,8 @@ ALL_SCENARIOS=(security faults idle flood reload stop badconfig socket coldstart
 . "$E2E_LIB/scenario_flood.sh"
 # shellcheck source=lib/scenario_diskfull.sh
 . "$E2E_LIB/scenario_diskfull.sh"
+# shellcheck source=lib/scenario_lockheld.sh
+. "$E2E_LIB/scenario_lockheld.sh"
 
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${ALL_SCENARIOS[@]}")
