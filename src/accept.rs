@@ -1,8 +1,16 @@
-//! Accept-loop counters: plain atomics, so `/health` reads them without a lock
-//! and a wedged handler cannot hide them. Also the recent rejection rate and
-//! the saturation flag (load, reported; never a reason to stop petting).
+//! What the accept loop shares with the rooms around it: its counters
+//! (plain atomics, so `/health` reads them without a lock and a wedged
+//! handler cannot hide them; the recent rejection rate and the saturation
+//! flag: load, reported, never a reason to stop petting), and the probe
+//! door, the self-probe's own way into the loop.
+//!
+//! Below `app` (which holds both), `server` (whose loop fills the counters
+//! and serves the door) and `health` (which reads the counters and knocks
+//! at the door), so none of them imports another for these.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use tokio::io::DuplexStream;
 
 use crate::clock::now_unix_ms;
 
@@ -228,6 +236,64 @@ impl Saturation {
                 self.rejected_per_second.round() as u64
             )
         })
+    }
+}
+
+/// Self-probe connections served at once (a tick and a `?deep=1` run may
+/// overlap); slots beside the client cap that only the probe takes, and the
+/// bound of the probe door's queue.
+pub const PROBE_RESERVED_SLOTS: usize = 2;
+
+/// The self-probe's own way into the accept loop (see the module doc).
+pub struct ProbeDoor {
+    tx: tokio::sync::mpsc::Sender<DuplexStream>,
+    /// Taken once by the accept loop.
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<DuplexStream>>>,
+}
+
+/// Bytes either end of a probe connection buffers: several times a probe's
+/// request (about 100 bytes) and its answer (about 150).
+const PROBE_PIPE_BYTES: usize = 4096;
+
+/// Why the probe could not get through its door.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeDoorError {
+    #[error("the accept loop has stopped")]
+    Closed,
+}
+
+impl Default for ProbeDoor {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(PROBE_RESERVED_SLOTS);
+        ProbeDoor {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl ProbeDoor {
+    /// A connection to the accept loop: our end of an in-memory byte pipe
+    /// whose other end the loop serves. Waits for room in the door's queue
+    /// (a stalled loop never makes room; the caller's deadline decides).
+    ///
+    /// In memory, not a socket pair: what the probe proves is the loop, hyper
+    /// and the handler, and a kernel pipe cost every tick a dozen system
+    /// calls (the pair, four epoll registrations, the closes) and wake-ups
+    /// through the I/O driver. The kernel's side (the listener, its accept
+    /// queue, fds) is watched by the loop's counters and `resources`.
+    pub async fn connect(&self) -> Result<DuplexStream, ProbeDoorError> {
+        let (ours, theirs) = tokio::io::duplex(PROBE_PIPE_BYTES);
+        self.tx
+            .send(theirs)
+            .await
+            .map_err(|_| ProbeDoorError::Closed)?;
+        Ok(ours)
+    }
+
+    /// The accept loop takes the other side of the door, once.
+    pub fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<DuplexStream>> {
+        self.rx.lock().ok().and_then(|mut rx| rx.take())
     }
 }
 

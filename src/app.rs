@@ -11,6 +11,7 @@ use std::time::Instant;
 use thiserror::Error;
 use tokio::sync::Mutex;
 
+use crate::accept::AcceptStats;
 use crate::agent::executor::Executor;
 use crate::agent::history::{History, Message};
 use crate::agent::runtime::Runtime;
@@ -18,7 +19,6 @@ use crate::agent::runtimes::{self, RuntimeReport};
 use crate::config::Config;
 use crate::faults::Faults;
 use crate::health::state::HealthState;
-use crate::server::stats::AcceptStats;
 use crate::shutdown::Shutdown;
 use crate::store::{CliSessionRecord, Store, StoreError, StoreThread};
 
@@ -60,7 +60,7 @@ pub struct App {
     pub runtime_report: RuntimeReport,
     /// The self-probe's own way into the accept loop, so it never competes
     /// with clients for a slot or the listen backlog.
-    pub probe_door: Arc<crate::server::ProbeDoor>,
+    pub probe_door: Arc<crate::accept::ProbeDoor>,
     lifecycle: AtomicU8,
 }
 

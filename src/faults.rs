@@ -1,7 +1,8 @@
 //! Fault injection for the wedge tests: the switches the accept loop, the
-//! executor and the health loop look at, and `inject`, which wedges a part by
-//! name (`POST /debug/fault/{kind}` in `server::health` calls it; this file
-//! knows nothing of HTTP or the router).
+//! executor and the health loop look at, and the kinds there are. What
+//! wedges a part by name (`inject`) sits with the endpoint that asks for it
+//! (`POST /debug/fault/{kind}`, `server::health`), above the parts it acts
+//! on; this room imports nothing of the crate, so `App` can hold it.
 //!
 //! Compiled in only with the `fault-injection` cargo feature (off in default and
 //! release builds), answered only when `AGENTD_FAULT_INJECTION=1` and only on a
@@ -38,7 +39,7 @@ pub struct Faults {
     /// the descriptor, a slow leak for the trend tests (unlike
     /// `exhaust-fds`, which fills the table at once).
     #[cfg(feature = "fault-injection")]
-    leak_fd_per_tick: AtomicBool,
+    pub leak_fd_per_tick: AtomicBool,
 }
 
 impl Faults {
@@ -83,63 +84,4 @@ pub enum FaultError {
     Unknown(String),
     #[error("{0}")]
     Unavailable(String),
-}
-
-/// Wedge the named part now (the HTTP endpoint in `server::health` answers
-/// first, then calls this). Knows nothing of HTTP.
-#[cfg(feature = "fault-injection")]
-pub fn inject(app: &std::sync::Arc<crate::app::App>, kind: &str) -> Result<(), FaultError> {
-    use std::time::Duration;
-
-    tracing::warn!(fault = %kind, "fault injection requested");
-    match kind {
-        "block-runtime" => {
-            // Occupy every worker thread with a blocking wait, after this answer
-            // had time to leave.
-            let workers = tokio::runtime::Handle::current().metrics().num_workers();
-            for _ in 0..workers + 1 {
-                tokio::spawn(async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    loop {
-                        std::thread::park();
-                    }
-                });
-            }
-        }
-        "deadlock-state" => {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let _held = app.state.lock().await;
-                std::future::pending::<()>().await;
-            });
-        }
-        "stall-accept" => app.faults.stall_accept(),
-        "hang-store" => {
-            if !app.store.inject_hang() {
-                return Err(FaultError::Unavailable("store queue is full".into()));
-            }
-        }
-        "exhaust-fds" => {
-            let mut leaked = 0usize;
-            while let Ok(f) = std::fs::File::open("/dev/null") {
-                std::mem::forget(f);
-                leaked += 1;
-            }
-            tracing::warn!(leaked, "fault injection: file descriptors exhausted");
-        }
-        "stall-executor" => {
-            app.executor.stall();
-            // Queue work so the stall is observable.
-            let _ = app.executor.submit(crate::agent::executor::Submission {
-                kind: crate::agent::runtime::ExecutionKind::Task,
-                session_id: "fault-injection".into(),
-                prompt: "stalled".into(),
-                timeout: Duration::from_secs(1),
-                cli_session: None,
-            });
-        }
-        "leak-fd-per-tick" => app.faults.leak_fd_per_tick.store(true, Ordering::SeqCst),
-        _ => return Err(FaultError::Unknown(kind.to_owned())),
-    }
-    Ok(())
 }

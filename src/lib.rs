@@ -6,6 +6,8 @@
 //! * `server`   — the hyper accept loop (counters, connection limit, the
 //!   self-probe's door, header size and time limits, graceful shutdown), the
 //!   router and the HTTP handlers.
+//! * `accept`   — what the accept loop shares: its counters and the
+//!   self-probe's door (below `app`, `server` and `health`).
 //! * `agent`    — bounded conversation history and the runtimes that answer
 //!   prompts.
 //! * `store`    — the single SQLite connection, owned by one thread (actor).
@@ -32,6 +34,7 @@
 //! * `daemon`   — the `serve` lifecycle: start-up order, signals, shutdown order.
 //! * `faults`   — fault injection for wedge tests (feature `fault-injection`).
 
+pub mod accept;
 pub mod agent;
 pub mod app;
 pub mod clock;

@@ -38,6 +38,7 @@ use crate::agent::sessions::{cli_session_id, CliSession};
 use crate::config::{StoreConfig, SyncMode};
 use crate::store_file::{DbFile, FileProblem};
 use crate::store_sync::{SyncJob, Syncer};
+pub use crate::store_watch::CommitCounts;
 use crate::store_watch::Watch;
 
 /// WAL pages after which a commit checkpoints: SQLite's own default
@@ -310,24 +311,6 @@ pub struct Store {
     checkpoint_error: Arc<Mutex<Option<String>>>,
     /// Cleared when the store thread ends, however it ends.
     alive: Arc<AtomicBool>,
-}
-
-/// Append transactions and rows committed since start: group commit shows as
-/// many rows per commit.
-#[derive(Debug, Default)]
-pub struct CommitCounts {
-    pub commits: AtomicU64,
-    pub rows: AtomicU64,
-    /// fsyncs of the WAL made by the store's sync thread (at
-    /// `synchronous=full`; 0 at `normal`). One may cover several commits.
-    pub syncs: AtomicU64,
-    /// Writes of the API (appends, deletes, new generations) made durable
-    /// so far: the `store` check's proof that writing works when it moved
-    /// since the last tick (see `Worker::heartbeat`).
-    pub durable_writes: AtomicU64,
-    /// Set by the sync thread when an fsync of the WAL failed: every later
-    /// write is refused, and no earlier proof of writing stands.
-    pub sync_failed: AtomicBool,
 }
 
 /// Owns the thread; `join` after `close` at shutdown.
@@ -1063,7 +1046,7 @@ impl Worker {
     ) {
         match &self.sync {
             Some(sync) => sync.hand_over(SyncJob {
-                answer: Box::new(answer),
+                answer: Box::new(move |r| answer(r.map_err(StoreError::Unwritable))),
                 writes,
             }),
             None => {

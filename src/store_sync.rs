@@ -24,12 +24,13 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::store::{CommitCounts, StoreError};
+use crate::store_watch::CommitCounts;
 
 /// What one committed batch is waiting for: its answers, given once the WAL
-/// is on disk (`Err` if the fsync failed).
+/// is on disk (`Err` with the reason the WAL cannot be written: the fsync
+/// failed, now or before).
 pub struct SyncJob {
-    pub answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+    pub answer: Box<dyn FnOnce(Result<(), String>) + Send>,
     /// API writes in the batch (not the heartbeat), for `durable_writes`.
     pub writes: u64,
 }
@@ -81,9 +82,7 @@ impl Syncer {
         if let Err(e) = tx.send(job) {
             // The thread is gone (it never exits on its own): say so.
             *lock(&self.shared.pending) -= 1;
-            (e.0.answer)(Err(StoreError::Unwritable(
-                "the store's sync thread has stopped".into(),
-            )));
+            (e.0.answer)(Err("the store's sync thread has stopped".into()));
         }
     }
 
@@ -160,7 +159,7 @@ fn run(wal: File, rx: Receiver<SyncJob>, shared: Arc<Shared>, counts: Arc<Commit
             counts.durable_writes.fetch_add(writes, Relaxed);
         }
         for job in jobs {
-            (job.answer)(result.clone().map_err(StoreError::Unwritable));
+            (job.answer)(result.clone());
         }
         let mut pending = lock(&shared.pending);
         *pending -= n;

@@ -1,7 +1,10 @@
-//! What the store thread tells the `store` check without being asked: how
-//! long the last proof of writing stands, whether the thread is inside a
-//! request and since when, and whether it waits for a write lock that
-//! another process holds (an operator's `sqlite3` shell, a backup script).
+//! What the store's threads publish without being asked, lock-free: the
+//! commit counts (`/metrics`, the `store` check's proof), how long the last
+//! proof of writing stands, whether the store thread is inside a request
+//! and since when, and whether it waits for a write lock that another
+//! process holds (an operator's `sqlite3` shell, a backup script).
+//!
+//! It sits below `store` and `store_sync`, which both write here.
 //!
 //! The store thread writes these atomics; the check reads them on the
 //! tick's worker, so a tick between proofs needs no round trip to the
@@ -41,6 +44,24 @@ pub const LOCK_REPORT_AFTER: Duration = Duration::from_millis(250);
 /// serves on purpose is a `quick_check` (250 ms budget) or a write waiting
 /// for the lock (reported as such).
 pub const STUCK_AFTER: Duration = Duration::from_secs(1);
+
+/// Append transactions and rows committed since start: group commit shows as
+/// many rows per commit.
+#[derive(Debug, Default)]
+pub struct CommitCounts {
+    pub commits: AtomicU64,
+    pub rows: AtomicU64,
+    /// fsyncs of the WAL made by the store's sync thread (at
+    /// `synchronous=full`; 0 at `normal`). One may cover several commits.
+    pub syncs: AtomicU64,
+    /// Writes of the API (appends, deletes, new generations) made durable
+    /// so far: the `store` check's proof that writing works when it moved
+    /// since the last tick (see `Worker::heartbeat`).
+    pub durable_writes: AtomicU64,
+    /// Set by the sync thread when an fsync of the WAL failed: every later
+    /// write is refused, and no earlier proof of writing stands.
+    pub sync_failed: AtomicBool,
+}
 
 /// Shared by the store thread (writer) and the `store` check (reader).
 pub struct Watch {

@@ -24,9 +24,9 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::state::{Published, WatchdogMode};
+use crate::accept::{AcceptCounts, REJECT_RATE_WINDOW_S};
 use crate::app::App;
 use crate::init::rlimit::RlimitOutcome;
-use crate::server::stats::{AcceptCounts, REJECT_RATE_WINDOW_S};
 
 // `rejected_per_second` is written as milli-rejections per second: exact
 // only while the window divides 1000.
@@ -330,7 +330,7 @@ fn unix_ms(b: &mut Vec<u8>, ms: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::stats::AcceptSnapshot;
+    use crate::accept::AcceptSnapshot;
 
     fn serde_text(v: f64) -> String {
         serde_json::to_string(&v).unwrap()

@@ -6,7 +6,7 @@
 //!
 //! `self_probe_check` connects to a listener address (TCP or Unix). agentd's
 //! own tick uses `self_probe_via_door`: the same request over an in-memory
-//! connection handed straight to the accept loop (`server::ProbeDoor`), so a
+//! connection handed straight to the accept loop (`accept::ProbeDoor`), so a
 //! flood that fills every client slot and the listen backlog cannot fail it,
 //! while a stalled accept loop still does.
 //!
@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::checks::Check;
-use crate::server::ProbeDoor;
+use crate::accept::ProbeDoor;
 
 /// Where the server's own listener is.
 #[derive(Debug, Clone, PartialEq, Eq)]

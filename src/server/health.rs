@@ -153,9 +153,9 @@ pub async fn fault(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
             return Err(ApiError::NotFound(path));
         }
         if req.method() != http::Method::POST {
-            return Err(crate::server::router::not_allowed(&req, "POST"));
+            return Err(super::http::not_allowed(&req, "POST"));
         }
-        match crate::faults::inject(app, &kind) {
+        match inject(app, &kind) {
             Ok(()) => Ok(super::http::json(
                 StatusCode::OK,
                 &json!({"fault": kind, "injected": true}),
@@ -169,4 +169,65 @@ pub async fn fault(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         let _ = app;
         Err(ApiError::NotFound(req.uri().path().to_owned()))
     }
+}
+
+/// Wedge the named part now (the endpoint above answers first, then calls
+/// this).
+#[cfg(feature = "fault-injection")]
+fn inject(app: &Arc<App>, kind: &str) -> Result<(), crate::faults::FaultError> {
+    use crate::faults::FaultError;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    tracing::warn!(fault = %kind, "fault injection requested");
+    match kind {
+        "block-runtime" => {
+            // Occupy every worker thread with a blocking wait, after this answer
+            // had time to leave.
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            for _ in 0..workers + 1 {
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    loop {
+                        std::thread::park();
+                    }
+                });
+            }
+        }
+        "deadlock-state" => {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let _held = app.state.lock().await;
+                std::future::pending::<()>().await;
+            });
+        }
+        "stall-accept" => app.faults.stall_accept(),
+        "hang-store" => {
+            if !app.store.inject_hang() {
+                return Err(FaultError::Unavailable("store queue is full".into()));
+            }
+        }
+        "exhaust-fds" => {
+            let mut leaked = 0usize;
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                std::mem::forget(f);
+                leaked += 1;
+            }
+            tracing::warn!(leaked, "fault injection: file descriptors exhausted");
+        }
+        "stall-executor" => {
+            app.executor.stall();
+            // Queue work so the stall is observable.
+            let _ = app.executor.submit(crate::agent::executor::Submission {
+                kind: crate::agent::runtime::ExecutionKind::Task,
+                session_id: "fault-injection".into(),
+                prompt: "stalled".into(),
+                timeout: Duration::from_secs(1),
+                cli_session: None,
+            });
+        }
+        "leak-fd-per-tick" => app.faults.leak_fd_per_tick.store(true, Ordering::SeqCst),
+        _ => return Err(FaultError::Unknown(kind.to_owned())),
+    }
+    Ok(())
 }

@@ -191,3 +191,12 @@ pub fn parse_json_object(
         )),
     }
 }
+
+/// 405 for `req`, naming the methods its path allows (`Allow`).
+pub fn not_allowed<B>(req: &http::Request<B>, allowed: &'static str) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        allowed,
+    }
+}

@@ -12,7 +12,7 @@
 //! for a connection slot nor for a place in the kernel's accept queue. It
 //! enters through its own door into this same loop (`ProbeDoor`: one end of
 //! an in-memory byte pipe, handed over a bounded channel that the loop
-//! selects on beside the listener) and is served on one of `PROBE_RESERVED_SLOTS`
+//! selects on beside the listener; `crate::accept`) and is served on one of `PROBE_RESERVED_SLOTS`
 //! slots no client can take, through hyper and the `/health` handler like
 //! any request. A stalled loop therefore still fails the probe (the door is
 //! not taken), while a flood that fills every client slot and overflows the
@@ -34,7 +34,6 @@ pub mod input;
 pub mod metrics;
 pub mod parse_errors;
 pub mod router;
-pub mod stats;
 pub mod status;
 
 use std::convert::Infallible;
@@ -54,65 +53,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::PROBE_RESERVED_SLOTS;
 use crate::app::App;
 use parse_errors::JsonParseErrors;
-
-/// Self-probe connections served at once (a tick and a `?deep=1` run may
-/// overlap); slots beside the client cap that only the probe takes, and the
-/// bound of the probe door's queue.
-pub const PROBE_RESERVED_SLOTS: usize = 2;
-
-/// The self-probe's own way into the accept loop (see the module doc).
-pub struct ProbeDoor {
-    tx: tokio::sync::mpsc::Sender<DuplexStream>,
-    /// Taken once by the accept loop.
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<DuplexStream>>>,
-}
-
-/// Bytes either end of a probe connection buffers: several times a probe's
-/// request (about 100 bytes) and its answer (about 150).
-const PROBE_PIPE_BYTES: usize = 4096;
-
-/// Why the probe could not get through its door.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeDoorError {
-    #[error("the accept loop has stopped")]
-    Closed,
-}
-
-impl Default for ProbeDoor {
-    fn default() -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(PROBE_RESERVED_SLOTS);
-        ProbeDoor {
-            tx,
-            rx: std::sync::Mutex::new(Some(rx)),
-        }
-    }
-}
-
-impl ProbeDoor {
-    /// A connection to the accept loop: our end of an in-memory byte pipe
-    /// whose other end the loop serves. Waits for room in the door's queue
-    /// (a stalled loop never makes room; the caller's deadline decides).
-    ///
-    /// In memory, not a socket pair: what the probe proves is the loop, hyper
-    /// and the handler, and a kernel pipe cost every tick a dozen system
-    /// calls (the pair, four epoll registrations, the closes) and wake-ups
-    /// through the I/O driver. The kernel's side (the listener, its accept
-    /// queue, fds) is watched by the loop's counters and `resources`.
-    pub async fn connect(&self) -> Result<DuplexStream, ProbeDoorError> {
-        let (ours, theirs) = tokio::io::duplex(PROBE_PIPE_BYTES);
-        self.tx
-            .send(theirs)
-            .await
-            .map_err(|_| ProbeDoorError::Closed)?;
-        Ok(ours)
-    }
-
-    fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<DuplexStream>> {
-        self.rx.lock().ok().and_then(|mut rx| rx.take())
-    }
-}
 
 /// Connections being turned away at once. Rejecting costs a task for up to
 /// `REJECT_BUDGET`; past this many, extra connections are closed without an

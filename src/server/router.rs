@@ -8,7 +8,7 @@ use http::{header, Method, Request, Response, Version};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
-use super::http::{ApiError, Body};
+use super::http::{not_allowed, ApiError, Body};
 use super::{api, executions, health, metrics, status};
 use crate::app::App;
 
@@ -85,14 +85,6 @@ async fn api_route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
             }
         }
         _ => Err(ApiError::NotFound(path)),
-    }
-}
-
-pub fn not_allowed<B>(req: &Request<B>, allowed: &'static str) -> ApiError {
-    ApiError::MethodNotAllowed {
-        method: req.method().to_string(),
-        path: req.uri().path().to_owned(),
-        allowed,
     }
 }
 
