@@ -509,8 +509,8 @@ impl Store {
     /// heartbeat queues behind the store's other requests, which proves the
     /// thread takes them. While it waits, a lock that another process holds
     /// is reported as soon as the store thread has waited `LOCK_REPORT_AFTER`
-    /// for it, and a tick that finds a heartbeat already queued behind such
-    /// a lock reports it without queuing another.
+    /// for it, and a tick that finds the thread waiting for such a lock
+    /// reports it without queuing a heartbeat behind it.
     pub async fn heartbeat(&self, fresh: bool) -> Result<(), StoreError> {
         let watch = &self.watch;
         let locked = watch.locked_for();
@@ -523,16 +523,24 @@ impl Store {
                 return Ok(());
             }
         }
-        if let Some(held) = locked.filter(|_| watch.heartbeat_pending()) {
+        // The store thread is waiting for the lock right now (for this
+        // check's heartbeat or for a write): say so without queuing behind
+        // it. Idle after a wait that ran out, it is asked again below, which
+        // is how the end of the lock is found.
+        if let Some(held) = locked.filter(|_| watch.heartbeat_pending() || watch.waiting()) {
             return Err(StoreError::Locked(Watch::locked_reason(held)));
         }
         let news = watch.lock_news();
         tokio::pin!(news);
         news.as_mut().enable();
-        watch.start_heartbeat();
+        watch.heartbeat_queued(true);
         let answer = self.call(|reply| Request::Heartbeat { reply, fresh });
         tokio::select! {
-            answer = answer => answer,
+            answer = answer => {
+                // Answered, or never taken (a full queue, a stopped thread).
+                watch.heartbeat_queued(false);
+                answer
+            }
             () = news => {
                 let held = watch.locked_for().unwrap_or_default();
                 Err(StoreError::Locked(Watch::locked_reason(held)))
@@ -684,6 +692,17 @@ fn open_connection(
     ))
     .map_err(fail)?;
     Ok(conn)
+}
+
+/// `BEGIN IMMEDIATE`: take the write lock now (waiting for another process
+/// through the busy handler), and tell the watch once it is taken.
+fn begin_write<'c>(
+    conn: &'c mut Connection,
+    watch: &Watch,
+) -> rusqlite::Result<rusqlite::Transaction<'c>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    watch.got_lock();
+    Ok(tx)
 }
 
 fn migrate(conn: &Connection, on_slow_step: &dyn Fn(&str)) -> rusqlite::Result<()> {
@@ -988,7 +1007,7 @@ impl Worker {
     /// durable when it wrote one and the disk has not flushed lately.
     fn answer_heartbeat(&mut self, reply: Reply<()>, fresh: bool) {
         let result = self.heartbeat(fresh);
-        self.watch.heartbeat_done();
+        self.watch.heartbeat_queued(false);
         match result {
             Ok(true)
                 if self
@@ -1124,9 +1143,7 @@ impl Worker {
     }
 
     fn insert(&mut self, batch: &[(Turn, Reply<()>)]) -> rusqlite::Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin_write(&mut self.conn, &self.watch)?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
@@ -1257,9 +1274,7 @@ impl Worker {
                 highest.max(0) as u64 + 1
             }
         };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = begin_write(&mut self.conn, &self.watch)?;
         let n = match session {
             Some(s) => {
                 tx.execute("DELETE FROM cli_sessions WHERE session_id = ?1", params![s])?;
@@ -1495,9 +1510,7 @@ impl Worker {
                 .unwrap_or(0.0);
             // The read and the write in one transaction: one round of the
             // WAL's locks instead of two.
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = begin_write(&mut self.conn, &self.watch)?;
             read_newest(&tx)?;
             tx.prepare_cached(
                 "INSERT INTO health_heartbeat (id, at, beats) VALUES (1, ?1, 1)
@@ -1505,7 +1518,6 @@ impl Worker {
             )?
             .execute(params![now])?;
             tx.commit()?;
-            self.watch.got_lock();
             // No one's data waits on this row, so the proof before the write
             // (just above) stands for the file; only a checkpoint the commit
             // ran has to be learnt.

@@ -78,6 +78,9 @@ pub struct Watch {
     /// A wait ran out and no write got the lock since: later waits are
     /// `BUSY_RETRY_WAIT` long.
     gave_up: AtomicBool,
+    /// The store thread is inside SQLite's busy handler now: from its
+    /// first call until it gives up or a write got the lock.
+    waiting: AtomicBool,
     /// A heartbeat is queued or being served: a tick that finds the lock
     /// reported does not queue another behind it.
     heartbeat_pending: AtomicBool,
@@ -95,6 +98,7 @@ impl Default for Watch {
             busy_since: AtomicU64::new(0),
             locked_since: AtomicU64::new(0),
             gave_up: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             heartbeat_pending: AtomicBool::new(false),
             lock_news: Notify::new(),
         }
@@ -133,6 +137,11 @@ impl Watch {
             .store(if busy { self.now() } else { 0 }, Relaxed);
     }
 
+    /// Whether the store thread is waiting for another process's lock now.
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Relaxed)
+    }
+
     /// Whether the store thread has been inside one request for longer
     /// than `STUCK_AFTER`.
     pub fn stuck(&self) -> bool {
@@ -142,6 +151,7 @@ impl Watch {
 
     /// A write got the lock: contention, if there was any, is over.
     pub fn got_lock(&self) {
+        self.waiting.store(false, Relaxed);
         self.locked_since.store(0, Relaxed);
         self.gave_up.store(false, Relaxed);
     }
@@ -165,14 +175,10 @@ impl Watch {
         )
     }
 
-    /// Mark a heartbeat queued; `false` when one already was.
-    pub fn start_heartbeat(&self) -> bool {
-        !self.heartbeat_pending.swap(true, Relaxed)
-    }
-
-    /// The store thread is done with the queued heartbeat.
-    pub fn heartbeat_done(&self) {
-        self.heartbeat_pending.store(false, Relaxed);
+    /// A heartbeat was queued (`true`), or the store thread is done with it
+    /// or it was never taken (`false`).
+    pub fn heartbeat_queued(&self, queued: bool) {
+        self.heartbeat_pending.store(queued, Relaxed);
     }
 
     pub fn heartbeat_pending(&self) -> bool {
@@ -206,10 +212,12 @@ impl Watch {
                 let _ = watch
                     .locked_since
                     .compare_exchange(0, watch.now(), Relaxed, Relaxed);
+                watch.waiting.store(true, Relaxed);
             }
             let waited = now - started;
             if waited >= budget {
                 watch.gave_up.store(true, Relaxed);
+                watch.waiting.store(false, Relaxed);
                 watch.lock_news.notify_waiters();
                 return false;
             }
