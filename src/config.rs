@@ -333,6 +333,20 @@ settings! {
     fault_injection => "AGENTD_FAULT_INJECTION",
 }
 
+/// What every variable of agentd's own starts with. None of them reaches a
+/// child (see `is_own_variable`).
+pub const ENV_PREFIX: &str = "AGENTD_";
+
+/// True for a variable that configures agentd itself: every `AGENTD_*` and
+/// the history limit's old alias. The runtimes remove each of them from a
+/// child's environment (it would otherwise read `AGENTD_API_TOKEN`, or the
+/// path of the token's file); the one `AGENTD_` variable a child gets,
+/// `AGENTD_EXECUTION_ID`, is set for it afresh.
+pub fn is_own_variable(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.starts_with(ENV_PREFIX.as_bytes()) || name == HISTORY_LIMIT_ALIAS.as_bytes()
+}
+
 /// The history limit's name before every variable took the `AGENTD_` prefix.
 /// Still read, so existing deployments keep their limit; `AGENTD_HISTORY_LIMIT`
 /// wins when both are set.
@@ -1025,6 +1039,22 @@ mod tests {
             ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
         ]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn own_variables_are_every_agentd_one_and_the_alias() {
+        use std::ffi::OsStr;
+        for own in [
+            "AGENTD_API_TOKEN",
+            "AGENTD_API_TOKEN_FILE",
+            "AGENTD_X",
+            HISTORY_LIMIT_ALIAS,
+        ] {
+            assert!(is_own_variable(OsStr::new(own)), "{own}");
+        }
+        for other in ["PATH", "MY_AGENTD_X", "AGENT_X", "agentd_api_token"] {
+            assert!(!is_own_variable(OsStr::new(other)), "{other}");
+        }
     }
 
     #[test]

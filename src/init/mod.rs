@@ -31,8 +31,11 @@ pub mod rlimit;
 ///
 /// A child process agentd spawns (an agent runtime) must not inherit them: a
 /// child that found `NOTIFY_SOCKET` could send `READY=1` or `WATCHDOG=1` on
-/// agentd's behalf, and one that found `LISTEN_FDS` could take agentd's
-/// listener. The executor removes these from every child's environment.
+/// agentd's behalf, one that found `LISTEN_FDS` could take agentd's
+/// listener, and `CREDENTIALS_DIRECTORY` would point it at agentd's
+/// credentials (the API token). The runtimes remove these, and every
+/// `AGENTD_*` variable (`config::is_own_variable`), from every child's
+/// environment.
 pub const SUPERVISOR_ENV_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -41,4 +44,5 @@ pub const SUPERVISOR_ENV_VARS: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "JOURNAL_STREAM",
+    "CREDENTIALS_DIRECTORY",
 ];
