@@ -3,7 +3,8 @@
 //! sequences them so the order (and what a failure at each step means) reads
 //! top to bottom:
 //!
-//! 1. notifier (so even a config error reaches `systemctl status`)
+//! 1. non-dumpable (agents cannot read agentd's environment or memory), then
+//!    the notifier (so even a config error reaches `systemctl status`)
 //! 2. config → logging → RLIMIT_NOFILE → child subreaper (+ orphan reaper)
 //! 3. state-dir lock (one process per directory) → store (migrations extend
 //!    the start timeout) → history → runtime
@@ -29,6 +30,7 @@ use crate::health::gauges::ProcGauges;
 use crate::health::sentinel::{self, SentinelConfig};
 use crate::health::watchdog::{self, HealthState, WatchdogMode};
 use crate::init::activation::{self, Inherited};
+use crate::init::dumpable;
 use crate::init::logging::init_logging;
 use crate::init::notify::Notifier;
 use crate::init::reaper::{self, OrphanReaper, EXECUTION_SWEEP_BOUND};
@@ -51,6 +53,10 @@ const SLOW_STEP_EXTENSION: Duration = Duration::from_secs(60);
 pub const GAUGE_TTL: Duration = Duration::from_secs(1);
 
 pub fn serve(overrides: Overrides) -> ExitCode {
+    // First, while agentd is one thread and before any agent exists: a
+    // process of the same user (an agent) can then read neither its
+    // environment (the API token) nor its memory. Logged once logging is up.
+    let protected = dumpable::protect();
     let notifier = Arc::new(Notifier::from_env());
     let config = match Config::from_env(overrides) {
         Ok(c) => c,
@@ -64,6 +70,11 @@ pub fn serve(overrides: Overrides) -> ExitCode {
     tracing::debug!(?log_target, "logging initialised");
     for w in &config.warnings {
         tracing::warn!("{w}");
+    }
+    if let Err(e) = protected {
+        tracing::warn!(
+            "cannot make agentd non-dumpable ({e}); its agents may read its environment and memory"
+        );
     }
     let rlimit = raise_nofile(config.health.nofile_target);
     tracing::info!(

@@ -16,11 +16,14 @@
 //!   the `agentd keepalive-check` logic.
 //! * `reaper`     — agentd as child subreaper: reaping orphans of agents and
 //!   killing every process still tagged with a finished execution's id.
+//! * `dumpable`   — agentd non-dumpable (its agents cannot read its
+//!   environment or memory), dumpable again on SIGABRT for the core dump.
 //!
 //! Nothing here reads configuration or mutates the process environment: the
 //! process is multi-threaded soon after start, and `setenv` is not thread-safe.
 
 pub mod activation;
+pub mod dumpable;
 pub mod keepalive;
 pub mod logging;
 pub mod notify;
