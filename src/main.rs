@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             listen,
             state_dir,
             config_file: config,
+            address_only: false,
         }),
         Command::Health {
             url,

@@ -1,6 +1,7 @@
 //! An agent never holds agentd's credentials: the real binary runs real
 //! agent children that look for the API token where they could find it (their
-//! environment, agentd's `/proc/<pid>/environ`). And agentd, non-dumpable for
+//! environment, agentd's `/proc/<pid>/environ`), whichever way the token was
+//! given (variable, file, systemd credential). And agentd, non-dumpable for
 //! that, still dumps core on the watchdog's SIGABRT.
 
 mod common;
@@ -65,6 +66,60 @@ fn a_token_in_the_environment_never_reaches_the_agent() {
         ],
         dir.path(),
     );
+    assert_no_credentials(&task_answer(&d, "env"));
+}
+
+#[test]
+fn a_token_from_a_file_never_reaches_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let d = Daemon::start(
+        &[
+            ("AGENTD_API_TOKEN_FILE", file.to_str().unwrap()),
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", "env"),
+        ],
+        dir.path(),
+    );
+    // The token from the file (its newline removed) is the one in force.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let denied = rt.block_on(common::post_json(
+        d.addr,
+        "/api/task",
+        &json!({"prompt": "x"}),
+    ));
+    assert_eq!(denied.status, 401);
+    let env = task_answer(&d, "env");
+    assert_no_credentials(&env);
+    let path = file.to_str().unwrap();
+    assert!(
+        !env.contains(path),
+        "the file's path reached the agent: {env}"
+    );
+}
+
+#[test]
+fn a_token_from_a_systemd_credential_never_reaches_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("agentd.api-token"), format!("{TOKEN}\n")).unwrap();
+    let d = Daemon::start(
+        &[
+            ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()),
+            ("AGENTD_RUNTIME", "command"),
+            ("AGENTD_RUNTIME_CMD", "env"),
+        ],
+        dir.path(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let denied = rt.block_on(common::post_json(
+        d.addr,
+        "/api/task",
+        &json!({"prompt": "x"}),
+    ));
+    assert_eq!(denied.status, 401);
     assert_no_credentials(&task_answer(&d, "env"));
 }
 
