@@ -10,7 +10,7 @@
 //! alias (when both are set, `AGENTD_HISTORY_LIMIT` wins, with a warning).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -221,7 +221,12 @@ pub struct HealthConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The address to bind: `listen` as given, or the address its host name
+    /// resolved to at start (see `resolve_listen`).
     pub listen: SocketAddr,
+    /// `listen` as given (`localhost:8420`), for messages that should name
+    /// what the operator wrote as well as what it resolved to.
+    pub listen_text: String,
     pub state_dir: PathBuf,
     pub config_file: Option<PathBuf>,
     /// The bearer token `/api/*` needs: from `AGENTD_API_TOKEN`,
@@ -462,6 +467,7 @@ impl Config {
             env,
         )?;
         next.listen = self.listen;
+        next.listen_text = self.listen_text.clone();
         next.state_dir = self.state_dir.clone();
         Ok(next)
     }
@@ -665,6 +671,45 @@ fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
     }
 }
 
+/// The `listen` setting as an address: `IP:PORT` as written, or
+/// `HOST:PORT` resolved once, here, at start. Of the addresses a name
+/// resolves to, a loopback one goes before any other and IPv4 before IPv6
+/// (127.0.0.1 exists wherever IPv6 may be off); otherwise the resolver's
+/// order stands. Choosing loopback first means a name that also names a
+/// public address never widens what agentd listens on.
+fn resolve_listen(name: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected =
+        "expected IP:PORT or HOST:PORT, e.g. 127.0.0.1:8420, [::1]:8420 or localhost:8420";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(invalid(name, text, expected));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(invalid(name, text, expected));
+    };
+    if host.is_empty() || host.contains(':') || host.contains(['[', ']']) {
+        return Err(invalid(name, text, expected));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(name, text, format!("cannot resolve {host}: {e}")))?
+        .collect();
+    choose_listen(&addrs)
+        .ok_or_else(|| invalid(name, text, format!("{host} resolves to no address")))
+}
+
+/// The address to bind among those a name resolved to: loopback first, then
+/// IPv4, ties in the resolver's order.
+fn choose_listen(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, a)| (!a.ip().is_loopback(), !a.is_ipv4(), *i))
+        .map(|(_, a)| *a)
+}
+
 /// Where the API token comes from. At most one source may be given: two
 /// would leave it to a precedence rule nobody remembers which token is in
 /// force, so that is refused, naming both.
@@ -803,21 +848,21 @@ fn build(
 ) -> Result<Config, ConfigError> {
     let mut warnings = raw.warnings.clone();
     let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
-    let listen: SocketAddr = listen_text.parse().map_err(|_| {
-        invalid(
-            raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN"),
-            &listen_text,
-            "expected IP:PORT, e.g. 127.0.0.1:8420 or [::1]:8420",
-        )
-    })?;
+    let listen_name = raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN");
+    let listen = resolve_listen(listen_name, &listen_text)?;
     let api_token = if raw.address_only {
         None
     } else {
         api_token(raw)?
     };
     if !raw.address_only && !listen.ip().is_loopback() && api_token.is_none() {
+        let named = if listen_text == listen.to_string() {
+            listen.to_string()
+        } else {
+            format!("{listen} ({listen_text})")
+        };
         return Err(ConfigError::Refused(format!(
-            "refusing to listen on non-loopback address {listen} without an API token \
+            "refusing to listen on non-loopback address {named} without an API token \
              (set AGENTD_API_TOKEN or AGENTD_API_TOKEN_FILE, or listen on 127.0.0.1 / [::1])"
         )));
     }
@@ -1024,6 +1069,7 @@ fn build(
 
     Ok(Config {
         listen,
+        listen_text,
         state_dir,
         config_file,
         api_token,
@@ -1189,6 +1235,65 @@ mod tests {
             ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
         ]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn listen_takes_a_host_name_resolved_to_loopback_first() {
+        let c = load(&[("AGENTD_LISTEN", "localhost:8420")]).unwrap();
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 8420);
+        assert_eq!(c.listen_text, "localhost:8420");
+        // An address stays what it says.
+        let c = load(&[("AGENTD_LISTEN", "[::1]:0")]).unwrap();
+        assert_eq!(c.listen.to_string(), "[::1]:0");
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":8420",
+            "no-such-host.invalid:8420",
+        ] {
+            let err = load(&[("AGENTD_LISTEN", bad)]).unwrap_err().to_string();
+            assert!(
+                err.contains("AGENTD_LISTEN") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_loopback_rule_applies_to_the_resolved_address() {
+        // Names the resolver turns into addresses without asking a server:
+        // the C library's numeric shorthand ("0" is 0.0.0.0, "127.1" is
+        // 127.0.0.1), which an IP:PORT parse does not accept.
+        let err = load(&[("AGENTD_LISTEN", "0:8420")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("API token") && err.contains("0.0.0.0:8420 (0:8420)"),
+            "{err}"
+        );
+        let c = load(&[("AGENTD_LISTEN", "0:8420"), ("AGENTD_API_TOKEN", TOKEN)]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8420");
+        let c = load(&[("AGENTD_LISTEN", "127.1:8420")]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8420");
+        assert_eq!(c.api_token, None);
+    }
+
+    #[test]
+    fn a_name_with_several_addresses_binds_loopback_then_ipv4() {
+        let pick = |list: &[&str]| {
+            let addrs: Vec<SocketAddr> = list.iter().map(|a| a.parse().unwrap()).collect();
+            choose_listen(&addrs).map(|a| a.to_string())
+        };
+        let public_first = ["192.0.2.7:80", "[::1]:80", "127.0.0.1:80"];
+        assert_eq!(pick(&public_first).as_deref(), Some("127.0.0.1:80"));
+        assert_eq!(
+            pick(&["[::1]:80", "192.0.2.7:80"]).as_deref(),
+            Some("[::1]:80")
+        );
+        let none_loopback = ["[2001:db8::1]:80", "192.0.2.7:80", "198.51.100.1:80"];
+        assert_eq!(pick(&none_loopback).as_deref(), Some("192.0.2.7:80"));
+        assert_eq!(pick(&[]), None);
     }
 
     #[test]

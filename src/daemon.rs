@@ -297,10 +297,12 @@ async fn listen(config: &Config) -> Result<Listener, (String, Option<i32>)> {
             .await
             .map(Listener::Tcp)
             .map_err(|e| {
-                (
-                    format!("cannot listen on {}: {e}", config.listen),
-                    e.raw_os_error(),
-                )
+                let named = if config.listen_text == config.listen.to_string() {
+                    config.listen.to_string()
+                } else {
+                    format!("{} ({})", config.listen, config.listen_text)
+                };
+                (format!("cannot listen on {named}: {e}"), e.raw_os_error())
             }),
         Err(e) => Err((format!("socket activation: {e}"), Some(libc::EBADF))),
     }
