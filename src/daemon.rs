@@ -6,9 +6,11 @@
 //! 1. non-dumpable (agents cannot read agentd's environment or memory), then
 //!    the notifier (so even a config error reaches `systemctl status`)
 //! 2. config → logging → RLIMIT_NOFILE → child subreaper (+ orphan reaper)
-//! 3. state-dir lock (one process per directory) → store (migrations extend
+//! 3. listener (inherited by socket activation, or bound; not yet accepting),
+//!    before anything touches the state directory: a start that cannot
+//!    listen leaves nothing behind
+//! 4. state-dir lock (one process per directory) → store (migrations extend
 //!    the start timeout) → history → runtime
-//! 4. listener (inherited by socket activation, or bound)
 //! 5. server + health loop + sentinel; `READY=1` after the first passing tick
 //! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
 //!    (SIGINT cancels executions at once; a second signal exits at once)
@@ -137,6 +139,14 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     }
     let agent = runtimes::build_runtime(&config.runtime);
     let health = health_state(&config, notifier.clone(), rlimit);
+    // The listener before the state directory: a start that cannot listen
+    // (the port taken, a bad inherited socket) leaves nothing on disk. Bound
+    // is not accepting: connections wait in the kernel's backlog until the
+    // accept loop starts below, once the app is ready.
+    let listener = match listen(&config).await {
+        Ok(l) => l,
+        Err((msg, errno)) => return fail(msg, errno),
+    };
     // One process per state directory, taken before the store opens; held
     // (by this binding) until `run` returns.
     let _state_lock = match StateDirLock::acquire(&config.state_dir) {
@@ -154,10 +164,6 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
             Ok(started) => started,
             Err(e) => return fail(format!("cannot start: {e}"), None),
         };
-    let listener = match listen(&app.config).await {
-        Ok(l) => l,
-        Err((msg, errno)) => return fail(msg, errno),
-    };
     tracing::info!("listening on {}", listener.describe());
     spawn_signal_handlers(app.clone());
     // The health loop ends when shutdown starts, so the sentinel must too: a

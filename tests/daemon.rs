@@ -59,6 +59,31 @@ fn invalid_config_exits_before_binding_and_names_the_setting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTD_API_TOKEN"));
 }
 
+/// A start that cannot listen leaves nothing behind: the listener is bound
+/// before the state directory is created, so a taken port is an error that
+/// names the address, and the directory does not exist afterwards.
+#[test]
+fn port_in_use_fails_before_the_state_dir_exists() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(agentd_bin())
+        .args(["serve", "--listen", &addr])
+        .env_clear()
+        .env("AGENTD_STATE_DIR", &state)
+        .env("AGENTD_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!state.exists(), "the state directory was created: {err}");
+}
+
 /// `--listen localhost:PORT` is resolved once at start to a loopback
 /// address; the server then answers there, and the error of a taken port
 /// names both the name and the address it resolved to.
