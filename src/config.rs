@@ -10,7 +10,7 @@
 //! alias (when both are set, `AGENTD_HISTORY_LIMIT` wins, with a warning).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -221,9 +221,17 @@ pub struct HealthConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The address to bind: `listen` as given, or the address its host name
+    /// resolved to at start (see `resolve_listen`).
     pub listen: SocketAddr,
+    /// `listen` as given (`localhost:8420`), for messages that should name
+    /// what the operator wrote as well as what it resolved to.
+    pub listen_text: String,
     pub state_dir: PathBuf,
     pub config_file: Option<PathBuf>,
+    /// The bearer token `/api/*` needs: from `AGENTD_API_TOKEN`,
+    /// `AGENTD_API_TOKEN_FILE` or the systemd credential `agentd.api-token`
+    /// (exactly one of them; see `api_token`). Never passed to a child.
     pub api_token: Option<String>,
     pub history_limit: usize,
     /// Connections served at once; more get a fast 503 and are closed.
@@ -259,6 +267,11 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub config_file: Option<PathBuf>,
+    /// Load only what finds the server (`agentd health`): the API token is
+    /// not read from any source (its file may be readable by agentd's user
+    /// only) and the rule that a non-loopback address needs one is not
+    /// applied, since nothing is bound.
+    pub address_only: bool,
 }
 
 /// One setting: its TOML key and its environment variable.
@@ -277,6 +290,7 @@ settings! {
     listen => "AGENTD_LISTEN",
     state_dir => "AGENTD_STATE_DIR",
     api_token => "AGENTD_API_TOKEN",
+    api_token_file => "AGENTD_API_TOKEN_FILE",
     history_limit => "AGENTD_HISTORY_LIMIT",
     max_connections => "AGENTD_MAX_CONNECTIONS",
     header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
@@ -333,6 +347,24 @@ settings! {
     fault_injection => "AGENTD_FAULT_INJECTION",
 }
 
+/// The systemd credential agentd reads its API token from
+/// (`LoadCredential=agentd.api-token` → `$CREDENTIALS_DIRECTORY/agentd.api-token`).
+pub const API_TOKEN_CREDENTIAL: &str = "agentd.api-token";
+
+/// What every variable of agentd's own starts with. None of them reaches a
+/// child (see `is_own_variable`).
+pub const ENV_PREFIX: &str = "AGENTD_";
+
+/// True for a variable that configures agentd itself: every `AGENTD_*` and
+/// the history limit's old alias. The runtimes remove each of them from a
+/// child's environment (it would otherwise read `AGENTD_API_TOKEN`, or the
+/// path of the token's file); the one `AGENTD_` variable a child gets,
+/// `AGENTD_EXECUTION_ID`, is set for it afresh.
+pub fn is_own_variable(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name.starts_with(ENV_PREFIX.as_bytes()) || name == HISTORY_LIMIT_ALIAS.as_bytes()
+}
+
 /// The history limit's name before every variable took the `AGENTD_` prefix.
 /// Still read, so existing deployments keep their limit; `AGENTD_HISTORY_LIMIT`
 /// wins when both are set.
@@ -347,6 +379,11 @@ struct Raw {
     /// `CODEX_HOME` as the operator set it (not an agentd setting: Codex's
     /// own variable, read here so nothing else reads the environment).
     codex_home: Option<String>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd's credentials of this service), where
+    /// the `agentd.api-token` credential is looked for.
+    credentials_directory: Option<PathBuf>,
+    /// `Overrides::address_only`.
+    address_only: bool,
 }
 
 impl Raw {
@@ -375,6 +412,10 @@ impl Config {
             values: BTreeMap::new(),
             warnings: Vec::new(),
             codex_home: env("CODEX_HOME").filter(|s| !s.is_empty()),
+            credentials_directory: env("CREDENTIALS_DIRECTORY")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            address_only: overrides.address_only,
         };
         if let Some(path) = &config_file {
             for (key, value) in read_toml(path)? {
@@ -421,10 +462,12 @@ impl Config {
                 listen: Some(self.listen.to_string()),
                 state_dir: Some(self.state_dir.clone()),
                 config_file: self.config_file.clone(),
+                address_only: false,
             },
             env,
         )?;
         next.listen = self.listen;
+        next.listen_text = self.listen_text.clone();
         next.state_dir = self.state_dir.clone();
         Ok(next)
     }
@@ -628,6 +671,173 @@ fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
     }
 }
 
+/// The `listen` setting as an address: `IP:PORT` as written, or
+/// `HOST:PORT` resolved once, here, at start. Of the addresses a name
+/// resolves to, a loopback one goes before any other and IPv4 before IPv6
+/// (127.0.0.1 exists wherever IPv6 may be off); otherwise the resolver's
+/// order stands. Choosing loopback first means a name that also names a
+/// public address never widens what agentd listens on.
+fn resolve_listen(name: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let expected =
+        "expected IP:PORT or HOST:PORT, e.g. 127.0.0.1:8420, [::1]:8420 or localhost:8420";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(invalid(name, text, expected));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(invalid(name, text, expected));
+    };
+    if host.is_empty() || host.contains(':') || host.contains(['[', ']']) {
+        return Err(invalid(name, text, expected));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(name, text, format!("cannot resolve {host}: {e}")))?
+        .collect();
+    choose_listen(&addrs)
+        .ok_or_else(|| invalid(name, text, format!("{host} resolves to no address")))
+}
+
+/// The address to bind among those a name resolved to: loopback first, then
+/// IPv4, ties in the resolver's order.
+fn choose_listen(addrs: &[SocketAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, a)| (!a.ip().is_loopback(), !a.is_ipv4(), *i))
+        .map(|(_, a)| *a)
+}
+
+/// Where the API token comes from. At most one source may be given: two
+/// would leave it to a precedence rule nobody remembers which token is in
+/// force, so that is refused, naming both.
+#[derive(Debug)]
+enum TokenSource {
+    /// `AGENTD_API_TOKEN` / `api_token`: the value itself.
+    Value(&'static str, String),
+    /// `AGENTD_API_TOKEN_FILE` / `api_token_file`: a file holding it.
+    File(&'static str, PathBuf),
+    /// systemd's `$CREDENTIALS_DIRECTORY/agentd.api-token`.
+    Credential(PathBuf),
+}
+
+impl TokenSource {
+    fn describe(&self) -> String {
+        match self {
+            TokenSource::Value(name, _) => (*name).to_owned(),
+            TokenSource::File(name, path) => format!("{name}={}", path.display()),
+            TokenSource::Credential(path) => {
+                format!("the credential {API_TOKEN_CREDENTIAL} ({})", path.display())
+            }
+        }
+    }
+}
+
+/// The API token from whichever one source gives it, validated: at least 16
+/// characters, no surrounding whitespace (a file's one trailing newline is
+/// removed first). A file or credential that cannot be read, or is empty,
+/// is an error naming its path; no error ever echoes the token.
+fn api_token(raw: &Raw) -> Result<Option<String>, ConfigError> {
+    let mut sources = Vec::new();
+    if let Some((value, name)) = raw.get("api_token").filter(|(v, _)| !v.is_empty()) {
+        sources.push(TokenSource::Value(name, value.to_owned()));
+    }
+    if let Some((path, name)) = raw.get("api_token_file").filter(|(v, _)| !v.is_empty()) {
+        sources.push(TokenSource::File(name, PathBuf::from(path)));
+    }
+    if let Some(dir) = &raw.credentials_directory {
+        let path = dir.join(API_TOKEN_CREDENTIAL);
+        // A credential the unit names but the store lacks is simply absent
+        // (systemd skips it), so only an existing file counts.
+        if std::fs::symlink_metadata(&path).is_ok() {
+            sources.push(TokenSource::Credential(path));
+        }
+    }
+    if sources.len() > 1 {
+        let named: Vec<String> = sources.iter().map(TokenSource::describe).collect();
+        return Err(ConfigError::Refused(format!(
+            "the API token is given twice: by {}; give it one way only",
+            named.join(" and by ")
+        )));
+    }
+    let Some(source) = sources.pop() else {
+        return Ok(None);
+    };
+    let (setting, shown, token) = match source {
+        TokenSource::Value(name, value) => (name, "<hidden>".to_owned(), value),
+        TokenSource::File(name, path) => {
+            let token = read_token_file(&path)
+                .map_err(|reason| invalid(name, &path.display().to_string(), reason))?;
+            (name, path.display().to_string(), token)
+        }
+        TokenSource::Credential(path) => {
+            let token = read_token_file(&path).map_err(|reason| {
+                invalid(
+                    "credential agentd.api-token",
+                    &path.display().to_string(),
+                    reason,
+                )
+            })?;
+            (
+                "credential agentd.api-token",
+                path.display().to_string(),
+                token,
+            )
+        }
+    };
+    // A token with surrounding whitespace would pass and then match no
+    // request (clients send it trimmed): refuse it, never echo it.
+    if token.trim() != token {
+        return Err(invalid(
+            setting,
+            &shown,
+            "the token has leading or trailing whitespace; remove it",
+        ));
+    }
+    if token.len() < 16 {
+        return Err(invalid(
+            setting,
+            &shown,
+            "a token needs at least 16 characters",
+        ));
+    }
+    Ok(Some(token))
+}
+
+/// Most bytes a token file may hold: a token is tens of bytes, and a path
+/// pointing at a large file by mistake must not be read whole.
+const TOKEN_FILE_MAX: u64 = 4096;
+
+/// A token file's text without its one trailing newline (`\n` or `\r\n`,
+/// as `echo` and editors leave it). `Err` is the reason, for the caller to
+/// name with the path.
+fn read_token_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(TOKEN_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > TOKEN_FILE_MAX {
+        return Err(format!(
+            "larger than {TOKEN_FILE_MAX} bytes; is it the token?"
+        ));
+    }
+    let mut text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_owned())?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(text)
+}
+
 const SEC: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -638,36 +848,22 @@ fn build(
 ) -> Result<Config, ConfigError> {
     let mut warnings = raw.warnings.clone();
     let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
-    let listen: SocketAddr = listen_text.parse().map_err(|_| {
-        invalid(
-            raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN"),
-            &listen_text,
-            "expected IP:PORT, e.g. 127.0.0.1:8420 or [::1]:8420",
-        )
-    })?;
-    let api_token = text(raw, "api_token");
-    if let Some((token, name)) = raw.get("api_token") {
-        // A token with surrounding whitespace would pass and then match no
-        // request (clients send it trimmed): refuse it, never echo it.
-        if !token.is_empty() && token.trim() != token {
-            return Err(invalid(
-                name,
-                "<hidden>",
-                "the token has leading or trailing whitespace; remove it",
-            ));
-        }
-        if !token.is_empty() && token.trim().len() < 16 {
-            return Err(invalid(
-                name,
-                "<hidden>",
-                "a token needs at least 16 characters",
-            ));
-        }
-    }
-    if !listen.ip().is_loopback() && api_token.is_none() {
+    let listen_name = raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN");
+    let listen = resolve_listen(listen_name, &listen_text)?;
+    let api_token = if raw.address_only {
+        None
+    } else {
+        api_token(raw)?
+    };
+    if !raw.address_only && !listen.ip().is_loopback() && api_token.is_none() {
+        let named = if listen_text == listen.to_string() {
+            listen.to_string()
+        } else {
+            format!("{listen} ({listen_text})")
+        };
         return Err(ConfigError::Refused(format!(
-            "refusing to listen on non-loopback address {listen} without AGENTD_API_TOKEN \
-             (set a token, or listen on 127.0.0.1 / [::1])"
+            "refusing to listen on non-loopback address {named} without an API token \
+             (set AGENTD_API_TOKEN or AGENTD_API_TOKEN_FILE, or listen on 127.0.0.1 / [::1])"
         )));
     }
     let history_limit = history_limit(raw, &mut warnings);
@@ -858,8 +1054,22 @@ fn build(
         trend_interval,
     };
 
+    if runtime.kind == RuntimeKind::Acp
+        && runtime.acp_permissions == PermissionPolicy::Ask
+        && api_token.is_none()
+        && !raw.address_only
+    {
+        warnings.push(
+            "AGENTD_ACP_PERMISSIONS=ask without an API token: any local process, \
+             the agent itself included, can answer a permission request over the API \
+             (set AGENTD_API_TOKEN_FILE or AGENTD_API_TOKEN)"
+                .to_owned(),
+        );
+    }
+
     Ok(Config {
         listen,
+        listen_text,
         state_dir,
         config_file,
         api_token,
@@ -1025,6 +1235,231 @@ mod tests {
             ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
         ]);
         assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn listen_takes_a_host_name_resolved_to_loopback_first() {
+        let c = load(&[("AGENTD_LISTEN", "localhost:8420")]).unwrap();
+        assert!(c.listen.ip().is_loopback(), "{}", c.listen);
+        assert_eq!(c.listen.port(), 8420);
+        assert_eq!(c.listen_text, "localhost:8420");
+        // An address stays what it says.
+        let c = load(&[("AGENTD_LISTEN", "[::1]:0")]).unwrap();
+        assert_eq!(c.listen.to_string(), "[::1]:0");
+        for bad in [
+            "localhost",
+            "localhost:http",
+            ":8420",
+            "no-such-host.invalid:8420",
+        ] {
+            let err = load(&[("AGENTD_LISTEN", bad)]).unwrap_err().to_string();
+            assert!(
+                err.contains("AGENTD_LISTEN") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_loopback_rule_applies_to_the_resolved_address() {
+        // Names the resolver turns into addresses without asking a server:
+        // the C library's numeric shorthand ("0" is 0.0.0.0, "127.1" is
+        // 127.0.0.1), which an IP:PORT parse does not accept.
+        let err = load(&[("AGENTD_LISTEN", "0:8420")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("API token") && err.contains("0.0.0.0:8420 (0:8420)"),
+            "{err}"
+        );
+        let c = load(&[("AGENTD_LISTEN", "0:8420"), ("AGENTD_API_TOKEN", TOKEN)]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8420");
+        let c = load(&[("AGENTD_LISTEN", "127.1:8420")]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8420");
+        assert_eq!(c.api_token, None);
+    }
+
+    #[test]
+    fn a_name_with_several_addresses_binds_loopback_then_ipv4() {
+        let pick = |list: &[&str]| {
+            let addrs: Vec<SocketAddr> = list.iter().map(|a| a.parse().unwrap()).collect();
+            choose_listen(&addrs).map(|a| a.to_string())
+        };
+        let public_first = ["192.0.2.7:80", "[::1]:80", "127.0.0.1:80"];
+        assert_eq!(pick(&public_first).as_deref(), Some("127.0.0.1:80"));
+        assert_eq!(
+            pick(&["[::1]:80", "192.0.2.7:80"]).as_deref(),
+            Some("[::1]:80")
+        );
+        let none_loopback = ["[2001:db8::1]:80", "192.0.2.7:80", "198.51.100.1:80"];
+        assert_eq!(pick(&none_loopback).as_deref(), Some("192.0.2.7:80"));
+        assert_eq!(pick(&[]), None);
+    }
+
+    #[test]
+    fn own_variables_are_every_agentd_one_and_the_alias() {
+        use std::ffi::OsStr;
+        for own in [
+            "AGENTD_API_TOKEN",
+            "AGENTD_API_TOKEN_FILE",
+            "AGENTD_X",
+            HISTORY_LIMIT_ALIAS,
+        ] {
+            assert!(is_own_variable(OsStr::new(own)), "{own}");
+        }
+        for other in ["PATH", "MY_AGENTD_X", "AGENT_X", "agentd_api_token"] {
+            assert!(!is_own_variable(OsStr::new(other)), "{other}");
+        }
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123";
+
+    #[test]
+    fn token_file_is_read_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for written in [
+            format!("{TOKEN}\n"),
+            format!("{TOKEN}\r\n"),
+            TOKEN.to_owned(),
+        ] {
+            std::fs::write(&path, written).unwrap();
+            let c = load(&[("AGENTD_API_TOKEN_FILE", path.to_str().unwrap())]).unwrap();
+            assert_eq!(c.api_token.as_deref(), Some(TOKEN));
+        }
+    }
+
+    #[test]
+    fn token_file_errors_name_the_path_and_never_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "0123456789\n").unwrap();
+        let spaced = dir.path().join("spaced");
+        std::fs::write(&spaced, format!(" {TOKEN}\n")).unwrap();
+        let cases = [
+            (missing.as_path(), "No such file"),
+            (empty.as_path(), "empty"),
+            (dir.path(), "cannot read it"),
+            (short.as_path(), "16 characters"),
+            (spaced.as_path(), "whitespace"),
+        ];
+        for (path, why) in cases {
+            let shown = path.to_str().unwrap();
+            let err = load(&[("AGENTD_API_TOKEN_FILE", shown)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("AGENTD_API_TOKEN_FILE"), "{err}");
+            assert!(err.contains(shown), "the path is named: {err}");
+            assert!(err.contains(why), "{why}: {err}");
+            assert!(!err.contains("0123456789"), "token echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn token_from_the_systemd_credential_when_present() {
+        let creds = tempfile::tempdir().unwrap();
+        let dir = creds.path().to_str().unwrap();
+        // The unit names the credential but the store has none: no token.
+        let c = load(&[("CREDENTIALS_DIRECTORY", dir)]).unwrap();
+        assert_eq!(c.api_token, None);
+        std::fs::write(
+            creds.path().join(API_TOKEN_CREDENTIAL),
+            format!("{TOKEN}\n"),
+        )
+        .unwrap();
+        let c = load(&[("CREDENTIALS_DIRECTORY", dir)]).unwrap();
+        assert_eq!(c.api_token.as_deref(), Some(TOKEN));
+        std::fs::write(creds.path().join(API_TOKEN_CREDENTIAL), "").unwrap();
+        let err = load(&[("CREDENTIALS_DIRECTORY", dir)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(API_TOKEN_CREDENTIAL) && err.contains("empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_token_given_two_ways_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, TOKEN).unwrap();
+        std::fs::write(dir.path().join(API_TOKEN_CREDENTIAL), TOKEN).unwrap();
+        let file = file.to_str().unwrap();
+        let creds = dir.path().to_str().unwrap();
+        let cases: [&[(&str, &str)]; 3] = [
+            &[("AGENTD_API_TOKEN", TOKEN), ("AGENTD_API_TOKEN_FILE", file)],
+            &[
+                ("AGENTD_API_TOKEN", TOKEN),
+                ("CREDENTIALS_DIRECTORY", creds),
+            ],
+            &[
+                ("AGENTD_API_TOKEN_FILE", file),
+                ("CREDENTIALS_DIRECTORY", creds),
+            ],
+        ];
+        for vars in cases {
+            let err = load(vars).unwrap_err().to_string();
+            assert!(err.contains("twice"), "{err}");
+            let named = |n: &str| err.contains(n);
+            match vars[0].0 {
+                "AGENTD_API_TOKEN" if vars[1].0 == "AGENTD_API_TOKEN_FILE" => {
+                    assert!(named("AGENTD_API_TOKEN ") && named(file), "{err}")
+                }
+                "AGENTD_API_TOKEN" => assert!(
+                    named("AGENTD_API_TOKEN ") && named(API_TOKEN_CREDENTIAL),
+                    "{err}"
+                ),
+                _ => assert!(named(file) && named(API_TOKEN_CREDENTIAL), "{err}"),
+            }
+            assert!(!err.contains(TOKEN), "token echoed: {err}");
+        }
+        // An empty AGENTD_API_TOKEN means none, so the file alone is used.
+        let c = load(&[("AGENTD_API_TOKEN", ""), ("AGENTD_API_TOKEN_FILE", file)]).unwrap();
+        assert_eq!(c.api_token.as_deref(), Some(TOKEN));
+    }
+
+    #[test]
+    fn address_only_reads_no_token() {
+        let map: HashMap<&str, &str> = [
+            ("AGENTD_LISTEN", "0.0.0.0:8420"),
+            ("AGENTD_API_TOKEN_FILE", "/nonexistent/token"),
+        ]
+        .into_iter()
+        .collect();
+        let c = Config::load(
+            Overrides {
+                address_only: true,
+                ..Default::default()
+            },
+            |k| map.get(k).map(|v| v.to_string()),
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8420");
+        assert_eq!(c.api_token, None);
+    }
+
+    #[test]
+    fn ask_without_a_token_warns_that_anyone_local_may_answer() {
+        let ask = [
+            ("AGENTD_RUNTIME", "acp"),
+            ("AGENTD_ACP_CMD", "agent --acp"),
+            ("AGENTD_ACP_PERMISSIONS", "ask"),
+        ];
+        let c = load(&ask).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("ask") && w.contains("any local process")),
+            "{:?}",
+            c.warnings
+        );
+        let mut with_token = ask.to_vec();
+        with_token.push(("AGENTD_API_TOKEN", TOKEN));
+        assert!(load(&with_token).unwrap().warnings.is_empty());
     }
 
     #[test]

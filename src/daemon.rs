@@ -3,11 +3,14 @@
 //! sequences them so the order (and what a failure at each step means) reads
 //! top to bottom:
 //!
-//! 1. notifier (so even a config error reaches `systemctl status`)
+//! 1. non-dumpable (agents cannot read agentd's environment or memory), then
+//!    the notifier (so even a config error reaches `systemctl status`)
 //! 2. config → logging → RLIMIT_NOFILE → child subreaper (+ orphan reaper)
-//! 3. state-dir lock (one process per directory) → store (migrations extend
+//! 3. listener (inherited by socket activation, or bound; not yet accepting),
+//!    before anything touches the state directory: a start that cannot
+//!    listen leaves nothing behind
+//! 4. state-dir lock (one process per directory) → store (migrations extend
 //!    the start timeout) → history → runtime
-//! 4. listener (inherited by socket activation, or bound)
 //! 5. server + health loop + sentinel; `READY=1` after the first passing tick
 //! 6. SIGTERM/SIGINT → `STOPPING=1`, drain, cancel executions, close the store
 //!    (SIGINT cancels executions at once; a second signal exits at once)
@@ -29,6 +32,7 @@ use crate::health::gauges::ProcGauges;
 use crate::health::sentinel::{self, SentinelConfig};
 use crate::health::watchdog::{self, HealthState, WatchdogMode};
 use crate::init::activation::{self, Inherited};
+use crate::init::dumpable;
 use crate::init::logging::init_logging;
 use crate::init::notify::Notifier;
 use crate::init::reaper::{self, OrphanReaper, EXECUTION_SWEEP_BOUND};
@@ -51,6 +55,10 @@ const SLOW_STEP_EXTENSION: Duration = Duration::from_secs(60);
 pub const GAUGE_TTL: Duration = Duration::from_secs(1);
 
 pub fn serve(overrides: Overrides) -> ExitCode {
+    // First, while agentd is one thread and before any agent exists: a
+    // process of the same user (an agent) can then read neither its
+    // environment (the API token) nor its memory. Logged once logging is up.
+    let protected = dumpable::protect();
     let notifier = Arc::new(Notifier::from_env());
     let config = match Config::from_env(overrides) {
         Ok(c) => c,
@@ -64,6 +72,11 @@ pub fn serve(overrides: Overrides) -> ExitCode {
     tracing::debug!(?log_target, "logging initialised");
     for w in &config.warnings {
         tracing::warn!("{w}");
+    }
+    if let Err(e) = protected {
+        tracing::warn!(
+            "cannot make agentd non-dumpable ({e}); its agents may read its environment and memory"
+        );
     }
     let rlimit = raise_nofile(config.health.nofile_target);
     tracing::info!(
@@ -126,6 +139,14 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
     }
     let agent = runtimes::build_runtime(&config.runtime);
     let health = health_state(&config, notifier.clone(), rlimit);
+    // The listener before the state directory: a start that cannot listen
+    // (the port taken, a bad inherited socket) leaves nothing on disk. Bound
+    // is not accepting: connections wait in the kernel's backlog until the
+    // accept loop starts below, once the app is ready.
+    let listener = match listen(&config).await {
+        Ok(l) => l,
+        Err((msg, errno)) => return fail(msg, errno),
+    };
     // One process per state directory, taken before the store opens; held
     // (by this binding) until `run` returns.
     let _state_lock = match StateDirLock::acquire(&config.state_dir) {
@@ -143,10 +164,6 @@ async fn run(config: Config, notifier: Arc<Notifier>, rlimit: RlimitReport) -> E
             Ok(started) => started,
             Err(e) => return fail(format!("cannot start: {e}"), None),
         };
-    let listener = match listen(&app.config).await {
-        Ok(l) => l,
-        Err((msg, errno)) => return fail(msg, errno),
-    };
     tracing::info!("listening on {}", listener.describe());
     spawn_signal_handlers(app.clone());
     // The health loop ends when shutdown starts, so the sentinel must too: a
@@ -286,10 +303,12 @@ async fn listen(config: &Config) -> Result<Listener, (String, Option<i32>)> {
             .await
             .map(Listener::Tcp)
             .map_err(|e| {
-                (
-                    format!("cannot listen on {}: {e}", config.listen),
-                    e.raw_os_error(),
-                )
+                let named = if config.listen_text == config.listen.to_string() {
+                    config.listen.to_string()
+                } else {
+                    format!("{} ({})", config.listen, config.listen_text)
+                };
+                (format!("cannot listen on {named}: {e}"), e.raw_os_error())
             }),
         Err(e) => Err((format!("socket activation: {e}"), Some(libc::EBADF))),
     }

@@ -19,7 +19,7 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve {
-        /// Address to listen on, IP:PORT; port 0 picks a free port [env: AGENTD_LISTEN] [default: 127.0.0.1:8420].
+        /// Address to listen on, IP:PORT or HOST:PORT (a name is resolved once, at start); port 0 picks a free port [env: AGENTD_LISTEN] [default: 127.0.0.1:8420].
         #[arg(long)]
         listen: Option<String>,
         /// Directory for state.db and diagnostics [env: AGENTD_STATE_DIR] [default: $STATE_DIRECTORY, else ./agentd-state].
@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             listen,
             state_dir,
             config_file: config,
+            address_only: false,
         }),
         Command::Health {
             url,

@@ -146,6 +146,7 @@ pub fn target_from_config(
         listen,
         state_dir: None,
         config_file,
+        address_only: true,
     })?;
     Ok(target_for_listen(config.listen))
 }

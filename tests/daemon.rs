@@ -5,6 +5,7 @@ mod common;
 
 use std::process::Command;
 
+use common::notify::{has_line, NotifyReceiver};
 use common::{agentd_bin, user_messages, Conn, Daemon};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -56,6 +57,69 @@ fn invalid_config_exits_before_binding_and_names_the_setting() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTD_API_TOKEN"));
+}
+
+/// A start that cannot listen leaves nothing behind: the listener is bound
+/// before the state directory is created, so a taken port is an error that
+/// names the address, and the directory does not exist afterwards.
+#[test]
+fn port_in_use_fails_before_the_state_dir_exists() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(agentd_bin())
+        .args(["serve", "--listen", &addr])
+        .env_clear()
+        .env("AGENTD_STATE_DIR", &state)
+        .env("AGENTD_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!state.exists(), "the state directory was created: {err}");
+}
+
+/// `--listen localhost:PORT` is resolved once at start to a loopback
+/// address; the server then answers there, and the error of a taken port
+/// names both the name and the address it resolved to.
+#[test]
+fn listen_accepts_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let rx = NotifyReceiver::path();
+    let socket = rx.env_value();
+    let d = Daemon::start(
+        &[
+            ("AGENTD_LISTEN", "localhost:0"),
+            ("NOTIFY_SOCKET", socket.as_str()),
+        ],
+        dir.path(),
+    );
+    assert!(d.addr.ip().is_loopback(), "{}", d.addr);
+    assert!(rx
+        .wait_for(|m| has_line(m, "READY=1"), common::WAIT)
+        .is_some());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(common::get(d.addr, "/health")).status, 200);
+
+    let other = tempfile::tempdir().unwrap();
+    let port = d.addr.port();
+    let out = Command::new(agentd_bin())
+        .args(["serve", "--listen", &format!("localhost:{port}")])
+        .env_clear()
+        .env("AGENTD_STATE_DIR", other.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on {} (localhost:{port})", d.addr)),
+        "{err}"
+    );
 }
 
 #[test]

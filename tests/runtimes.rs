@@ -419,7 +419,7 @@ fn isolated_inherited_signals() {
 }
 
 #[test]
-fn supervisor_variables_never_reach_the_child() {
+fn supervisor_and_own_variables_never_reach_the_child() {
     run_isolated(
         "isolated_env_scrub",
         &[
@@ -429,12 +429,17 @@ fn supervisor_variables_never_reach_the_child() {
             ("LISTEN_FDS", "1"),
             ("LISTEN_PID", "1"),
             ("LISTEN_FDNAMES", "http"),
-            ("AGENTD_TEST_KEEP", "kept"),
+            ("CREDENTIALS_DIRECTORY", "/run/credentials/agentd.service"),
+            ("AGENTD_API_TOKEN", "0123456789abcdef0123"),
+            ("AGENTD_API_TOKEN_FILE", "/etc/agentd/token"),
+            ("AGENT_HISTORY_LIMIT", "5"),
+            ("AGENTD_EXECUTION_ID", "inherited-tag"),
+            ("TEST_KEEP", "kept"),
         ],
     );
 }
 
-/// Child half of `supervisor_variables_never_reach_the_child`.
+/// Child half of `supervisor_and_own_variables_never_reach_the_child`.
 #[tokio::test]
 async fn isolated_env_scrub() {
     if !is_isolated_run("isolated_env_scrub") {
@@ -455,10 +460,19 @@ async fn isolated_env_scrub() {
             "{name} leaked into the child"
         );
     }
-    assert!(env.contains(&"AGENTD_TEST_KEEP=kept"));
-    assert!(env
+    // No variable of agentd's own reaches it (the token least of all); the
+    // only AGENTD_ one is its own execution's id, not the inherited one.
+    let own: Vec<&&str> = env
         .iter()
-        .any(|l| l.starts_with("AGENTD_EXECUTION_ID=exec-test-")));
+        .filter(|l| l.starts_with("AGENTD_") || l.starts_with("AGENT_HISTORY_LIMIT="))
+        .collect();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert!(
+        own[0].starts_with("AGENTD_EXECUTION_ID=exec-test-"),
+        "{own:?}"
+    );
+    assert!(!outcome.text.contains("0123456789abcdef0123"));
+    assert!(env.contains(&"TEST_KEEP=kept"));
     println!("isolated-ran: isolated_env_scrub");
 }
 

@@ -1,7 +1,8 @@
 //! Spawning and supervising one agent child process, with every wait bounded.
 //!
 //! This is the only place agentd forks. It owns the child's lifecycle: process
-//! group, scrubbed environment, stdin delivery, capped stdout/stderr reading,
+//! group, scrubbed environment (no supervisor variable, no `AGENTD_*` but the
+//! execution's id), stdin delivery, capped stdout/stderr reading,
 //! timeout and cancellation (SIGINT → SIGTERM → SIGKILL to the group), and the
 //! final reap. It does not build argv (that is `runtimes`) and does not decide
 //! what an outcome means (that is `classify`).
@@ -97,11 +98,23 @@ impl ChildLimits {
     }
 }
 
-/// Remove the supervisor's variables from a child's environment (see
-/// `SCRUBBED_ENV`) and name the execution.
+/// Remove the supervisor's variables (see `SCRUBBED_ENV`) and every variable
+/// of agentd's own (`AGENTD_*`: the API token, the path of its file, every
+/// setting) from a child's environment, and name the execution. Call it
+/// before setting the child's own variables: it removes agentd's by name,
+/// whatever set them.
+///
+/// `AGENTD_EXECUTION_ID` is the only `AGENTD_` variable a child sees, set
+/// here to its execution (an agentd started by another agentd must not pass
+/// its own tag on); the end-of-execution sweep finds escapees by it.
 pub fn scrub_env(cmd: &mut Command, execution_id: &str) {
     for name in SCRUBBED_ENV {
         cmd.env_remove(name);
+    }
+    for (name, _) in std::env::vars_os() {
+        if crate::config::is_own_variable(&name) {
+            cmd.env_remove(name);
+        }
     }
     cmd.env(EXECUTION_ID_ENV, execution_id);
 }
@@ -182,8 +195,8 @@ pub async fn run_child(
     if let Some(cwd) = &command.cwd {
         cmd.current_dir(cwd);
     }
-    cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     scrub_env(&mut cmd, &req.execution_id);
+    cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     start_with_default_signals(&mut cmd);
 
     let mut child = match cmd.spawn() {

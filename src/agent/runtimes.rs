@@ -339,10 +339,10 @@ pub async fn read_version(cfg: &RuntimeConfig) -> Option<String> {
     if cfg.workdir.is_dir() {
         cmd.current_dir(&cfg.workdir);
     }
+    scrub_env(&mut cmd, "version-check");
     if cfg.kind == RuntimeKind::Codex && cfg.codex_home_default {
         cmd.env(CODEX_HOME_ENV, &cfg.codex_home);
     }
-    scrub_env(&mut cmd, "version-check");
     let mut child = cmd.spawn().ok()?;
     let pgid = child.id();
     let read = async {

@@ -16,11 +16,14 @@
 //!   the `agentd keepalive-check` logic.
 //! * `reaper`     — agentd as child subreaper: reaping orphans of agents and
 //!   killing every process still tagged with a finished execution's id.
+//! * `dumpable`   — agentd non-dumpable (its agents cannot read its
+//!   environment or memory), dumpable again on SIGABRT for the core dump.
 //!
 //! Nothing here reads configuration or mutates the process environment: the
 //! process is multi-threaded soon after start, and `setenv` is not thread-safe.
 
 pub mod activation;
+pub mod dumpable;
 pub mod keepalive;
 pub mod logging;
 pub mod notify;
@@ -31,8 +34,11 @@ pub mod rlimit;
 ///
 /// A child process agentd spawns (an agent runtime) must not inherit them: a
 /// child that found `NOTIFY_SOCKET` could send `READY=1` or `WATCHDOG=1` on
-/// agentd's behalf, and one that found `LISTEN_FDS` could take agentd's
-/// listener. The executor removes these from every child's environment.
+/// agentd's behalf, one that found `LISTEN_FDS` could take agentd's
+/// listener, and `CREDENTIALS_DIRECTORY` would point it at agentd's
+/// credentials (the API token). The runtimes remove these, and every
+/// `AGENTD_*` variable (`config::is_own_variable`), from every child's
+/// environment.
 pub const SUPERVISOR_ENV_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -41,4 +47,5 @@ pub const SUPERVISOR_ENV_VARS: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "JOURNAL_STREAM",
+    "CREDENTIALS_DIRECTORY",
 ];

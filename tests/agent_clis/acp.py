@@ -515,6 +515,99 @@ def sc_permission_ask(a):
     kill_sleeper(pidfile2)
 
 
+NO_TOKEN_TOKEN = "e2e-" + uuid.uuid4().hex
+
+
+def sc_agent_holds_no_token(a):
+    """A real agent's tool looks for agentd's API token (its environment,
+    agentd's /proc/<pid>/environ) and tries to answer another execution's
+    pending permission request over the API. agentd runs with a token and
+    `ask`; the test is the operator, holding the token."""
+    scope = a.scope("agent holds no token")
+    auth = {"authorization": f"Bearer {NO_TOKEN_TOKEN}"}
+
+    def pending(eid):
+        s, b, _ = a.request("GET", f"/api/executions/{eid}", headers=auth)
+        return (b or {}).get("pending_permissions") or [] if s == 200 and isinstance(b, dict) else []
+
+    def start(prompt):
+        s, b, _ = a.request("POST", "/api/task", {"prompt": prompt, "async": True}, headers=auth)
+        eid = (b or {}).get("execution_id") if isinstance(b, dict) else None
+        check(scope, f"202 accepted for {prompt[:12]}", s == 202 and eid, f"HTTP {s} {b}")
+        return eid
+
+    # A: a task whose tool waits for the operator's answer.
+    pid_a = os.path.join(a.dir, "sleeper-victim.pid")
+    eid_a = start(f"FAKE_SETSID:{pid_a}")
+    asked_a = eid_a and wait_until(lambda: pending(eid_a), 90, 0.2)
+    if not check(scope, "the victim's permission request is pending", asked_a, eid_a):
+        return
+    victim = asked_a[0]
+    allow = [o for o in victim["options"] if o.get("kind") == "allow_once"] or victim["options"]
+    # B: the attacker, told everything but the token: the probe knows A's ids.
+    out = os.path.join(a.dir, "probe")
+    probe = os.path.join(a.dir, "probe.sh")
+    with open(probe, "w") as f:
+        f.write(f"""env > {out}.env
+if cat /proc/{a.proc.pid}/environ > {out}.proc 2>/dev/null; then echo read; else echo refused; fi > {out}.proc.rc
+curl -s -o {out}.post.body -w '%{{http_code}}' -X POST -H 'content-type: application/json' \\
+  -H "authorization: Bearer ${{AGENTD_API_TOKEN:-none}}" \\
+  --data '{{"option_id": "{allow[0]["option_id"]}"}}' \\
+  http://127.0.0.1:{a.port}/api/executions/{eid_a}/permissions/{victim["request_id"]} > {out}.post.code
+echo probe finished
+""")
+    eid_b = start(f"FAKE_RUN:{probe}")
+    asked_b = eid_b and wait_until(lambda: pending(eid_b), 90, 0.2)
+    if not check(scope, "the probe's own permission request is pending", asked_b, eid_b):
+        return
+    ok = [o for o in asked_b[0]["options"] if o.get("kind") == "allow_once"] or asked_b[0]["options"]
+    s, b, _ = a.request("POST", f"/api/executions/{eid_b}/permissions/{asked_b[0]['request_id']}",
+                        {"option_id": ok[0]["option_id"]}, headers=auth)
+    check(scope, "the operator allows the probe (200 with the token)", s == 200, f"HTTP {s} {b}")
+
+    def finished(eid):
+        s, b, _ = a.request("GET", f"/api/executions/{eid}", headers=auth)
+        return b if s == 200 and isinstance(b, dict) and b.get("status") not in ("queued", "running") else None
+
+    end_b = wait_until(lambda: finished(eid_b), 90, 0.2)
+    check(scope, "the probe ran (its tool wrote the environment it got)",
+          end_b and os.path.exists(f"{out}.env"), end_b)
+
+    def read(path):
+        try:
+            with open(path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    env = read(f"{out}.env")
+    own = [line for line in env.splitlines() if line.startswith(("AGENTD_", "CREDENTIALS_DIRECTORY="))]
+    check(scope, "the tool's environment holds no token and no AGENTD_ variable but its execution id",
+          env and NO_TOKEN_TOKEN not in env and [v.split("=")[0] for v in own] == ["AGENTD_EXECUTION_ID"], own)
+    # agentd runs as root in this suite, and so do its agents: root's
+    # CAP_SYS_PTRACE reads a non-dumpable process's environ, so the read may
+    # succeed here. That it fails for an agent of the same unprivileged user
+    # is tests/secrets.rs; here it is asserted only when not root.
+    proc_rc = read(f"{out}.proc.rc").strip()
+    if os.geteuid() != 0:
+        check(scope, "agentd's /proc/<pid>/environ is refused to the agent",
+              proc_rc == "refused" and NO_TOKEN_TOKEN not in read(f"{out}.proc"), proc_rc)
+    code = read(f"{out}.post.code").strip()
+    check(scope, "the agent's own answer to the pending request is refused 401", code == "401",
+          f"{code} {read(f'{out}.post.body')[:200]}")
+    check(scope, "the victim's request is still pending, its tool not run",
+          [p.get("request_id") for p in pending(eid_a)] == [victim["request_id"]]
+          and not os.path.exists(pid_a), pending(eid_a))
+    # The operator's answer is the one that counts.
+    deny = [o for o in victim["options"] if o.get("kind") == "reject_once"] or victim["options"]
+    s, b, _ = a.request("POST", f"/api/executions/{eid_a}/permissions/{victim['request_id']}",
+                        {"option_id": deny[0]["option_id"]}, headers=auth)
+    check(scope, "the operator answers the victim's request (200)", s == 200, f"HTTP {s} {b}")
+    end_a = wait_until(lambda: finished(eid_a), 90, 0.2)
+    check(scope, "the victim's turn ends without running its tool", end_a and not os.path.exists(pid_a), end_a)
+    kill_sleeper(pid_a)
+
+
 def sc_delete_history(a):
     scope = a.scope("DELETE history")
     sid = "acp-delete"
@@ -543,6 +636,8 @@ SCENARIOS = [
     ("permission_ask", sc_permission_ask, {"AGENTD_ACP_PERMISSIONS": "ask",
                                            "AGENTD_ACP_PERMISSION_TIMEOUT": "2s"}),
     ("delete_history", sc_delete_history, {}),
+    ("agent_holds_no_token", sc_agent_holds_no_token, {"AGENTD_ACP_PERMISSIONS": "ask",
+                                                       "AGENTD_API_TOKEN": NO_TOKEN_TOKEN}),
 ]
 
 

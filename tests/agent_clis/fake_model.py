@@ -30,6 +30,7 @@ turn 2 carried turn 1. Magic words in the newest user turn steer it:
                    Codex exec_command) that starts a `setsid` sleeper writing
                    its pid to file P; once the tool result comes back the
                    answer is "tool done: ..."
+  FAKE_RUN:P       the same tool call running the shell script P (`sh P`)
 
 GET /_fake/seen?q=WORD counts the model requests whose newest user turn
 contains WORD, so a test knows when a CLI has reached the model; for Codex
@@ -112,6 +113,15 @@ def shorten(text):
     return text if len(text) <= TURN_ECHO_CHARS else text[:TURN_ECHO_CHARS] + "…"
 
 
+# The steering words that make the model call the shell tool.
+TOOL_KINDS = ("FAKE_SETSID", "FAKE_RUN")
+
+
+def tool_command(kind, arg):
+    """The shell command of a tool call: the setsid sleeper, or a script."""
+    return setsid_command(arg) if kind == "FAKE_SETSID" else f"sh {arg}"
+
+
 def setsid_command(pidfile):
     # The sleeper gets its own session and process group, writes its pid and
     # outlives the tool call unless something sweeps it. Unique duration so
@@ -152,9 +162,9 @@ class Conversation:
         for word in ("FAKE_RETRY_429", "FAKE_429", "FAKE_500", "FAKE_SLOW"):
             if word in last:
                 return word, None
-        m = re.search(r"FAKE_SETSID:(\S+)", last)
+        m = re.search(r"(FAKE_SETSID|FAKE_RUN):(\S+)", last)
         if m:
-            return "FAKE_SETSID", m.group(1)
+            return m.group(1), m.group(2)
         return None, None
 
 
@@ -411,9 +421,9 @@ class Handler(BaseHTTPRequestHandler):
         if side:
             blocks = [{"type": "text", "text": "Fake title"}]
             stop = "end_turn"
-        elif kind == "FAKE_SETSID":
+        elif kind in TOOL_KINDS:
             blocks = [{"type": "tool_use", "id": "toolu_fake_1", "name": "Bash",
-                       "input": {"command": setsid_command(arg),
+                       "input": {"command": tool_command(kind, arg),
                                  "description": "Start a detached sleeper"}}]
             stop = "tool_use"
         else:
@@ -484,10 +494,10 @@ class Handler(BaseHTTPRequestHandler):
                                            "param": None, "code": None}})
             return
         resp_id = "resp_fake_%d" % int(time.time() * 1000)
-        if kind == "FAKE_SETSID":
+        if kind in TOOL_KINDS:
             item = {"type": "function_call", "id": "fc_fake_1", "call_id": "call_fake_1",
                     "name": "exec_command", "status": "completed",
-                    "arguments": json.dumps({"cmd": setsid_command(arg)})}
+                    "arguments": json.dumps({"cmd": tool_command(kind, arg)})}
         else:
             item = {"type": "message", "id": "msg_fake_1", "role": "assistant", "status": "completed",
                     "content": [{"type": "output_text", "text": conv.answer_text(), "annotations": []}]}
@@ -550,9 +560,9 @@ class Handler(BaseHTTPRequestHandler):
                                           "model_choice": "flash", "is_loop": False,
                                           "complexity": "simple",
                                           "complexity_reasoning": "fake", "complexity_score": 1})}]
-        elif kind == "FAKE_SETSID":
+        elif kind in TOOL_KINDS:
             parts = [{"functionCall": {"name": "run_shell_command",
-                                       "args": {"command": setsid_command(arg),
+                                       "args": {"command": tool_command(kind, arg),
                                                 "description": "Start a detached sleeper"}}}]
         else:
             parts = [{"text": conv.answer_text()}]
