@@ -3,7 +3,7 @@
 # the fault-injection feature the wedge tests need), then the end-to-end
 # suites, each a script that ends with `checks: N, failed: M`:
 #
-#   tests/systemd/run.sh       real systemd in nspawn: wedges, flood, full disk (root)
+#   tests/systemd/run.sh       real systemd in nspawn: wedges, flood, full disk, a held lock (root)
 #   tests/packaging/manifests.sh  Kubernetes manifests and the Dockerfile
 #   tests/packaging/deb.sh     the .deb's life cycle under a real systemd (root)
 #   tests/agent_clis/run.sh    the real Claude Code, Gemini CLI and Codex (root)
