@@ -11,10 +11,10 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::executions::{finish_json, usage_json};
+use super::answer::{finish_response, usage_json};
 use super::http::{json as json_response, ApiError, Body};
 use super::input::{json_body, optional_string, required_text, timeout_field};
-use crate::agent::executor::{Execution, Finish, Submission};
+use crate::agent::executor::{Finish, Submission};
 use crate::agent::history::{Message, Role};
 use crate::agent::runtime::ExecutionKind;
 use crate::agent::sessions::{normalise_session_id, CliSession, MAX_SESSION_ID_LEN};
@@ -67,27 +67,6 @@ fn query_session<B>(req: &Request<B>, empty_means_all: bool) -> Result<Option<St
         )),
         Some((_, v)) => session_key(&v).map(Some),
     }
-}
-
-/// The response for a finished execution: `finish_json`'s status and body,
-/// plus `Retry-After` when a rate-limited agent named a delay.
-pub fn finish_response(
-    exec: &Execution,
-    finish: &Finish,
-    session_id: Option<&str>,
-) -> Response<Body> {
-    let (status, mut body) = finish_json(exec, finish);
-    if let Some(session_id) = session_id {
-        body["session_id"] = json!(session_id);
-    }
-    let mut resp = json_response(status, &body);
-    if let Finish::Ran { classified, .. } = finish {
-        if let Some(seconds) = classified.retry_after_s {
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
-        }
-    }
-    resp
 }
 
 /// `POST /api/chat`

@@ -15,12 +15,13 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::answer::{finish_json, finish_response};
 use super::http::{json as json_response, ApiError, Body};
 use super::input::{json_body, required_text, timeout_field};
-use crate::agent::executor::{Execution, Finish, Phase, Rejected, Submission};
+use crate::agent::executor::{Execution, Phase, Rejected, Submission};
 use crate::agent::permissions::AnswerError;
 use crate::agent::replay::{Batch, OutputReader};
-use crate::agent::runtime::{Cleanup, ExecutionKind};
+use crate::agent::runtime::ExecutionKind;
 use crate::app::App;
 use crate::init::reaper::EXECUTION_SWEEP_BOUND;
 
@@ -49,79 +50,6 @@ impl From<Rejected> for ApiError {
     }
 }
 
-/// The JSON answer for a finished execution, and its HTTP status.
-pub fn finish_json(exec: &Execution, finish: &Finish) -> (StatusCode, Value) {
-    match finish {
-        Finish::CancelledBeforeStart => (
-            StatusCode::CONFLICT,
-            json!({
-                "execution_id": exec.id,
-                "status": "cancelled",
-                "response": null,
-                "error": {"code": "cancelled_before_start", "message": "cancelled before it started"},
-            }),
-        ),
-        Finish::Ran {
-            outcome,
-            classified: c,
-            duration_ms,
-        } => {
-            let mut body = json!({
-                "execution_id": exec.id,
-                "status": c.status,
-                "response": c.response,
-                "metadata": {
-                    "duration_ms": outcome.result.as_ref().and_then(|r| r.duration_ms).unwrap_or(*duration_ms),
-                    "wall_ms": duration_ms,
-                    "cost_usd": outcome.result.as_ref().and_then(|r| r.cost_usd),
-                    "exit_code": c.exit_code,
-                    "stdout_truncated": outcome.stdout_truncated,
-                    "stderr_truncated": outcome.stderr_truncated,
-                    "agent_session_id": outcome.agent.session_id,
-                    // The agent's session id where clients of the original
-                    // agent server read it, as for chats; the execution's
-                    // own id is `execution_id`.
-                    "session_id": outcome.agent.session_id,
-                    "model": outcome.agent.model,
-                    "usage": usage_json(outcome),
-                },
-            });
-            if let Some(code) = c.code {
-                body["error"] =
-                    json!({"code": code, "message": c.message.clone().unwrap_or_default()});
-                if let Some(seconds) = c.retry_after_s {
-                    body["error"]["retry_after_s"] = json!(seconds);
-                }
-            }
-            if let Some(tail) = &c.stderr_tail {
-                body["stderr_tail"] = json!(tail);
-            }
-            if outcome.cleanup.acted() {
-                body["cleanup"] = cleanup_json(&outcome.cleanup);
-            }
-            let status =
-                StatusCode::from_u16(c.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, body)
-        }
-    }
-}
-
-/// What agentd had to stop or kill to end the execution: the signal that
-/// stopped the agent (by name) and the leftovers killed and reaped.
-fn cleanup_json(c: &Cleanup) -> Value {
-    let signal = c.stopped_with.map(|s| {
-        nix::sys::signal::Signal::try_from(s)
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_else(|_| s.to_string())
-    });
-    json!({
-        "stopped_with": signal,
-        "group_killed": c.group_killed,
-        "escapees_killed": c.escapees_killed,
-        "survivors": c.survivors,
-    })
-}
-
 /// `POST /api/task`
 pub async fn task(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let obj = json_body(app, req).await?;
@@ -146,7 +74,7 @@ pub async fn task(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         ));
     }
     let finish = exec.finished().await;
-    Ok(super::api::finish_response(&exec, &finish, None))
+    Ok(finish_response(&exec, &finish, None))
 }
 
 /// `GET /api/executions/running`
@@ -445,16 +373,6 @@ async fn forward(
     let mut frame = format!("id: {end_id}\n").into_bytes();
     frame.extend_from_slice(&sse_event("end", &end));
     let _ = frames.send(Bytes::from(frame)).await;
-}
-
-/// `{"input_tokens", "output_tokens"}` when the CLI reported them, else null.
-pub fn usage_json(outcome: &crate::agent::runtime::RunOutcome) -> serde_json::Value {
-    match outcome.result.as_ref() {
-        Some(r) if r.input_tokens.is_some() || r.output_tokens.is_some() => {
-            json!({"input_tokens": r.input_tokens, "output_tokens": r.output_tokens})
-        }
-        _ => serde_json::Value::Null,
-    }
 }
 
 #[cfg(test)]

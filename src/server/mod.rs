@@ -26,6 +26,7 @@
 //! `router`, `api`, `health`, `metrics` (Prometheus) and `status` (the
 //! page for people).
 
+pub mod answer;
 pub mod api;
 pub mod executions;
 pub mod health;
