@@ -104,6 +104,65 @@ async fn every_classification_row_over_http() {
 }
 
 #[tokio::test]
+async fn a_task_reports_the_agent_session_id_as_metadata_session_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        &command_runtime(&fixture("session-empty-result.sh")),
+        dir.path(),
+    )
+    .await;
+    let r = post_json(server.addr, "/api/task", &json!({"prompt": "x"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["metadata"]["session_id"], "session-abc", "{body}");
+    assert_eq!(body["metadata"]["agent_session_id"], "session-abc");
+    assert_eq!(
+        body["response"],
+        agentd::agent::classify::NO_OUTPUT_PLACEHOLDER
+    );
+    // The execution's own id is still there, apart from the agent's.
+    let id = body["execution_id"]
+        .as_str()
+        .expect("execution_id")
+        .to_owned();
+    assert_ne!(id, "session-abc");
+
+    // An async task: its stream ends when it finished, then the execution
+    // carries the same metadata.
+    let r = post_json(
+        server.addr,
+        "/api/task",
+        &json!({"prompt": "x", "async": true}),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    let id = r.json()["execution_id"].as_str().unwrap().to_owned();
+    let s = request(
+        server.addr,
+        "GET",
+        &format!("/api/executions/{id}/stream"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    let text = s.text();
+    let end: Value = serde_json::from_str(
+        text.split("event: end\ndata: ")
+            .nth(1)
+            .expect("an end event")
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(end["metadata"]["session_id"], "session-abc", "{end}");
+    let e = get(server.addr, &format!("/api/executions/{id}"))
+        .await
+        .json();
+    assert_eq!(e["execution_id"], id.as_str());
+    assert_eq!(e["result"]["metadata"]["session_id"], "session-abc", "{e}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn timeout_gives_504_and_kills_the_whole_group() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(&command_runtime(&fixture("stubborn.sh")), dir.path()).await;

@@ -78,6 +78,10 @@ pub fn finish_json(exec: &Execution, finish: &Finish) -> (StatusCode, Value) {
                     "stdout_truncated": outcome.stdout_truncated,
                     "stderr_truncated": outcome.stderr_truncated,
                     "agent_session_id": outcome.agent.session_id,
+                    // The agent's session id where clients of the original
+                    // agent server read it, as for chats; the execution's
+                    // own id is `execution_id`.
+                    "session_id": outcome.agent.session_id,
                     "model": outcome.agent.model,
                     "usage": usage_json(outcome),
                 },
