@@ -94,6 +94,12 @@ const EARLY_EXIT: Duration = Duration::from_secs(10);
 /// Bytes of an agent's stderr kept (its last lines name why it died).
 const STDERR_TAIL: usize = 16 << 10;
 
+/// The id of the next agent process, unique in the process (not per pool):
+/// its tag (`acp-agent-<agentd's pid>-N`) is what the sweep of an exited
+/// agent kills, so neither two pools in one process (tests start several
+/// servers) nor two agentd processes on one host may share one.
+static NEXT_AGENT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// What `session/request_permission` is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PermissionPolicy {
@@ -250,7 +256,7 @@ struct AgentProc {
     stderr: Arc<Mutex<Tail>>,
     /// Set once the process has answered a prompt.
     served: std::sync::atomic::AtomicBool,
-    /// Its `AGENTD_EXECUTION_ID` tag (`acp-agent-N`), which everything it
+    /// Its `AGENTD_EXECUTION_ID` tag (`acp-agent-<pid>-N`), which everything it
     /// starts inherits.
     tag: String,
     /// Its start time (`/proc` clock ticks): what carries its tag is younger.
@@ -334,7 +340,6 @@ struct PoolState {
     entries: Vec<Entry>,
     /// Processes being started (they count against the limit).
     starting: usize,
-    next_id: u64,
     /// Starts that failed in a row, and when the next may be tried.
     failures: u32,
     retry_at: Option<Instant>,
@@ -532,11 +537,7 @@ impl Pool {
                 _ = cancel.cancelled() => return Err(NoAgent::Cancelled),
             }
         }
-        let id = {
-            let mut st = self.lock();
-            st.next_id += 1;
-            st.next_id
-        };
+        let id = NEXT_AGENT_ID.fetch_add(1, Relaxed);
         let result = self.spawn(id, deadline, cancel).await;
         match &result {
             Ok(_) => {}
@@ -590,7 +591,7 @@ impl Pool {
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let tag = format!("acp-agent-{id}");
+        let tag = format!("acp-agent-{}-{id}", std::process::id());
         scrub_env(&mut cmd, &tag);
         for (name, value) in &opts.env {
             cmd.env(name, value);
