@@ -139,6 +139,11 @@ const MIGRATIONS: &[&str] = &[
     // 4: the id the CLI itself gave a session (Codex picks its own thread
     // ids), recorded with the turn that ran in it, so the next turn resumes it.
     "ALTER TABLE cli_sessions ADD COLUMN agent_session_id TEXT;",
+    // 5: how many turns the agent's own session holds by agentd's account
+    // (set by the runtime with each turn), so that a runtime can tell when
+    // the agent remembers fewer (an ACP agent killed before it wrote its
+    // last turn). NULL: not counted (rows written before this migration).
+    "ALTER TABLE cli_sessions ADD COLUMN turns INTEGER;",
 ];
 
 /// The `session_generations` key of the floor every session's generation is
@@ -229,6 +234,9 @@ pub struct CliSessionRecord {
     /// The id the CLI reported for the session (`metadata.agent_session_id`),
     /// kept so a CLI that names its own sessions (Codex) can be resumed.
     pub agent_session_id: Option<String>,
+    /// The turns the agent's session holds after this one, as the runtime
+    /// counted them (`AgentReport::session_turns`); `None`: not counted.
+    pub turns: Option<u64>,
 }
 
 /// One appended turn: its messages and, for runtimes that keep sessions, the
@@ -1021,10 +1029,11 @@ impl Worker {
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut record = tx.prepare_cached(
-                "INSERT INTO cli_sessions (runtime, cli_session_id, session_id, created_at, agent_session_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO cli_sessions (runtime, cli_session_id, session_id, created_at, agent_session_id, turns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (runtime, cli_session_id) DO UPDATE SET agent_session_id =
-                   coalesce(excluded.agent_session_id, cli_sessions.agent_session_id)",
+                   coalesce(excluded.agent_session_id, cli_sessions.agent_session_id),
+                   turns = excluded.turns",
             )?;
             for ((messages, cli_session), _) in batch {
                 for m in messages {
@@ -1042,7 +1051,8 @@ impl Worker {
                         c.cli_session_id,
                         c.session_id,
                         at,
-                        c.agent_session_id
+                        c.agent_session_id,
+                        c.turns.map(|n| n as i64)
                     ])?;
                 }
             }
@@ -1065,17 +1075,18 @@ impl Worker {
 
     fn cli_session(&self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
         let id = cli_session_id(session_id, self.generation(session_id)?);
-        let recorded: Option<Option<String>> = self
+        let recorded: Option<(Option<String>, Option<i64>)> = self
             .conn
             .prepare_cached(
-                "SELECT agent_session_id FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
+                "SELECT agent_session_id, turns FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
             )?
-            .query_row(params![runtime, id], |r| r.get(0))
+            .query_row(params![runtime, id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(CliSession {
             id,
             exists: recorded.is_some(),
-            agent_id: recorded.flatten(),
+            turns: recorded.as_ref().and_then(|r| r.1).map(|n| n.max(0) as u64),
+            agent_id: recorded.and_then(|r| r.0),
         })
     }
 
@@ -1650,6 +1661,7 @@ mod tests {
             cli_session_id: cli.id.clone(),
             session_id: session.into(),
             agent_session_id: None,
+            turns: None,
         })
     }
 
@@ -1665,6 +1677,7 @@ mod tests {
                 cli_session_id: first.id.clone(),
                 session_id: "c".into(),
                 agent_session_id: agent.map(str::to_owned),
+                turns: None,
             })
         };
         store
@@ -1695,6 +1708,76 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_turns_an_agent_session_holds_are_recorded_and_start_over_with_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let s = store.cli_session("t".into(), "acp".into()).await.unwrap();
+        assert_eq!(s.turns, None, "nothing ran yet");
+        let turn = |cli: &CliSession, turns: Option<u64>| {
+            Some(CliSessionRecord {
+                runtime: "acp".into(),
+                cli_session_id: cli.id.clone(),
+                session_id: "t".into(),
+                agent_session_id: Some("acp-1".into()),
+                turns,
+            })
+        };
+        for n in 1..=3 {
+            store
+                .append_turn(
+                    vec![msg(2 * n, "t"), msg(2 * n + 1, "t")],
+                    turn(&s, Some(n as u64)),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            Some(3)
+        );
+        // A turn the runtime could not count leaves no count behind.
+        store
+            .append_turn(vec![msg(9, "t")], turn(&s, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            None
+        );
+        store
+            .append_turn(vec![msg(10, "t")], turn(&s, Some(4)))
+            .await
+            .unwrap();
+        drop(store);
+        thread.join();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            Some(4),
+            "survives reopen"
+        );
+        // A delete moves the session on: the next CLI session has no count.
+        store.clear(Some("t".into())).await.unwrap();
+        let next = store.cli_session("t".into(), "acp".into()).await.unwrap();
+        assert_ne!(next.id, s.id);
+        assert_eq!((next.exists, next.turns), (false, None));
+        drop(store);
+        thread.join();
+    }
+
+    #[tokio::test]
     async fn cli_sessions_are_recorded_with_the_turn_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
@@ -1708,6 +1791,7 @@ mod tests {
                 id: cli_session_id("demo", 0),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         store
@@ -1724,6 +1808,7 @@ mod tests {
                 id: first.id.clone(),
                 exists: true,
                 agent_id: None,
+                turns: None,
             }
         );
         // Each CLI keeps its own sessions.
@@ -1777,6 +1862,7 @@ mod tests {
                 id: cli_session_id("a", 1),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         // The other session is untouched.
@@ -1808,6 +1894,7 @@ mod tests {
                 id: cli_session_id("a", 2),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         assert_eq!(
@@ -1816,6 +1903,7 @@ mod tests {
                 id: cli_session_id("b", 2),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         // ... including sessions it never saw.

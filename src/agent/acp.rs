@@ -27,7 +27,11 @@
 //! * At most `max_agents` processes exist, counting those being started.
 //! * A turn's updates reach its execution only while the turn runs: each
 //!   ACP session id routes to at most one turn, and a `session/load` replay
-//!   (the agent repeating history) reaches no one.
+//!   (the agent repeating history) reaches no turn: it is only counted.
+//! * The agent's memory is checked against agentd's: the user turns a
+//!   `session/load` replays are compared with the turns the store recorded
+//!   in that session; an agent that holds fewer lost context, and the turn
+//!   says so (`session_restarted`).
 //! * Every wait is bounded by the turn's deadline, its cancel, or the
 //!   process's exit.
 
@@ -66,6 +70,7 @@ use crate::agent::runtime::{
     Cleanup, ExecutionContext, ExecutionKind, ResultLine, RunEnd, RunFuture, RunOutcome,
     RunRequest, Runtime,
 };
+use crate::agent::sessions::{memory, Memory};
 use crate::clock::now_unix_ms;
 use crate::init::reaper::{self, SweepReport, EXECUTION_SWEEP_BOUND};
 
@@ -93,6 +98,18 @@ const EARLY_EXIT: Duration = Duration::from_secs(10);
 
 /// Bytes of an agent's stderr kept (its last lines name why it died).
 const STDERR_TAIL: usize = 16 << 10;
+
+/// How long a `session/load` replay may stay silent before agentd takes it
+/// as complete, when what arrived so far is less than agentd recorded.
+/// Gemini CLI 0.61 answers `session/load` before it has sent its replay (it
+/// streams the history afterwards, one awaited write per message), so the
+/// count at the answer may be short of what the agent holds; an agent that
+/// replays before it answers is complete at the answer and never waits.
+/// Successive replay messages come a few milliseconds apart.
+const REPLAY_QUIET: Duration = Duration::from_millis(200);
+
+/// Longest wait for a replay to complete, however it trickles in.
+const REPLAY_SETTLE_MAX: Duration = Duration::from_secs(3);
 
 /// The id of the next agent process, unique in the process (not per pool):
 /// its tag (`acp-agent-<agentd's pid>-N`) is what the sweep of an exited
@@ -1003,6 +1020,17 @@ impl Drop for GroupKill {
     }
 }
 
+/// The ACP session a turn runs in.
+struct Opened {
+    id: String,
+    /// The turns it holds before this one: what a load replayed, what the
+    /// store recorded for a warm session, 0 for a new one (`None`: unknown).
+    held: Option<u64>,
+    /// The store recorded turns the session does not hold: the context of
+    /// the chat is lost.
+    lost: bool,
+}
+
 /// Why a turn stopped waiting for the agent's answer.
 enum Stop {
     TimedOut,
@@ -1025,33 +1053,44 @@ impl Turn<'_> {
         held: Option<(String, String)>,
     ) -> (RunOutcome, Option<(String, String)>) {
         let cli_id = self.req.cli_session.as_ref().map(|s| s.id.clone());
-        let mut restarted = false;
         let warm = match (self.req.kind, &held, &cli_id) {
             (ExecutionKind::Chat, Some((held_cli, acp_id)), Some(cli)) if held_cli == cli => {
                 Some(acp_id.clone())
             }
             _ => None,
         };
-        let session = match warm {
-            Some(id) => id,
-            None => match self.open_session(&mut restarted).await {
-                Ok(id) => id,
+        let opened = match warm {
+            // The process kept the conversation in memory: it holds what
+            // the store recorded.
+            Some(id) => Opened {
+                id,
+                held: self.req.cli_session.as_ref().and_then(|s| s.turns),
+                lost: false,
+            },
+            None => match self.open_session().await {
+                Ok(opened) => opened,
                 Err(outcome) => return (*outcome, None),
             },
         };
+        let session = opened.id.clone();
         let keep = match (self.req.kind, cli_id) {
             (ExecutionKind::Chat, Some(cli)) => Some((cli, session.clone())),
             _ => None,
         };
         let mut outcome = self.prompt(&session).await;
         outcome.agent.session_id = Some(session);
-        outcome.agent.session_restarted = restarted;
+        outcome.agent.session_restarted = opened.lost;
+        outcome.agent.session_turns = match self.req.kind {
+            ExecutionKind::Chat => opened.held.map(|n| n + 1),
+            ExecutionKind::Task => None,
+        };
         (outcome, keep)
     }
 
     /// `session/load` of the session the store recorded, when the agent can;
-    /// otherwise, or when that fails, `session/new`.
-    async fn open_session(&self, restarted: &mut bool) -> Result<String, Box<RunOutcome>> {
+    /// otherwise, or when that fails, `session/new`. A load whose replay
+    /// holds fewer turns than the store recorded lost context (`lost`).
+    async fn open_session(&self) -> Result<Opened, Box<RunOutcome>> {
         let workdir = self.pool.opts.workdir.clone();
         let recorded = match self.req.kind {
             ExecutionKind::Chat => self.req.cli_session.as_ref().filter(|s| s.exists),
@@ -1060,6 +1099,12 @@ impl Turn<'_> {
         if let Some(recorded) = recorded {
             match (&recorded.agent_id, self.agent.load_session) {
                 (Some(id), true) => {
+                    let count = Arc::new(ReplayCount::default());
+                    self.agent.routes.count_replay(id, count.clone());
+                    let _counting = ReplayGuard {
+                        routes: &self.agent.routes,
+                        session: id,
+                    };
                     let load = self
                         .agent
                         .cx
@@ -1067,8 +1112,25 @@ impl Turn<'_> {
                         .block_task();
                     match self.call(load).await {
                         Ok(_) => {
-                            tracing::info!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, "ACP session loaded");
-                            return Ok(id.clone());
+                            let replay = match self.settle(&count, recorded.turns).await {
+                                Ok(replay) => replay,
+                                Err(other) => return Err(Box::new(self.call_failed(other).await)),
+                            };
+                            let lost = match memory(recorded.turns, replay.users) {
+                                Memory::Short { recorded, held } => {
+                                    tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, recorded, held, "the agent loaded the session with fewer turns than agentd recorded in it: it lost context");
+                                    true
+                                }
+                                Memory::Whole | Memory::Uncounted => {
+                                    tracing::info!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, recorded = recorded.turns, held = replay.users, "ACP session loaded");
+                                    false
+                                }
+                            };
+                            return Ok(Opened {
+                                id: id.clone(),
+                                held: Some(replay.users),
+                                lost,
+                            });
                         }
                         Err(CallError::Rpc(e)) => {
                             tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, "the agent could not load the session ({}); the turn starts a new one without the earlier context", rpc_error_text(&e));
@@ -1083,7 +1145,6 @@ impl Turn<'_> {
                     tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, "no ACP session was recorded for this session; the turn starts a new one without the earlier context")
                 }
             }
-            *restarted = true;
         }
         let new = self
             .agent
@@ -1091,8 +1152,46 @@ impl Turn<'_> {
             .send_request(NewSessionRequest::new(workdir))
             .block_task();
         match self.call(new).await {
-            Ok(r) => Ok(r.session_id.0.to_string()),
+            Ok(r) => Ok(Opened {
+                id: r.session_id.0.to_string(),
+                held: Some(0),
+                // The store had turns in a session the agent cannot give back.
+                lost: recorded.is_some(),
+            }),
             Err(e) => Err(Box::new(self.call_failed(e).await)),
+        }
+    }
+
+    /// Wait until the replay of a loaded session is complete: at once when
+    /// it already covers the `recorded` turns (or nothing was recorded to
+    /// compare with), else once it has been silent for `REPLAY_QUIET`
+    /// (within `REPLAY_SETTLE_MAX`). The tally then says what the agent
+    /// holds.
+    async fn settle(
+        &self,
+        count: &ReplayCount,
+        recorded: Option<u64>,
+    ) -> Result<ReplayTally, CallError> {
+        let Some(recorded) = recorded else {
+            return Ok(count.tally());
+        };
+        let cap = Instant::now() + REPLAY_SETTLE_MAX;
+        loop {
+            let more = count.changed.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            let tally = count.tally();
+            if tally.covers(recorded) {
+                return Ok(tally);
+            }
+            let quiet = (Instant::now() + REPLAY_QUIET).min(cap);
+            tokio::select! {
+                _ = &mut more => {}
+                _ = sleep_until(quiet) => return Ok(count.tally()),
+                _ = self.agent.wait_exit() => return Err(CallError::Exited),
+                _ = sleep_until(self.deadline) => return Err(CallError::Stopped(Stop::TimedOut)),
+                _ = self.ctx.cancel.cancelled() => return Err(CallError::Stopped(Stop::Cancelled)),
+            }
         }
     }
 
@@ -1302,13 +1401,37 @@ impl Drop for RouteGuard<'_> {
     }
 }
 
-/// The turn each ACP session's updates go to.
+/// The turn each ACP session's updates go to, and the replays being
+/// counted for sessions being loaded.
 #[derive(Default)]
 struct Routes {
     turns: Mutex<HashMap<String, Arc<TurnSink>>>,
+    replays: Mutex<HashMap<String, Arc<ReplayCount>>>,
 }
 
 impl Routes {
+    fn count_replay(&self, session: &str, count: Arc<ReplayCount>) {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session.to_owned(), count);
+    }
+
+    fn stop_counting(&self, session: &str) {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(session);
+    }
+
+    fn replay(&self, session: &str) -> Option<Arc<ReplayCount>> {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .cloned()
+    }
+
     fn insert(&self, session: &str, sink: Arc<TurnSink>) {
         self.turns
             .lock()
@@ -1335,6 +1458,11 @@ impl Routes {
     /// thoughts as typed events. Runs in the SDK's dispatch loop; never waits.
     fn update(&self, n: SessionNotification) {
         let Some(sink) = self.get(&n.session_id.0) else {
+            // No turn runs in the session: a `session/load` replay, counted
+            // when the session is being loaded, else dropped.
+            if let Some(count) = self.replay(&n.session_id.0) {
+                count.see(&n.update);
+            }
             return;
         };
         let event = match &n.update {
@@ -1494,6 +1622,107 @@ fn event_json(event: &str, update: &SessionUpdate) -> String {
     serde_json::json!({"sessionUpdate": event, "truncated": true, "bytes": json.len()}).to_string()
 }
 
+/// One update of a `session/load` replay, as the count sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Replayed {
+    /// A chunk of a user message (with the message's id, when the agent
+    /// gives one).
+    User(Option<String>),
+    /// A chunk of the agent's answer text.
+    Answer(Option<String>),
+    /// The rest of an agent's turn (thoughts, tool calls, plans): it ends a
+    /// user message.
+    Activity,
+    /// Session-level news (commands, modes, usage, ...): no part of the
+    /// conversation.
+    Other,
+}
+
+impl Replayed {
+    fn of(update: &SessionUpdate) -> Replayed {
+        let id = |c: &acp::v1::schema::ContentChunk| c.message_id.as_ref().map(|m| m.0.to_string());
+        match update {
+            SessionUpdate::UserMessageChunk(c) => Replayed::User(id(c)),
+            SessionUpdate::AgentMessageChunk(c) => Replayed::Answer(id(c)),
+            SessionUpdate::AgentThoughtChunk(_)
+            | SessionUpdate::ToolCall(_)
+            | SessionUpdate::ToolCallUpdate(_)
+            | SessionUpdate::Plan(_) => Replayed::Activity,
+            _ => Replayed::Other,
+        }
+    }
+}
+
+/// The conversation a `session/load` replayed: its user messages (the
+/// turns the agent holds) and answers. Consecutive chunks of one kind are
+/// one message, unless their message ids differ.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct ReplayTally {
+    users: u64,
+    answers: u64,
+    last: Option<Replayed>,
+}
+
+impl ReplayTally {
+    fn see(&mut self, update: Replayed) {
+        let continues = match (&self.last, &update) {
+            (Some(Replayed::User(a)), Replayed::User(b))
+            | (Some(Replayed::Answer(a)), Replayed::Answer(b)) => {
+                a.is_none() || b.is_none() || a == b
+            }
+            _ => false,
+        };
+        match update {
+            Replayed::User(_) if !continues => self.users += 1,
+            Replayed::Answer(_) if !continues => self.answers += 1,
+            Replayed::Other => return,
+            _ => {}
+        }
+        self.last = Some(update);
+    }
+
+    /// True when the replay holds at least `turns` turns, each answered:
+    /// nothing more of it is expected.
+    fn covers(&self, turns: u64) -> bool {
+        self.users >= turns && self.answers >= turns
+    }
+}
+
+/// A replay being counted, for the turn that waits for it to complete.
+#[derive(Default)]
+struct ReplayCount {
+    tally: Mutex<ReplayTally>,
+    /// Woken at every counted update.
+    changed: Notify,
+}
+
+impl ReplayCount {
+    /// Runs in the SDK's dispatch loop; never waits.
+    fn see(&self, update: &SessionUpdate) {
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .see(Replayed::of(update));
+        self.changed.notify_waiters();
+    }
+
+    fn tally(&self) -> ReplayTally {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Stops counting a session's replay when the load is over, however it ends.
+struct ReplayGuard<'a> {
+    routes: &'a Routes,
+    session: &'a str,
+}
+
+impl Drop for ReplayGuard<'_> {
+    fn drop(&mut self) {
+        self.routes.stop_counting(self.session);
+    }
+}
+
 /// Where one turn's updates go.
 struct TurnSink {
     execution_id: String,
@@ -1614,6 +1843,84 @@ mod tests {
         t.push("dé"); // 'é' is two bytes: only "d" fits
         assert_eq!(t.text, "abcd");
         assert!(t.truncated);
+    }
+
+    fn update(json: serde_json::Value) -> SessionUpdate {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn chunk(kind: &str, text: &str) -> SessionUpdate {
+        update(
+            serde_json::json!({"sessionUpdate": kind, "content": {"type": "text", "text": text}}),
+        )
+    }
+
+    fn tally(updates: &[SessionUpdate]) -> ReplayTally {
+        let mut t = ReplayTally::default();
+        for u in updates {
+            t.see(Replayed::of(u));
+        }
+        t
+    }
+
+    #[test]
+    fn a_replay_counts_user_messages_and_answers() {
+        let t = tally(&[
+            chunk("user_message_chunk", "first"),
+            chunk("agent_message_chunk", "one"),
+            chunk("agent_message_chunk", " more"),
+            chunk("user_message_chunk", "second,"),
+            chunk("user_message_chunk", " in two chunks"),
+            chunk("agent_thought_chunk", "hmm"),
+            chunk("agent_message_chunk", "two"),
+        ]);
+        assert_eq!((t.users, t.answers), (2, 2));
+        assert!(t.covers(2));
+        assert!(!t.covers(3));
+    }
+
+    #[test]
+    fn agent_activity_ends_a_user_message_and_session_news_does_not() {
+        // Two prompts whose turns were only tool calls: two user messages.
+        let call = update(serde_json::json!({
+            "sessionUpdate": "tool_call", "toolCallId": "t1", "title": "ls"
+        }));
+        let t = tally(&[
+            chunk("user_message_chunk", "list"),
+            call.clone(),
+            chunk("user_message_chunk", "again"),
+            call,
+        ]);
+        assert_eq!((t.users, t.answers), (2, 0));
+        assert!(!t.covers(2), "unanswered turns may still be on their way");
+        // Commands announced in the middle of a message split nothing.
+        let news = update(serde_json::json!({
+            "sessionUpdate": "available_commands_update", "availableCommands": []
+        }));
+        let t = tally(&[
+            chunk("user_message_chunk", "one message"),
+            news,
+            chunk("user_message_chunk", " still the same"),
+        ]);
+        assert_eq!(t.users, 1);
+    }
+
+    #[test]
+    fn message_ids_tell_messages_apart() {
+        let with_id = |kind: &str, id: &str| {
+            update(serde_json::json!({
+                "sessionUpdate": kind, "messageId": id,
+                "content": {"type": "text", "text": "x"}
+            }))
+        };
+        let t = tally(&[
+            with_id("user_message_chunk", "m1"),
+            with_id("user_message_chunk", "m1"),
+            with_id("user_message_chunk", "m2"),
+            with_id("agent_message_chunk", "a1"),
+            with_id("agent_message_chunk", "a2"),
+        ]);
+        assert_eq!((t.users, t.answers), (2, 2));
     }
 
     #[test]

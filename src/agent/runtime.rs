@@ -156,6 +156,10 @@ pub struct AgentReport {
     /// and the turn ran in a fresh one: the earlier context is not in this
     /// answer. Reported as `metadata.session_restarted`.
     pub session_restarted: bool,
+    /// The turns the agent's session holds after this turn, as the runtime
+    /// counted them (recorded with the turn; see `CliSession::turns`).
+    /// `None` when it could not count.
+    pub session_turns: Option<u64>,
 }
 
 /// Everything a runtime learned about one execution.

@@ -178,6 +178,12 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             cli_session_id: c.id,
             session_id: session_id.clone(),
             agent_session_id: outcome.agent.session_id.clone(),
+            // A turn moved to a new CLI session starts its count over.
+            turns: if moved {
+                Some(1)
+            } else {
+                outcome.agent.session_turns
+            },
         }),
     )
     .await?;
