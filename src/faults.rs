@@ -136,6 +136,7 @@ pub fn inject(app: &std::sync::Arc<crate::app::App>, kind: &str) -> Result<(), F
                 prompt: "stalled".into(),
                 timeout: Duration::from_secs(1),
                 cli_session: None,
+                transcript: None,
             });
         }
         "leak-fd-per-tick" => app.faults.leak_fd_per_tick.store(true, Ordering::SeqCst),

@@ -276,6 +276,11 @@ enum Request {
         limit: usize,
         reply: Reply<Vec<Message>>,
     },
+    Transcript {
+        session_id: String,
+        max_bytes: usize,
+        reply: Reply<Vec<Message>>,
+    },
     Clear {
         session: Option<String>,
         reply: Reply<u64>,
@@ -515,6 +520,22 @@ impl Store {
         self.call(|reply| Request::NextGeneration {
             session_id,
             runtime,
+            reply,
+        })
+        .await
+    }
+
+    /// The newest messages of `session_id`, oldest first, whose contents
+    /// together fit in `max_bytes` (at least the newest one, whatever its
+    /// size): what a runtime gives back to an agent that lost context.
+    pub async fn transcript(
+        &self,
+        session_id: String,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.call(|reply| Request::Transcript {
+            session_id,
+            max_bytes,
             reply,
         })
         .await
@@ -845,6 +866,13 @@ impl Worker {
             Request::Recent { limit, reply } => {
                 let _ = reply.send(self.recent(limit).map_err(Into::into));
             }
+            Request::Transcript {
+                session_id,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.transcript(&session_id, max_bytes).map_err(Into::into));
+            }
             Request::Clear { session, reply } => {
                 let r = self.still_ours().and_then(|()| {
                     let deleted = self.clear(session.as_deref())?;
@@ -1140,6 +1168,33 @@ impl Worker {
             })
         })?;
         rows.collect()
+    }
+
+    /// The session's newest messages within `max_bytes` of content, oldest
+    /// first; rows are read newest first and no further than the bound.
+    fn transcript(&self, session_id: &str, max_bytes: usize) -> rusqlite::Result<Vec<Message>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT role, content, ts FROM messages WHERE session_id = ?1 ORDER BY id DESC",
+        )?;
+        let mut rows = stmt.query(params![session_id])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(r) = rows.next()? {
+            let content: String = r.get(1)?;
+            bytes = bytes.saturating_add(content.len());
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            let role: String = r.get(0)?;
+            out.push(Message {
+                session_id: session_id.to_owned(),
+                role: Role::parse(&role).unwrap_or(Role::User),
+                content,
+                timestamp: r.get(2)?,
+            });
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Delete the messages and move to the next generation, in one
@@ -1773,6 +1828,47 @@ mod tests {
         let next = store.cli_session("t".into(), "acp".into()).await.unwrap();
         assert_ne!(next.id, s.id);
         assert_eq!((next.exists, next.turns), (false, None));
+        drop(store);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_transcript_is_the_sessions_newest_messages_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let m = |session: &str, role: Role, content: &str| Message {
+            session_id: session.into(),
+            role,
+            content: content.into(),
+            timestamp: 1.0,
+        };
+        store
+            .append(vec![
+                m("a", Role::User, "aaaa"),
+                m("a", Role::Assistant, "bbbb"),
+                m("other", Role::User, "not this one"),
+                m("a", Role::User, "cccc"),
+                m("a", Role::Assistant, "dddd"),
+            ])
+            .await
+            .unwrap();
+        let all = store.transcript("a".into(), 1 << 20).await.unwrap();
+        let texts: Vec<_> = all.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["aaaa", "bbbb", "cccc", "dddd"]);
+        assert_eq!(all[0].role, Role::User);
+        // 12 bytes hold the newest three; the oldest goes.
+        let some = store.transcript("a".into(), 12).await.unwrap();
+        let texts: Vec<_> = some.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["bbbb", "cccc", "dddd"]);
+        // The newest message comes even when it alone is over the bound.
+        let one = store.transcript("a".into(), 1).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].content, "dddd");
+        assert!(store
+            .transcript("none".into(), 100)
+            .await
+            .unwrap()
+            .is_empty());
         drop(store);
         thread.join();
     }

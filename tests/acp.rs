@@ -1,7 +1,8 @@
 //! The `acp` runtime with a minimal real ACP agent
 //! (`tests/fixtures/acp-echo-agent.py`, JSON-RPC lines on its pipes) and with
 //! an agent that cannot start: warm multi-turn context in one process, an
-//! agent that lost turns it had answered (`acp-memory-agent.py`), and a
+//! agent that lost turns it had answered (`acp-memory-agent.py`) and gets
+//! agentd's transcript back, and a
 //! crash loop that backs off and makes the `agents` check degraded while
 //! `WATCHDOG=1` goes on. The real agents (Gemini CLI, the Claude and Codex
 //! adapters, Qwen Code) are `tests/agent_clis/acp.sh`.
@@ -96,12 +97,12 @@ async fn restarts_reach(server: &TestServer, n: u64) {
 
 /// An agent that answered a turn and died before it wrote the turn down
 /// loads the session without error but holds fewer turns than agentd
-/// recorded: the next turn says so. From then on agentd counts what the
-/// agent holds, so a later whole load is not reported. Both with a replay
-/// that comes before the load's answer and one that comes after it (as
-/// Gemini CLI 0.61 sends it).
+/// recorded: the next turn says so and hands the agent agentd's transcript.
+/// Once the agent holds what it was given, a later load is whole again. Both
+/// with a replay that comes before the load's answer and one that comes
+/// after it (as Gemini CLI 0.61 sends it).
 #[tokio::test]
-async fn an_agent_that_loads_fewer_turns_than_recorded_is_reported_restarted() {
+async fn an_agent_that_loads_fewer_turns_than_recorded_gets_the_transcript_back() {
     for late in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let sessions = tempfile::tempdir().unwrap();
@@ -133,6 +134,7 @@ async fn an_agent_that_loads_fewer_turns_than_recorded_is_reported_restarted() {
         restarts_reach(&server, 1).await;
 
         let b = chat("what did I say?").await;
+        let answer = b["response"].as_str().unwrap();
         assert_eq!(
             b["metadata"]["agent_session_id"], acp_session,
             "late={late}: the load worked: {b}"
@@ -141,14 +143,22 @@ async fn an_agent_that_loads_fewer_turns_than_recorded_is_reported_restarted() {
             b["metadata"]["session_restarted"], true,
             "late={late}: one turn of two was lost: {b}"
         );
-        assert_eq!(
-            b["response"], "You said: what did I say? [turns=2]",
-            "late={late}: the agent held turn 1 only, and no replayed text leaked into the answer"
+        assert_eq!(b["metadata"]["session_restored"], "transcript", "{b}");
+        assert!(
+            answer.contains("[User]\nand UNSAVED pears EXIT\n")
+                && answer.contains("[User]\nremember apples\n")
+                && answer.ends_with(" / what did I say? [turns=2]"),
+            "late={late}: the agent got agentd's transcript, then the prompt: {answer}"
+        );
+        assert!(
+            !answer.starts_with("You said: remember apples"),
+            "late={late}: no replayed text leaked into the answer: {answer}"
         );
 
-        // The same process: nothing is lost.
+        // The same process: nothing is lost, nothing restored.
         let b = chat("and now?").await;
         assert_eq!(b["metadata"]["session_restarted"], false, "{b}");
+        assert_eq!(b["metadata"]["session_restored"], json!(null));
         assert_eq!(b["response"], "You said: and now? [turns=3]");
 
         // A crash after the agent wrote everything: the load is whole.
@@ -157,7 +167,11 @@ async fn an_agent_that_loads_fewer_turns_than_recorded_is_reported_restarted() {
         restarts_reach(&server, 2).await;
         let b = chat("still there?").await;
         assert_eq!(
-            b["metadata"]["session_restarted"], false,
+            (
+                &b["metadata"]["session_restarted"],
+                &b["metadata"]["session_restored"]
+            ),
+            (&json!(false), &json!(null)),
             "late={late}: {b}"
         );
         assert_eq!(b["response"], "You said: still there? [turns=5]");
@@ -166,10 +180,10 @@ async fn an_agent_that_loads_fewer_turns_than_recorded_is_reported_restarted() {
     }
 }
 
-/// An agent that cannot load the session at all runs the turn in a new ACP
-/// session, and the turn says so.
+/// An agent that cannot load the session at all gets the transcript in the
+/// new ACP session it is given.
 #[tokio::test]
-async fn a_session_the_agent_cannot_load_starts_anew_and_says_so() {
+async fn a_session_the_agent_cannot_load_starts_anew_with_the_transcript() {
     let dir = tempfile::tempdir().unwrap();
     let sessions = tempfile::tempdir().unwrap();
     let cmd = format!("{} {}", memory_agent(), sessions.path().display());
@@ -197,11 +211,18 @@ async fn a_session_the_agent_cannot_load_starts_anew_and_says_so() {
         .await;
     let b = r.json();
     assert_eq!(b["metadata"]["session_restarted"], true, "{b}");
+    assert_eq!(b["metadata"]["session_restored"], "transcript", "{b}");
     assert_ne!(
         b["metadata"]["agent_session_id"], first,
         "a new ACP session"
     );
-    assert_eq!(b["response"], "You said: which fruit? [turns=1]");
+    let answer = b["response"].as_str().unwrap();
+    assert!(
+        answer.contains("[User]\nUNSAVED plums EXIT\n")
+            && answer.contains("[Assistant]\nYou said: UNSAVED plums EXIT [turns=1]\n")
+            && answer.ends_with(" / which fruit? [turns=1]"),
+        "{answer}"
+    );
     drop(conn);
     server.stop().await;
 }

@@ -31,7 +31,8 @@
 //! * The agent's memory is checked against agentd's: the user turns a
 //!   `session/load` replays are compared with the turns the store recorded
 //!   in that session; an agent that holds fewer lost context, and the turn
-//!   says so (`session_restarted`).
+//!   says so (`session_restarted`) and gives it agentd's transcript of the
+//!   session with the prompt (`session_restored`).
 //! * Every wait is bounded by the turn's deadline, its cancel, or the
 //!   process's exit.
 
@@ -60,6 +61,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::history::{Message, Role};
 use crate::agent::permissions::{PermissionChoice, Permissions};
 use crate::agent::process::{
     exit_end, scrub_env, spawn_error_reason, start_with_default_signals, stop_child_group,
@@ -110,6 +112,12 @@ const REPLAY_QUIET: Duration = Duration::from_millis(200);
 
 /// Longest wait for a replay to complete, however it trickles in.
 const REPLAY_SETTLE_MAX: Duration = Duration::from_secs(3);
+
+/// Most bytes of agentd's own transcript of a chat session given back, with
+/// the prompt, to an agent that lost the session's context: the newest
+/// messages that fit (64 KiB is tens of turns of conversation, and well
+/// within what a model reads in one prompt).
+pub const RESTORE_TRANSCRIPT_BYTES: usize = 64 << 10;
 
 /// The id of the next agent process, unique in the process (not per pool):
 /// its tag (`acp-agent-<agentd's pid>-N`) is what the sweep of an exited
@@ -1027,7 +1035,7 @@ struct Opened {
     /// store recorded for a warm session, 0 for a new one (`None`: unknown).
     held: Option<u64>,
     /// The store recorded turns the session does not hold: the context of
-    /// the chat is lost.
+    /// the chat is lost, unless agentd gives its transcript back.
     lost: bool,
 }
 
@@ -1077,14 +1085,44 @@ impl Turn<'_> {
             (ExecutionKind::Chat, Some(cli)) => Some((cli, session.clone())),
             _ => None,
         };
-        let mut outcome = self.prompt(&session).await;
+        let restore = match opened.lost {
+            true => self.transcript().await,
+            false => None,
+        };
+        let restored = restore.is_some();
+        let mut outcome = self.prompt(&session, restore).await;
         outcome.agent.session_id = Some(session);
         outcome.agent.session_restarted = opened.lost;
+        outcome.agent.session_restored = restored;
         outcome.agent.session_turns = match self.req.kind {
             ExecutionKind::Chat => opened.held.map(|n| n + 1),
             ExecutionKind::Task => None,
         };
         (outcome, keep)
+    }
+
+    /// agentd's transcript of the chat session, as the text block that
+    /// goes before the prompt; `None` when there is none to give.
+    async fn transcript(&self) -> Option<String> {
+        let source = self.req.transcript.as_ref()?;
+        let read = tokio::select! {
+            r = source.read(RESTORE_TRANSCRIPT_BYTES) => r,
+            _ = sleep_until(self.deadline) => None,
+            _ = self.ctx.cancel.cancelled() => None,
+        };
+        let Some(messages) = read else {
+            tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, "agentd's transcript of the session could not be read; the turn runs without the earlier context");
+            return None;
+        };
+        let block = transcript_block(&messages, RESTORE_TRANSCRIPT_BYTES)?;
+        tracing::info!(
+            execution_id = %self.req.execution_id,
+            session_id = %self.req.session_id,
+            messages = messages.len(),
+            bytes = block.len(),
+            "the agent lost the session's context; agentd's transcript of it goes with the prompt"
+        );
+        Some(block)
     }
 
     /// `session/load` of the session the store recorded, when the agent can;
@@ -1242,7 +1280,9 @@ impl Turn<'_> {
         }
     }
 
-    async fn prompt(&self, session: &str) -> RunOutcome {
+    /// Send the prompt (after `restore`, agentd's transcript for an agent
+    /// that lost the context, when there is one) and wait for the answer.
+    async fn prompt(&self, session: &str, restore: Option<String>) -> RunOutcome {
         let sink = Arc::new(TurnSink {
             execution_id: self.req.execution_id.clone(),
             output: self.ctx.output.clone(),
@@ -1258,12 +1298,14 @@ impl Turn<'_> {
             session,
             sink: &sink,
         };
-        let request = PromptRequest::new(
-            session.to_owned(),
-            vec![ContentBlock::Text(TextContent::new(
-                self.req.prompt.clone(),
-            ))],
-        );
+        let mut content = Vec::with_capacity(2);
+        if let Some(restore) = restore {
+            content.push(ContentBlock::Text(TextContent::new(restore)));
+        }
+        content.push(ContentBlock::Text(TextContent::new(
+            self.req.prompt.clone(),
+        )));
+        let request = PromptRequest::new(session.to_owned(), content);
         let answer = self.agent.cx.send_request(request).block_task();
         tokio::pin!(answer);
         let first = tokio::select! {
@@ -1723,6 +1765,34 @@ impl Drop for ReplayGuard<'_> {
     }
 }
 
+/// agentd's transcript of a session, as a text block to put before the
+/// prompt of an agent that lost the session's context. Each message is
+/// bounded too, so the block stays within about `max_bytes`.
+fn transcript_block(messages: &[Message], max_bytes: usize) -> Option<String> {
+    if messages.is_empty() {
+        return None;
+    }
+    let mut text = String::from(
+        "Earlier in this conversation (your own record of it was lost; this is the \
+         transcript kept by the server that runs you, oldest first):\n",
+    );
+    for m in messages {
+        let who = match m.role {
+            Role::User => "User",
+            Role::Assistant => "Assistant",
+        };
+        text.push_str(&format!("\n[{who}]\n"));
+        let mut end = m.content.len().min(max_bytes);
+        while !m.content.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.push_str(&m.content[..end]);
+        text.push('\n');
+    }
+    text.push_str("\n(End of the earlier conversation. The new message follows.)");
+    Some(text)
+}
+
 /// Where one turn's updates go.
 struct TurnSink {
     execution_id: String,
@@ -1921,6 +1991,31 @@ mod tests {
             with_id("agent_message_chunk", "a2"),
         ]);
         assert_eq!((t.users, t.answers), (2, 2));
+    }
+
+    #[test]
+    fn a_transcript_block_names_each_speaker_and_bounds_each_message() {
+        let m = |role, content: &str| Message {
+            session_id: "s".into(),
+            role,
+            content: content.into(),
+            timestamp: 0.0,
+        };
+        assert_eq!(transcript_block(&[], 100), None);
+        let block = transcript_block(
+            &[m(Role::User, "remember apples"), m(Role::Assistant, "ok")],
+            100,
+        )
+        .unwrap();
+        let apples = block
+            .find("[User]\nremember apples\n")
+            .expect("the user turn");
+        let ok = block.find("[Assistant]\nok\n").expect("the answer");
+        assert!(apples < ok, "oldest first: {block}");
+        assert!(block.ends_with("The new message follows.)"));
+        // One message over the bound is cut on a character boundary.
+        let block = transcript_block(&[m(Role::User, "ééé")], 3).unwrap();
+        assert!(block.contains("[User]\né\n"), "{block}");
     }
 
     #[test]

@@ -844,6 +844,7 @@ mod tests {
                 agent_id: None,
                 turns: None,
             }),
+            transcript: None,
         }
     }
 
