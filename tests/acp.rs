@@ -180,6 +180,54 @@ async fn an_agent_that_loads_fewer_turns_than_recorded_gets_the_transcript_back(
     }
 }
 
+/// An idle agent killed between turns, before agentd noticed, takes the
+/// next prompt with it unanswered and having shown nothing: the turn runs
+/// again on a new process, which loads the session, finds it short and gets
+/// the transcript. The client sees one answer.
+#[tokio::test]
+async fn a_turn_sent_to_an_agent_that_died_unnoticed_runs_again_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let sessions = tempfile::tempdir().unwrap();
+    let cmd = format!("{} {}", memory_agent(), sessions.path().display());
+    let server = TestServer::start(
+        &[("AGENTD_RUNTIME", "acp"), ("AGENTD_ACP_CMD", cmd.as_str())],
+        dir.path(),
+    )
+    .await;
+    let mut conn = Conn::open(server.addr).await.unwrap();
+    for text in ["remember apples", "UNSAVED pears VANISH"] {
+        let r = conn
+            .post_json("/api/chat", &json!({"message": text, "session_id": "v"}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = conn
+        .post_json(
+            "/api/chat",
+            &json!({"message": "what did I say?", "session_id": "v"}),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        200,
+        "one answer, from the new process: {}",
+        r.text()
+    );
+    let b = r.json();
+    assert_eq!(b["metadata"]["session_restarted"], true, "{b}");
+    assert_eq!(b["metadata"]["session_restored"], "transcript", "{b}");
+    let answer = b["response"].as_str().unwrap();
+    assert!(
+        answer.contains("[User]\nUNSAVED pears VANISH\n")
+            && answer.ends_with(" / what did I say? [turns=2]"),
+        "{answer}"
+    );
+    let report = server.app.runtime().agents().unwrap();
+    assert_eq!((report.started, report.restarts), (2, 1), "{report:?}");
+    drop(conn);
+    server.stop().await;
+}
+
 /// An agent that cannot load the session at all gets the transcript in the
 /// new ACP session it is given.
 #[tokio::test]

@@ -425,13 +425,13 @@ impl Pool {
 
     /// A process for `owner`: its own idle one, or a new one (closing the
     /// least recently used idle process when the pool is full), waiting
-    /// while every process is busy.
+    /// while every process is busy. True with a new one.
     async fn acquire(
         self: &Arc<Self>,
         owner: &Owner,
         deadline: Instant,
         cancel: &CancellationToken,
-    ) -> Result<(Arc<AgentProc>, Option<(String, String)>), NoAgent> {
+    ) -> Result<(Arc<AgentProc>, Option<(String, String)>, bool), NoAgent> {
         self.start_reaper();
         loop {
             let notified = self.changed.notified();
@@ -464,7 +464,7 @@ impl Pool {
             match next {
                 Next::Got(agent, session) => {
                     self.stats.busy.fetch_add(1, Relaxed);
-                    return Ok((agent, session));
+                    return Ok((agent, session, false));
                 }
                 Next::Start(evicted) => {
                     if let Some(old) = evicted {
@@ -488,7 +488,7 @@ impl Pool {
                         session: None,
                     });
                     self.stats.busy.fetch_add(1, Relaxed);
-                    return Ok((agent, None));
+                    return Ok((agent, None, true));
                 }
                 Next::Wait => {
                     tokio::select! {
@@ -967,22 +967,54 @@ impl Pool {
         }
     }
 
-    /// One turn.
+    /// One turn. An idle process that turns out to be dead (killed between
+    /// turns, a moment before its exit was noticed) gets the turn once
+    /// more, on a new process, when it showed nothing of the turn: no text,
+    /// no tool call, so nothing of it can have been done.
     async fn turn(self: Arc<Self>, req: RunRequest, ctx: &ExecutionContext) -> RunOutcome {
         let deadline = Instant::now() + req.timeout;
         let owner = match req.kind {
             ExecutionKind::Chat => Owner::Chat(req.session_id.clone()),
             ExecutionKind::Task => Owner::Task,
         };
-        let (agent, held) = match self.acquire(&owner, deadline, &ctx.cancel).await {
-            Ok(got) => got,
-            Err(no) => return self.no_agent(no),
-        };
+        let mut retried = false;
+        loop {
+            let (agent, held, fresh) = match self.acquire(&owner, deadline, &ctx.cancel).await {
+                Ok(got) => got,
+                Err(no) => return self.no_agent(no),
+            };
+            let shown = ctx.output.last_seq();
+            let outcome = self.turn_on(&agent, held, &req, ctx, deadline).await;
+            let died = matches!(outcome.end, RunEnd::Signaled { .. } | RunEnd::Exited { .. })
+                && outcome.cleanup.stopped_with.is_none();
+            if retried
+                || fresh
+                || !died
+                || ctx.output.last_seq() != shown
+                || ctx.cancel.is_cancelled()
+                || Instant::now() >= deadline
+            {
+                return outcome;
+            }
+            tracing::warn!(execution_id = %req.execution_id, session_id = %req.session_id, agent = agent.id, "the idle ACP agent was dead before it showed anything of the turn; the turn runs again in a new process");
+            retried = true;
+        }
+    }
+
+    async fn turn_on(
+        self: &Arc<Self>,
+        agent: &Arc<AgentProc>,
+        held: Option<(String, String)>,
+        req: &RunRequest,
+        ctx: &ExecutionContext,
+        deadline: Instant,
+    ) -> RunOutcome {
+        let agent = agent.clone();
         ctx.pid.store(agent.pid, Relaxed);
         let mut turn = Turn {
-            pool: &self,
+            pool: self,
             agent: &agent,
-            req: &req,
+            req,
             ctx,
             deadline,
         };
@@ -1252,7 +1284,7 @@ impl Turn<'_> {
             CallError::Stopped(Stop::Cancelled) => RunOutcome::ended(RunEnd::Cancelled),
             CallError::Exited => self.died().await,
             CallError::Rpc(e) => {
-                if let Some(outcome) = self.died_soon().await {
+                if let Some(outcome) = self.died_soon(&e).await {
                     return outcome;
                 }
                 error_outcome(rpc_error_text(&e), String::new())
@@ -1268,10 +1300,12 @@ impl Turn<'_> {
         o
     }
 
-    /// A failed request because the connection broke: the process is on its
-    /// way out; wait briefly to report how it ended.
-    async fn died_soon(&self) -> Option<RunOutcome> {
-        if self.agent.cx.termination().is_none() && !self.agent.exited() {
+    /// A failed request because the connection broke (the SDK says so in
+    /// the error, or has recorded the connection's end): the process is on
+    /// its way out; wait briefly to report how it ended.
+    async fn died_soon(&self, e: &acp::Error) -> Option<RunOutcome> {
+        let broke = acp::is_incoming_transport_closed(e) || acp::is_connection_terminated(e);
+        if !broke && self.agent.cx.termination().is_none() && !self.agent.exited() {
             return None;
         }
         match timeout(Duration::from_secs(2), self.agent.wait_exit()).await {
@@ -1386,7 +1420,7 @@ impl Turn<'_> {
                 o
             }
             Err(e) => {
-                if let Some(o) = self.died_soon().await {
+                if let Some(o) = self.died_soon(&e).await {
                     return o;
                 }
                 error_outcome(rpc_error_text(&e), text)
