@@ -137,6 +137,11 @@ const MIGRATIONS: &[&str] = &[
     // 4: the id the CLI itself gave a session (Codex picks its own thread
     // ids), recorded with the turn that ran in it, so the next turn resumes it.
     "ALTER TABLE cli_sessions ADD COLUMN agent_session_id TEXT;",
+    // 5: how many turns the agent's own session holds by agentd's account
+    // (set by the runtime with each turn), so that a runtime can tell when
+    // the agent remembers fewer (an ACP agent killed before it wrote its
+    // last turn). NULL: not counted (rows written before this migration).
+    "ALTER TABLE cli_sessions ADD COLUMN turns INTEGER;",
 ];
 
 /// The `session_generations` key of the floor every session's generation is
@@ -233,6 +238,9 @@ pub struct CliSessionRecord {
     /// The id the CLI reported for the session (`metadata.agent_session_id`),
     /// kept so a CLI that names its own sessions (Codex) can be resumed.
     pub agent_session_id: Option<String>,
+    /// The turns the agent's session holds after this one, as the runtime
+    /// counted them (`AgentReport::session_turns`); `None`: not counted.
+    pub turns: Option<u64>,
 }
 
 /// One appended turn: its messages and, for runtimes that keep sessions, the
@@ -270,6 +278,11 @@ enum Request {
     },
     Recent {
         limit: usize,
+        reply: Reply<Vec<Message>>,
+    },
+    Transcript {
+        session_id: String,
+        max_bytes: usize,
         reply: Reply<Vec<Message>>,
     },
     Clear {
@@ -475,6 +488,22 @@ impl Store {
         self.call(|reply| Request::NextGeneration {
             session_id,
             runtime,
+            reply,
+        })
+        .await
+    }
+
+    /// The newest messages of `session_id`, oldest first, whose contents
+    /// together fit in `max_bytes` (at least the newest one, whatever its
+    /// size): what a runtime gives back to an agent that lost context.
+    pub async fn transcript(
+        &self,
+        session_id: String,
+        max_bytes: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.call(|reply| Request::Transcript {
+            session_id,
+            max_bytes,
             reply,
         })
         .await
@@ -961,6 +990,13 @@ impl Worker {
             Request::Recent { limit, reply } => {
                 let _ = reply.send(self.recent(limit).map_err(Into::into));
             }
+            Request::Transcript {
+                session_id,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.transcript(&session_id, max_bytes).map_err(Into::into));
+            }
             Request::Clear { session, reply } => {
                 let r = self.still_ours().and_then(|()| {
                     let deleted = self.clear(session.as_deref())?;
@@ -1149,10 +1185,11 @@ impl Worker {
                 "INSERT INTO messages (session_id, role, content, ts) VALUES (?1, ?2, ?3, ?4)",
             )?;
             let mut record = tx.prepare_cached(
-                "INSERT INTO cli_sessions (runtime, cli_session_id, session_id, created_at, agent_session_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO cli_sessions (runtime, cli_session_id, session_id, created_at, agent_session_id, turns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (runtime, cli_session_id) DO UPDATE SET agent_session_id =
-                   coalesce(excluded.agent_session_id, cli_sessions.agent_session_id)",
+                   coalesce(excluded.agent_session_id, cli_sessions.agent_session_id),
+                   turns = excluded.turns",
             )?;
             for ((messages, cli_session), _) in batch {
                 for m in messages {
@@ -1170,7 +1207,8 @@ impl Worker {
                         c.cli_session_id,
                         c.session_id,
                         at,
-                        c.agent_session_id
+                        c.agent_session_id,
+                        c.turns.map(|n| n as i64)
                     ])?;
                 }
             }
@@ -1193,17 +1231,18 @@ impl Worker {
 
     fn cli_session(&self, session_id: &str, runtime: &str) -> rusqlite::Result<CliSession> {
         let id = cli_session_id(session_id, self.generation(session_id)?);
-        let recorded: Option<Option<String>> = self
+        let recorded: Option<(Option<String>, Option<i64>)> = self
             .conn
             .prepare_cached(
-                "SELECT agent_session_id FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
+                "SELECT agent_session_id, turns FROM cli_sessions WHERE runtime = ?1 AND cli_session_id = ?2",
             )?
-            .query_row(params![runtime, id], |r| r.get(0))
+            .query_row(params![runtime, id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(CliSession {
             id,
             exists: recorded.is_some(),
-            agent_id: recorded.flatten(),
+            turns: recorded.as_ref().and_then(|r| r.1).map(|n| n.max(0) as u64),
+            agent_id: recorded.and_then(|r| r.0),
         })
     }
 
@@ -1257,6 +1296,33 @@ impl Worker {
             })
         })?;
         rows.collect()
+    }
+
+    /// The session's newest messages within `max_bytes` of content, oldest
+    /// first; rows are read newest first and no further than the bound.
+    fn transcript(&self, session_id: &str, max_bytes: usize) -> rusqlite::Result<Vec<Message>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT role, content, ts FROM messages WHERE session_id = ?1 ORDER BY id DESC",
+        )?;
+        let mut rows = stmt.query(params![session_id])?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(r) = rows.next()? {
+            let content: String = r.get(1)?;
+            bytes = bytes.saturating_add(content.len());
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            let role: String = r.get(0)?;
+            out.push(Message {
+                session_id: session_id.to_owned(),
+                role: Role::parse(&role).unwrap_or(Role::User),
+                content,
+                timestamp: r.get(2)?,
+            });
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Delete the messages and move to the next generation, in one
@@ -1830,6 +1896,7 @@ mod tests {
             cli_session_id: cli.id.clone(),
             session_id: session.into(),
             agent_session_id: None,
+            turns: None,
         })
     }
 
@@ -1845,6 +1912,7 @@ mod tests {
                 cli_session_id: first.id.clone(),
                 session_id: "c".into(),
                 agent_session_id: agent.map(str::to_owned),
+                turns: None,
             })
         };
         store
@@ -1875,6 +1943,117 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_turns_an_agent_session_holds_are_recorded_and_start_over_with_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let s = store.cli_session("t".into(), "acp".into()).await.unwrap();
+        assert_eq!(s.turns, None, "nothing ran yet");
+        let turn = |cli: &CliSession, turns: Option<u64>| {
+            Some(CliSessionRecord {
+                runtime: "acp".into(),
+                cli_session_id: cli.id.clone(),
+                session_id: "t".into(),
+                agent_session_id: Some("acp-1".into()),
+                turns,
+            })
+        };
+        for n in 1..=3 {
+            store
+                .append_turn(
+                    vec![msg(2 * n, "t"), msg(2 * n + 1, "t")],
+                    turn(&s, Some(n as u64)),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            Some(3)
+        );
+        // A turn the runtime could not count leaves no count behind.
+        store
+            .append_turn(vec![msg(9, "t")], turn(&s, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            None
+        );
+        store
+            .append_turn(vec![msg(10, "t")], turn(&s, Some(4)))
+            .await
+            .unwrap();
+        drop(store);
+        thread.join();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        assert_eq!(
+            store
+                .cli_session("t".into(), "acp".into())
+                .await
+                .unwrap()
+                .turns,
+            Some(4),
+            "survives reopen"
+        );
+        // A delete moves the session on: the next CLI session has no count.
+        store.clear(Some("t".into())).await.unwrap();
+        let next = store.cli_session("t".into(), "acp".into()).await.unwrap();
+        assert_ne!(next.id, s.id);
+        assert_eq!((next.exists, next.turns), (false, None));
+        drop(store);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_transcript_is_the_sessions_newest_messages_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let m = |session: &str, role: Role, content: &str| Message {
+            session_id: session.into(),
+            role,
+            content: content.into(),
+            timestamp: 1.0,
+        };
+        store
+            .append(vec![
+                m("a", Role::User, "aaaa"),
+                m("a", Role::Assistant, "bbbb"),
+                m("other", Role::User, "not this one"),
+                m("a", Role::User, "cccc"),
+                m("a", Role::Assistant, "dddd"),
+            ])
+            .await
+            .unwrap();
+        let all = store.transcript("a".into(), 1 << 20).await.unwrap();
+        let texts: Vec<_> = all.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["aaaa", "bbbb", "cccc", "dddd"]);
+        assert_eq!(all[0].role, Role::User);
+        // 12 bytes hold the newest three; the oldest goes.
+        let some = store.transcript("a".into(), 12).await.unwrap();
+        let texts: Vec<_> = some.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["bbbb", "cccc", "dddd"]);
+        // The newest message comes even when it alone is over the bound.
+        let one = store.transcript("a".into(), 1).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].content, "dddd");
+        assert!(store
+            .transcript("none".into(), 100)
+            .await
+            .unwrap()
+            .is_empty());
+        drop(store);
+        thread.join();
+    }
+
+    #[tokio::test]
     async fn cli_sessions_are_recorded_with_the_turn_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
@@ -1888,6 +2067,7 @@ mod tests {
                 id: cli_session_id("demo", 0),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         store
@@ -1904,6 +2084,7 @@ mod tests {
                 id: first.id.clone(),
                 exists: true,
                 agent_id: None,
+                turns: None,
             }
         );
         // Each CLI keeps its own sessions.
@@ -1957,6 +2138,7 @@ mod tests {
                 id: cli_session_id("a", 1),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         // The other session is untouched.
@@ -1988,6 +2170,7 @@ mod tests {
                 id: cli_session_id("a", 2),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         assert_eq!(
@@ -1996,6 +2179,7 @@ mod tests {
                 id: cli_session_id("b", 2),
                 exists: false,
                 agent_id: None,
+                turns: None,
             }
         );
         // ... including sessions it never saw.

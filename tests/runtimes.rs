@@ -88,6 +88,7 @@ fn request(prompt: &str, timeout: Duration) -> RunRequest {
         prompt: prompt.into(),
         timeout,
         cli_session: None,
+        transcript: None,
     }
 }
 

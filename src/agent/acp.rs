@@ -27,7 +27,12 @@
 //! * At most `max_agents` processes exist, counting those being started.
 //! * A turn's updates reach its execution only while the turn runs: each
 //!   ACP session id routes to at most one turn, and a `session/load` replay
-//!   (the agent repeating history) reaches no one.
+//!   (the agent repeating history) reaches no turn: it is only counted.
+//! * The agent's memory is checked against agentd's: the user turns a
+//!   `session/load` replays are compared with the turns the store recorded
+//!   in that session; an agent that holds fewer lost context, and the turn
+//!   says so (`session_restarted`) and gives it agentd's transcript of the
+//!   session with the prompt (`session_restored`).
 //! * Every wait is bounded by the turn's deadline, its cancel, or the
 //!   process's exit.
 
@@ -56,6 +61,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::history::{Message, Role};
 use crate::agent::permissions::{PermissionChoice, Permissions};
 use crate::agent::process::{
     exit_end, scrub_env, spawn_error_reason, start_with_default_signals, stop_child_group,
@@ -66,6 +72,7 @@ use crate::agent::runtime::{
     Cleanup, ExecutionContext, ExecutionKind, ResultLine, RunEnd, RunFuture, RunOutcome,
     RunRequest, Runtime,
 };
+use crate::agent::sessions::{memory, Memory};
 use crate::clock::now_unix_ms;
 use crate::init::reaper::{self, SweepReport, EXECUTION_SWEEP_BOUND};
 
@@ -93,6 +100,30 @@ const EARLY_EXIT: Duration = Duration::from_secs(10);
 
 /// Bytes of an agent's stderr kept (its last lines name why it died).
 const STDERR_TAIL: usize = 16 << 10;
+
+/// How long a `session/load` replay may stay silent before agentd takes it
+/// as complete, when what arrived so far is less than agentd recorded.
+/// Gemini CLI 0.61 answers `session/load` before it has sent its replay (it
+/// streams the history afterwards, one awaited write per message), so the
+/// count at the answer may be short of what the agent holds; an agent that
+/// replays before it answers is complete at the answer and never waits.
+/// Successive replay messages come a few milliseconds apart.
+const REPLAY_QUIET: Duration = Duration::from_millis(200);
+
+/// Longest wait for a replay to complete, however it trickles in.
+const REPLAY_SETTLE_MAX: Duration = Duration::from_secs(3);
+
+/// Most bytes of agentd's own transcript of a chat session given back, with
+/// the prompt, to an agent that lost the session's context: the newest
+/// messages that fit (64 KiB is tens of turns of conversation, and well
+/// within what a model reads in one prompt).
+pub const RESTORE_TRANSCRIPT_BYTES: usize = 64 << 10;
+
+/// The id of the next agent process, unique in the process (not per pool):
+/// its tag (`acp-agent-<agentd's pid>-N`) is what the sweep of an exited
+/// agent kills, so neither two pools in one process (tests start several
+/// servers) nor two agentd processes on one host may share one.
+static NEXT_AGENT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What `session/request_permission` is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +281,7 @@ struct AgentProc {
     stderr: Arc<Mutex<Tail>>,
     /// Set once the process has answered a prompt.
     served: std::sync::atomic::AtomicBool,
-    /// Its `AGENTD_EXECUTION_ID` tag (`acp-agent-N`), which everything it
+    /// Its `AGENTD_EXECUTION_ID` tag (`acp-agent-<pid>-N`), which everything it
     /// starts inherits.
     tag: String,
     /// Its start time (`/proc` clock ticks): what carries its tag is younger.
@@ -334,7 +365,6 @@ struct PoolState {
     entries: Vec<Entry>,
     /// Processes being started (they count against the limit).
     starting: usize,
-    next_id: u64,
     /// Starts that failed in a row, and when the next may be tried.
     failures: u32,
     retry_at: Option<Instant>,
@@ -395,13 +425,13 @@ impl Pool {
 
     /// A process for `owner`: its own idle one, or a new one (closing the
     /// least recently used idle process when the pool is full), waiting
-    /// while every process is busy.
+    /// while every process is busy. True with a new one.
     async fn acquire(
         self: &Arc<Self>,
         owner: &Owner,
         deadline: Instant,
         cancel: &CancellationToken,
-    ) -> Result<(Arc<AgentProc>, Option<(String, String)>), NoAgent> {
+    ) -> Result<(Arc<AgentProc>, Option<(String, String)>, bool), NoAgent> {
         self.start_reaper();
         loop {
             let notified = self.changed.notified();
@@ -434,7 +464,7 @@ impl Pool {
             match next {
                 Next::Got(agent, session) => {
                     self.stats.busy.fetch_add(1, Relaxed);
-                    return Ok((agent, session));
+                    return Ok((agent, session, false));
                 }
                 Next::Start(evicted) => {
                     if let Some(old) = evicted {
@@ -458,7 +488,7 @@ impl Pool {
                         session: None,
                     });
                     self.stats.busy.fetch_add(1, Relaxed);
-                    return Ok((agent, None));
+                    return Ok((agent, None, true));
                 }
                 Next::Wait => {
                     tokio::select! {
@@ -532,11 +562,7 @@ impl Pool {
                 _ = cancel.cancelled() => return Err(NoAgent::Cancelled),
             }
         }
-        let id = {
-            let mut st = self.lock();
-            st.next_id += 1;
-            st.next_id
-        };
+        let id = NEXT_AGENT_ID.fetch_add(1, Relaxed);
         let result = self.spawn(id, deadline, cancel).await;
         match &result {
             Ok(_) => {}
@@ -590,7 +616,7 @@ impl Pool {
             .stderr(std::process::Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let tag = format!("acp-agent-{id}");
+        let tag = format!("acp-agent-{}-{id}", std::process::id());
         scrub_env(&mut cmd, &tag);
         for (name, value) in &opts.env {
             cmd.env(name, value);
@@ -941,22 +967,54 @@ impl Pool {
         }
     }
 
-    /// One turn.
+    /// One turn. An idle process that turns out to be dead (killed between
+    /// turns, a moment before its exit was noticed) gets the turn once
+    /// more, on a new process, when it showed nothing of the turn: no text,
+    /// no tool call, so nothing of it can have been done.
     async fn turn(self: Arc<Self>, req: RunRequest, ctx: &ExecutionContext) -> RunOutcome {
         let deadline = Instant::now() + req.timeout;
         let owner = match req.kind {
             ExecutionKind::Chat => Owner::Chat(req.session_id.clone()),
             ExecutionKind::Task => Owner::Task,
         };
-        let (agent, held) = match self.acquire(&owner, deadline, &ctx.cancel).await {
-            Ok(got) => got,
-            Err(no) => return self.no_agent(no),
-        };
+        let mut retried = false;
+        loop {
+            let (agent, held, fresh) = match self.acquire(&owner, deadline, &ctx.cancel).await {
+                Ok(got) => got,
+                Err(no) => return self.no_agent(no),
+            };
+            let shown = ctx.output.last_seq();
+            let outcome = self.turn_on(&agent, held, &req, ctx, deadline).await;
+            let died = matches!(outcome.end, RunEnd::Signaled { .. } | RunEnd::Exited { .. })
+                && outcome.cleanup.stopped_with.is_none();
+            if retried
+                || fresh
+                || !died
+                || ctx.output.last_seq() != shown
+                || ctx.cancel.is_cancelled()
+                || Instant::now() >= deadline
+            {
+                return outcome;
+            }
+            tracing::warn!(execution_id = %req.execution_id, session_id = %req.session_id, agent = agent.id, "the idle ACP agent was dead before it showed anything of the turn; the turn runs again in a new process");
+            retried = true;
+        }
+    }
+
+    async fn turn_on(
+        self: &Arc<Self>,
+        agent: &Arc<AgentProc>,
+        held: Option<(String, String)>,
+        req: &RunRequest,
+        ctx: &ExecutionContext,
+        deadline: Instant,
+    ) -> RunOutcome {
+        let agent = agent.clone();
         ctx.pid.store(agent.pid, Relaxed);
         let mut turn = Turn {
-            pool: &self,
+            pool: self,
             agent: &agent,
-            req: &req,
+            req,
             ctx,
             deadline,
         };
@@ -1002,6 +1060,17 @@ impl Drop for GroupKill {
     }
 }
 
+/// The ACP session a turn runs in.
+struct Opened {
+    id: String,
+    /// The turns it holds before this one: what a load replayed, what the
+    /// store recorded for a warm session, 0 for a new one (`None`: unknown).
+    held: Option<u64>,
+    /// The store recorded turns the session does not hold: the context of
+    /// the chat is lost, unless agentd gives its transcript back.
+    lost: bool,
+}
+
 /// Why a turn stopped waiting for the agent's answer.
 enum Stop {
     TimedOut,
@@ -1024,33 +1093,74 @@ impl Turn<'_> {
         held: Option<(String, String)>,
     ) -> (RunOutcome, Option<(String, String)>) {
         let cli_id = self.req.cli_session.as_ref().map(|s| s.id.clone());
-        let mut restarted = false;
         let warm = match (self.req.kind, &held, &cli_id) {
             (ExecutionKind::Chat, Some((held_cli, acp_id)), Some(cli)) if held_cli == cli => {
                 Some(acp_id.clone())
             }
             _ => None,
         };
-        let session = match warm {
-            Some(id) => id,
-            None => match self.open_session(&mut restarted).await {
-                Ok(id) => id,
+        let opened = match warm {
+            // The process kept the conversation in memory: it holds what
+            // the store recorded.
+            Some(id) => Opened {
+                id,
+                held: self.req.cli_session.as_ref().and_then(|s| s.turns),
+                lost: false,
+            },
+            None => match self.open_session().await {
+                Ok(opened) => opened,
                 Err(outcome) => return (*outcome, None),
             },
         };
+        let session = opened.id.clone();
         let keep = match (self.req.kind, cli_id) {
             (ExecutionKind::Chat, Some(cli)) => Some((cli, session.clone())),
             _ => None,
         };
-        let mut outcome = self.prompt(&session).await;
+        let restore = match opened.lost {
+            true => self.transcript().await,
+            false => None,
+        };
+        let restored = restore.is_some();
+        let mut outcome = self.prompt(&session, restore).await;
         outcome.agent.session_id = Some(session);
-        outcome.agent.session_restarted = restarted;
+        outcome.agent.session_restarted = opened.lost;
+        outcome.agent.session_restored = restored;
+        outcome.agent.session_turns = match self.req.kind {
+            ExecutionKind::Chat => opened.held.map(|n| n + 1),
+            ExecutionKind::Task => None,
+        };
         (outcome, keep)
     }
 
+    /// agentd's transcript of the chat session, as the text block that
+    /// goes before the prompt; `None` when there is none to give.
+    async fn transcript(&self) -> Option<String> {
+        let source = self.req.transcript.as_ref()?;
+        let read = tokio::select! {
+            r = source.read(RESTORE_TRANSCRIPT_BYTES) => r,
+            _ = sleep_until(self.deadline) => None,
+            _ = self.ctx.cancel.cancelled() => None,
+        };
+        let Some(messages) = read else {
+            tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, "agentd's transcript of the session could not be read; the turn runs without the earlier context");
+            return None;
+        };
+        let block = transcript_block(&messages, RESTORE_TRANSCRIPT_BYTES)?;
+        tracing::info!(
+            execution_id = %self.req.execution_id,
+            session_id = %self.req.session_id,
+            messages = messages.len(),
+            bytes = block.len(),
+            "the agent lost the session's context; agentd's transcript of it goes with the prompt"
+        );
+        Some(block)
+    }
+
     /// `session/load` of the session the store recorded, when the agent can;
-    /// otherwise, or when that fails, `session/new`.
-    async fn open_session(&self, restarted: &mut bool) -> Result<String, Box<RunOutcome>> {
+    /// otherwise, or when that fails, `session/new`. A load whose replay
+    /// holds fewer turns than the store recorded lost context (`lost`).
+    async fn open_session(&self) -> Result<Opened, Box<RunOutcome>> {
         let workdir = self.pool.opts.workdir.clone();
         let recorded = match self.req.kind {
             ExecutionKind::Chat => self.req.cli_session.as_ref().filter(|s| s.exists),
@@ -1059,6 +1169,12 @@ impl Turn<'_> {
         if let Some(recorded) = recorded {
             match (&recorded.agent_id, self.agent.load_session) {
                 (Some(id), true) => {
+                    let count = Arc::new(ReplayCount::default());
+                    self.agent.routes.count_replay(id, count.clone());
+                    let _counting = ReplayGuard {
+                        routes: &self.agent.routes,
+                        session: id,
+                    };
                     let load = self
                         .agent
                         .cx
@@ -1066,8 +1182,25 @@ impl Turn<'_> {
                         .block_task();
                     match self.call(load).await {
                         Ok(_) => {
-                            tracing::info!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, "ACP session loaded");
-                            return Ok(id.clone());
+                            let replay = match self.settle(&count, recorded.turns).await {
+                                Ok(replay) => replay,
+                                Err(other) => return Err(Box::new(self.call_failed(other).await)),
+                            };
+                            let lost = match memory(recorded.turns, replay.users) {
+                                Memory::Short { recorded, held } => {
+                                    tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, recorded, held, "the agent loaded the session with fewer turns than agentd recorded in it: it lost context");
+                                    true
+                                }
+                                Memory::Whole | Memory::Uncounted => {
+                                    tracing::info!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, recorded = recorded.turns, held = replay.users, "ACP session loaded");
+                                    false
+                                }
+                            };
+                            return Ok(Opened {
+                                id: id.clone(),
+                                held: Some(replay.users),
+                                lost,
+                            });
                         }
                         Err(CallError::Rpc(e)) => {
                             tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, acp_session = %id, "the agent could not load the session ({}); the turn starts a new one without the earlier context", rpc_error_text(&e));
@@ -1082,7 +1215,6 @@ impl Turn<'_> {
                     tracing::warn!(execution_id = %self.req.execution_id, session_id = %self.req.session_id, "no ACP session was recorded for this session; the turn starts a new one without the earlier context")
                 }
             }
-            *restarted = true;
         }
         let new = self
             .agent
@@ -1090,8 +1222,46 @@ impl Turn<'_> {
             .send_request(NewSessionRequest::new(workdir))
             .block_task();
         match self.call(new).await {
-            Ok(r) => Ok(r.session_id.0.to_string()),
+            Ok(r) => Ok(Opened {
+                id: r.session_id.0.to_string(),
+                held: Some(0),
+                // The store had turns in a session the agent cannot give back.
+                lost: recorded.is_some(),
+            }),
             Err(e) => Err(Box::new(self.call_failed(e).await)),
+        }
+    }
+
+    /// Wait until the replay of a loaded session is complete: at once when
+    /// it already covers the `recorded` turns (or nothing was recorded to
+    /// compare with), else once it has been silent for `REPLAY_QUIET`
+    /// (within `REPLAY_SETTLE_MAX`). The tally then says what the agent
+    /// holds.
+    async fn settle(
+        &self,
+        count: &ReplayCount,
+        recorded: Option<u64>,
+    ) -> Result<ReplayTally, CallError> {
+        let Some(recorded) = recorded else {
+            return Ok(count.tally());
+        };
+        let cap = Instant::now() + REPLAY_SETTLE_MAX;
+        loop {
+            let more = count.changed.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            let tally = count.tally();
+            if tally.covers(recorded) {
+                return Ok(tally);
+            }
+            let quiet = (Instant::now() + REPLAY_QUIET).min(cap);
+            tokio::select! {
+                _ = &mut more => {}
+                _ = sleep_until(quiet) => return Ok(count.tally()),
+                _ = self.agent.wait_exit() => return Err(CallError::Exited),
+                _ = sleep_until(self.deadline) => return Err(CallError::Stopped(Stop::TimedOut)),
+                _ = self.ctx.cancel.cancelled() => return Err(CallError::Stopped(Stop::Cancelled)),
+            }
         }
     }
 
@@ -1114,7 +1284,7 @@ impl Turn<'_> {
             CallError::Stopped(Stop::Cancelled) => RunOutcome::ended(RunEnd::Cancelled),
             CallError::Exited => self.died().await,
             CallError::Rpc(e) => {
-                if let Some(outcome) = self.died_soon().await {
+                if let Some(outcome) = self.died_soon(&e).await {
                     return outcome;
                 }
                 error_outcome(rpc_error_text(&e), String::new())
@@ -1130,10 +1300,12 @@ impl Turn<'_> {
         o
     }
 
-    /// A failed request because the connection broke: the process is on its
-    /// way out; wait briefly to report how it ended.
-    async fn died_soon(&self) -> Option<RunOutcome> {
-        if self.agent.cx.termination().is_none() && !self.agent.exited() {
+    /// A failed request because the connection broke (the SDK says so in
+    /// the error, or has recorded the connection's end): the process is on
+    /// its way out; wait briefly to report how it ended.
+    async fn died_soon(&self, e: &acp::Error) -> Option<RunOutcome> {
+        let broke = acp::is_incoming_transport_closed(e) || acp::is_connection_terminated(e);
+        if !broke && self.agent.cx.termination().is_none() && !self.agent.exited() {
             return None;
         }
         match timeout(Duration::from_secs(2), self.agent.wait_exit()).await {
@@ -1142,7 +1314,9 @@ impl Turn<'_> {
         }
     }
 
-    async fn prompt(&self, session: &str) -> RunOutcome {
+    /// Send the prompt (after `restore`, agentd's transcript for an agent
+    /// that lost the context, when there is one) and wait for the answer.
+    async fn prompt(&self, session: &str, restore: Option<String>) -> RunOutcome {
         let sink = Arc::new(TurnSink {
             execution_id: self.req.execution_id.clone(),
             output: self.ctx.output.clone(),
@@ -1158,12 +1332,14 @@ impl Turn<'_> {
             session,
             sink: &sink,
         };
-        let request = PromptRequest::new(
-            session.to_owned(),
-            vec![ContentBlock::Text(TextContent::new(
-                self.req.prompt.clone(),
-            ))],
-        );
+        let mut content = Vec::with_capacity(2);
+        if let Some(restore) = restore {
+            content.push(ContentBlock::Text(TextContent::new(restore)));
+        }
+        content.push(ContentBlock::Text(TextContent::new(
+            self.req.prompt.clone(),
+        )));
+        let request = PromptRequest::new(session.to_owned(), content);
         let answer = self.agent.cx.send_request(request).block_task();
         tokio::pin!(answer);
         let first = tokio::select! {
@@ -1244,7 +1420,7 @@ impl Turn<'_> {
                 o
             }
             Err(e) => {
-                if let Some(o) = self.died_soon().await {
+                if let Some(o) = self.died_soon(&e).await {
                     return o;
                 }
                 error_outcome(rpc_error_text(&e), text)
@@ -1301,13 +1477,37 @@ impl Drop for RouteGuard<'_> {
     }
 }
 
-/// The turn each ACP session's updates go to.
+/// The turn each ACP session's updates go to, and the replays being
+/// counted for sessions being loaded.
 #[derive(Default)]
 struct Routes {
     turns: Mutex<HashMap<String, Arc<TurnSink>>>,
+    replays: Mutex<HashMap<String, Arc<ReplayCount>>>,
 }
 
 impl Routes {
+    fn count_replay(&self, session: &str, count: Arc<ReplayCount>) {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session.to_owned(), count);
+    }
+
+    fn stop_counting(&self, session: &str) {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(session);
+    }
+
+    fn replay(&self, session: &str) -> Option<Arc<ReplayCount>> {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .cloned()
+    }
+
     fn insert(&self, session: &str, sink: Arc<TurnSink>) {
         self.turns
             .lock()
@@ -1334,6 +1534,11 @@ impl Routes {
     /// thoughts as typed events. Runs in the SDK's dispatch loop; never waits.
     fn update(&self, n: SessionNotification) {
         let Some(sink) = self.get(&n.session_id.0) else {
+            // No turn runs in the session: a `session/load` replay, counted
+            // when the session is being loaded, else dropped.
+            if let Some(count) = self.replay(&n.session_id.0) {
+                count.see(&n.update);
+            }
             return;
         };
         let event = match &n.update {
@@ -1493,6 +1698,135 @@ fn event_json(event: &str, update: &SessionUpdate) -> String {
     serde_json::json!({"sessionUpdate": event, "truncated": true, "bytes": json.len()}).to_string()
 }
 
+/// One update of a `session/load` replay, as the count sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Replayed {
+    /// A chunk of a user message (with the message's id, when the agent
+    /// gives one).
+    User(Option<String>),
+    /// A chunk of the agent's answer text.
+    Answer(Option<String>),
+    /// The rest of an agent's turn (thoughts, tool calls, plans): it ends a
+    /// user message.
+    Activity,
+    /// Session-level news (commands, modes, usage, ...): no part of the
+    /// conversation.
+    Other,
+}
+
+impl Replayed {
+    fn of(update: &SessionUpdate) -> Replayed {
+        let id = |c: &acp::v1::schema::ContentChunk| c.message_id.as_ref().map(|m| m.0.to_string());
+        match update {
+            SessionUpdate::UserMessageChunk(c) => Replayed::User(id(c)),
+            SessionUpdate::AgentMessageChunk(c) => Replayed::Answer(id(c)),
+            SessionUpdate::AgentThoughtChunk(_)
+            | SessionUpdate::ToolCall(_)
+            | SessionUpdate::ToolCallUpdate(_)
+            | SessionUpdate::Plan(_) => Replayed::Activity,
+            _ => Replayed::Other,
+        }
+    }
+}
+
+/// The conversation a `session/load` replayed: its user messages (the
+/// turns the agent holds) and answers. Consecutive chunks of one kind are
+/// one message, unless their message ids differ.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct ReplayTally {
+    users: u64,
+    answers: u64,
+    last: Option<Replayed>,
+}
+
+impl ReplayTally {
+    fn see(&mut self, update: Replayed) {
+        let continues = match (&self.last, &update) {
+            (Some(Replayed::User(a)), Replayed::User(b))
+            | (Some(Replayed::Answer(a)), Replayed::Answer(b)) => {
+                a.is_none() || b.is_none() || a == b
+            }
+            _ => false,
+        };
+        match update {
+            Replayed::User(_) if !continues => self.users += 1,
+            Replayed::Answer(_) if !continues => self.answers += 1,
+            Replayed::Other => return,
+            _ => {}
+        }
+        self.last = Some(update);
+    }
+
+    /// True when the replay holds at least `turns` turns, each answered:
+    /// nothing more of it is expected.
+    fn covers(&self, turns: u64) -> bool {
+        self.users >= turns && self.answers >= turns
+    }
+}
+
+/// A replay being counted, for the turn that waits for it to complete.
+#[derive(Default)]
+struct ReplayCount {
+    tally: Mutex<ReplayTally>,
+    /// Woken at every counted update.
+    changed: Notify,
+}
+
+impl ReplayCount {
+    /// Runs in the SDK's dispatch loop; never waits.
+    fn see(&self, update: &SessionUpdate) {
+        self.tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .see(Replayed::of(update));
+        self.changed.notify_waiters();
+    }
+
+    fn tally(&self) -> ReplayTally {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Stops counting a session's replay when the load is over, however it ends.
+struct ReplayGuard<'a> {
+    routes: &'a Routes,
+    session: &'a str,
+}
+
+impl Drop for ReplayGuard<'_> {
+    fn drop(&mut self) {
+        self.routes.stop_counting(self.session);
+    }
+}
+
+/// agentd's transcript of a session, as a text block to put before the
+/// prompt of an agent that lost the session's context. Each message is
+/// bounded too, so the block stays within about `max_bytes`.
+fn transcript_block(messages: &[Message], max_bytes: usize) -> Option<String> {
+    if messages.is_empty() {
+        return None;
+    }
+    let mut text = String::from(
+        "Earlier in this conversation (your own record of it was lost; this is the \
+         transcript kept by the server that runs you, oldest first):\n",
+    );
+    for m in messages {
+        let who = match m.role {
+            Role::User => "User",
+            Role::Assistant => "Assistant",
+        };
+        text.push_str(&format!("\n[{who}]\n"));
+        let mut end = m.content.len().min(max_bytes);
+        while !m.content.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.push_str(&m.content[..end]);
+        text.push('\n');
+    }
+    text.push_str("\n(End of the earlier conversation. The new message follows.)");
+    Some(text)
+}
+
 /// Where one turn's updates go.
 struct TurnSink {
     execution_id: String,
@@ -1613,6 +1947,109 @@ mod tests {
         t.push("dé"); // 'é' is two bytes: only "d" fits
         assert_eq!(t.text, "abcd");
         assert!(t.truncated);
+    }
+
+    fn update(json: serde_json::Value) -> SessionUpdate {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn chunk(kind: &str, text: &str) -> SessionUpdate {
+        update(
+            serde_json::json!({"sessionUpdate": kind, "content": {"type": "text", "text": text}}),
+        )
+    }
+
+    fn tally(updates: &[SessionUpdate]) -> ReplayTally {
+        let mut t = ReplayTally::default();
+        for u in updates {
+            t.see(Replayed::of(u));
+        }
+        t
+    }
+
+    #[test]
+    fn a_replay_counts_user_messages_and_answers() {
+        let t = tally(&[
+            chunk("user_message_chunk", "first"),
+            chunk("agent_message_chunk", "one"),
+            chunk("agent_message_chunk", " more"),
+            chunk("user_message_chunk", "second,"),
+            chunk("user_message_chunk", " in two chunks"),
+            chunk("agent_thought_chunk", "hmm"),
+            chunk("agent_message_chunk", "two"),
+        ]);
+        assert_eq!((t.users, t.answers), (2, 2));
+        assert!(t.covers(2));
+        assert!(!t.covers(3));
+    }
+
+    #[test]
+    fn agent_activity_ends_a_user_message_and_session_news_does_not() {
+        // Two prompts whose turns were only tool calls: two user messages.
+        let call = update(serde_json::json!({
+            "sessionUpdate": "tool_call", "toolCallId": "t1", "title": "ls"
+        }));
+        let t = tally(&[
+            chunk("user_message_chunk", "list"),
+            call.clone(),
+            chunk("user_message_chunk", "again"),
+            call,
+        ]);
+        assert_eq!((t.users, t.answers), (2, 0));
+        assert!(!t.covers(2), "unanswered turns may still be on their way");
+        // Commands announced in the middle of a message split nothing.
+        let news = update(serde_json::json!({
+            "sessionUpdate": "available_commands_update", "availableCommands": []
+        }));
+        let t = tally(&[
+            chunk("user_message_chunk", "one message"),
+            news,
+            chunk("user_message_chunk", " still the same"),
+        ]);
+        assert_eq!(t.users, 1);
+    }
+
+    #[test]
+    fn message_ids_tell_messages_apart() {
+        let with_id = |kind: &str, id: &str| {
+            update(serde_json::json!({
+                "sessionUpdate": kind, "messageId": id,
+                "content": {"type": "text", "text": "x"}
+            }))
+        };
+        let t = tally(&[
+            with_id("user_message_chunk", "m1"),
+            with_id("user_message_chunk", "m1"),
+            with_id("user_message_chunk", "m2"),
+            with_id("agent_message_chunk", "a1"),
+            with_id("agent_message_chunk", "a2"),
+        ]);
+        assert_eq!((t.users, t.answers), (2, 2));
+    }
+
+    #[test]
+    fn a_transcript_block_names_each_speaker_and_bounds_each_message() {
+        let m = |role, content: &str| Message {
+            session_id: "s".into(),
+            role,
+            content: content.into(),
+            timestamp: 0.0,
+        };
+        assert_eq!(transcript_block(&[], 100), None);
+        let block = transcript_block(
+            &[m(Role::User, "remember apples"), m(Role::Assistant, "ok")],
+            100,
+        )
+        .unwrap();
+        let apples = block
+            .find("[User]\nremember apples\n")
+            .expect("the user turn");
+        let ok = block.find("[Assistant]\nok\n").expect("the answer");
+        assert!(apples < ok, "oldest first: {block}");
+        assert!(block.ends_with("The new message follows.)"));
+        // One message over the bound is cut on a character boundary.
+        let block = transcript_block(&[m(Role::User, "ééé")], 3).unwrap();
+        assert!(block.contains("[User]\né\n"), "{block}");
     }
 
     #[test]

@@ -225,6 +225,9 @@ pub struct Submission {
     pub timeout: Duration,
     /// The CLI session a chat turn continues (see `agent::sessions`).
     pub cli_session: Option<super::sessions::CliSession>,
+    /// agentd's transcript of the chat session, for a runtime whose agent
+    /// lost context (see `RunRequest::transcript`).
+    pub transcript: Option<super::runtime::TranscriptSource>,
 }
 
 impl Executor {
@@ -341,6 +344,7 @@ impl Executor {
             prompt: s.prompt,
             timeout: s.timeout,
             cli_session: s.cli_session,
+            transcript: s.transcript,
         };
         let this = self.clone();
         let exec = execution.clone();

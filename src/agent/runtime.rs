@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::acp::AgentsReport;
 use super::permissions::Permissions;
 use super::replay::{OutputLog, ReplayBudget, DEFAULT_REPLAY_BYTES};
+use crate::agent::history::Message;
 use crate::agent::sessions::CliSession;
 
 /// Why an execution exists; runtimes may treat them differently (a chat
@@ -47,6 +48,36 @@ pub struct RunRequest {
     /// The CLI session a chat turn continues, decided from the store (see
     /// `sessions`); `None` for tasks and for runtimes that keep no sessions.
     pub cli_session: Option<CliSession>,
+    /// agentd's own transcript of the chat session, read only when a runtime
+    /// finds that its agent lost context; `None` for tasks.
+    pub transcript: Option<TranscriptSource>,
+}
+
+/// The messages of a chat session as agentd's store holds them, read on
+/// demand (the runtime does not touch the store: the handler hands it this).
+pub type TranscriptFuture = Pin<Box<dyn Future<Output = Option<Vec<Message>>> + Send>>;
+
+/// Reads a chat session's newest messages, oldest first, whose contents
+/// together stay within the byte bound it is given; `None` when the store
+/// could not answer.
+#[derive(Clone)]
+pub struct TranscriptSource(Arc<dyn Fn(usize) -> TranscriptFuture + Send + Sync>);
+
+impl TranscriptSource {
+    pub fn new(read: impl Fn(usize) -> TranscriptFuture + Send + Sync + 'static) -> Self {
+        TranscriptSource(Arc::new(read))
+    }
+
+    /// The session's newest messages within `max_bytes` of content.
+    pub async fn read(&self, max_bytes: usize) -> Option<Vec<Message>> {
+        (self.0)(max_bytes).await
+    }
+}
+
+impl std::fmt::Debug for TranscriptSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TranscriptSource")
+    }
 }
 
 /// Shared between the executor and a running execution.
@@ -156,6 +187,14 @@ pub struct AgentReport {
     /// and the turn ran in a fresh one: the earlier context is not in this
     /// answer. Reported as `metadata.session_restarted`.
     pub session_restarted: bool,
+    /// The turns the agent's session holds after this turn, as the runtime
+    /// counted them (recorded with the turn; see `CliSession::turns`).
+    /// `None` when it could not count.
+    pub session_turns: Option<u64>,
+    /// The agent had lost context and agentd gave it its own transcript of
+    /// the session with the prompt (`metadata.session_restored:
+    /// "transcript"`).
+    pub session_restored: bool,
 }
 
 /// Everything a runtime learned about one execution.

@@ -437,11 +437,22 @@ async fn run_with_session_recovery(
         (ExecutionKind::Chat, Some(session)) => Some(SessionFlag::for_session(session)),
         _ => None,
     };
-    let outcome = run_child(command(flag), req, ctx, limits).await;
+    let mut outcome = run_child(command(flag), req, ctx, limits).await;
     let Some(flag) = flag else {
         return outcome;
     };
+    // The turns the CLI session holds after this one. These CLIs print
+    // nothing countable about what they resumed (Claude Code's init line
+    // names the session, tools and model; Gemini CLI's the session and
+    // model; Codex's `thread.started` the thread), so agentd cannot check
+    // their memory against its own and counts by its own record: a created
+    // session holds this turn, a resumed one the recorded turns and this.
+    let prior = req.cli_session.as_ref().and_then(|s| s.turns);
     let Some(retry) = recovery(flag, &outcome) else {
+        outcome.agent.session_turns = match flag {
+            SessionFlag::Create => Some(1),
+            SessionFlag::Resume => prior.map(|n| n + 1),
+        };
         return outcome;
     };
     let left = req.timeout.saturating_sub(started.elapsed());
@@ -461,6 +472,9 @@ async fn run_with_session_recovery(
     let mut outcome = run_child(command(Some(retry)), &again, ctx, limits).await;
     // Refused both ways: no flag can reach this CLI session any more.
     outcome.agent.session_refused = recovery(retry, &outcome).is_some();
+    // Created after all: this turn alone. Resumed although the store knew
+    // of no turn: uncounted.
+    outcome.agent.session_turns = (retry == SessionFlag::Create).then_some(1);
     if flag == SessionFlag::Resume && !outcome.agent.session_refused {
         // The store had a turn in this session and the CLI had lost it: the
         // turn ran without the earlier context, and says so.
@@ -753,8 +767,14 @@ impl Runtime for Codex {
     fn run<'a>(&'a self, req: RunRequest, ctx: &'a ExecutionContext) -> RunFuture<'a> {
         Box::pin(async move {
             let started = Instant::now();
+            // `thread.started` names the thread and nothing of what it
+            // holds, so the count is agentd's own (see
+            // `run_with_session_recovery`).
             let Some(thread) = Self::thread_of(&req) else {
-                return run_child(self.command(&req, None), &req, ctx, self.limits).await;
+                let mut outcome = run_child(self.command(&req, None), &req, ctx, self.limits).await;
+                outcome.agent.session_turns =
+                    (req.kind == ExecutionKind::Chat && req.cli_session.is_some()).then_some(1);
+                return outcome;
             };
             let mut outcome =
                 run_child(self.command(&req, Some(thread)), &req, ctx, self.limits).await;
@@ -773,6 +793,14 @@ impl Runtime for Codex {
                 // Codex started another thread instead of the one asked for.
                 outcome.agent.session_restarted = true;
             }
+            outcome.agent.session_turns = if outcome.agent.session_restarted {
+                Some(1)
+            } else {
+                req.cli_session
+                    .as_ref()
+                    .and_then(|s| s.turns)
+                    .map(|n| n + 1)
+            };
             if outcome.agent.session_restarted {
                 tracing::warn!(
                     execution_id = %req.execution_id,
@@ -814,7 +842,9 @@ mod tests {
                 id: U.into(),
                 exists,
                 agent_id: None,
+                turns: None,
             }),
+            transcript: None,
         }
     }
 

@@ -78,6 +78,35 @@ pub struct CliSession {
     /// that ran in it: Codex picks its own thread ids, so a later turn
     /// resumes this one. `None` before the first successful turn.
     pub agent_id: Option<String>,
+    /// How many turns the agent's own session holds by agentd's account:
+    /// the successful turns recorded in it since the agent last started it
+    /// afresh (a lost session restarts the count). `None` when not counted
+    /// (before the first turn, or a record older than the count). A runtime
+    /// that can see what the agent holds compares the two ([`memory`]).
+    pub turns: Option<u64>,
+}
+
+/// What an agent's own session holds, against agentd's count of the turns
+/// that ran in it (`CliSession::turns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// agentd has no count to compare with.
+    Uncounted,
+    /// The agent holds at least every turn agentd recorded (it may hold
+    /// more: a turn that failed after the agent kept the prompt).
+    Whole,
+    /// The agent holds fewer turns than agentd recorded: it lost context
+    /// (a process killed before it wrote its last turns to disk).
+    Short { recorded: u64, held: u64 },
+}
+
+/// Compare the turns the agent showed it holds with those agentd recorded.
+pub fn memory(recorded: Option<u64>, held: u64) -> Memory {
+    match recorded {
+        None => Memory::Uncounted,
+        Some(recorded) if held < recorded => Memory::Short { recorded, held },
+        Some(_) => Memory::Whole,
+    }
 }
 
 /// How a turn names its CLI session on the command line.
@@ -221,6 +250,30 @@ mod tests {
         let ids: std::collections::HashSet<_> =
             (0..50).map(|g| cli_session_id("demo", g)).collect();
         assert_eq!(ids.len(), 50);
+    }
+
+    #[test]
+    fn an_agent_holding_fewer_turns_than_recorded_is_short() {
+        assert_eq!(
+            memory(Some(3), 2),
+            Memory::Short {
+                recorded: 3,
+                held: 2
+            }
+        );
+        assert_eq!(
+            memory(Some(1), 0),
+            Memory::Short {
+                recorded: 1,
+                held: 0
+            }
+        );
+        assert_eq!(memory(Some(3), 3), Memory::Whole);
+        // More than recorded: a failed turn the agent kept; nothing lost.
+        assert_eq!(memory(Some(3), 5), Memory::Whole);
+        assert_eq!(memory(Some(0), 0), Memory::Whole);
+        // No count (a record from before counting): no verdict either way.
+        assert_eq!(memory(None, 0), Memory::Uncounted);
     }
 
     fn failed(code: i32, stderr: &str, error_message: Option<&str>) -> RunOutcome {

@@ -16,7 +16,7 @@ use super::http::{json as json_response, ApiError, Body};
 use super::input::{json_body, optional_string, required_text, timeout_field};
 use crate::agent::executor::{Finish, Submission};
 use crate::agent::history::{Message, Role};
-use crate::agent::runtime::ExecutionKind;
+use crate::agent::runtime::{ExecutionKind, TranscriptSource};
 use crate::agent::sessions::{normalise_session_id, CliSession, MAX_SESSION_ID_LEN};
 use crate::app::App;
 use crate::clock::unix_now;
@@ -90,6 +90,16 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
     };
     let asked_at = unix_now();
     let asked = Instant::now();
+    // Read only if the runtime finds its agent lost context.
+    let transcript = cli_session.is_some().then(|| {
+        let store = app.store.clone();
+        let session_id = session_id.clone();
+        TranscriptSource::new(move |max_bytes| {
+            let store = store.clone();
+            let session_id = session_id.clone();
+            Box::pin(async move { store.transcript(session_id, max_bytes).await.ok() })
+        })
+    });
     let submit = |cli_session: Option<CliSession>, timeout: Duration| {
         app.executor.submit(Submission {
             kind: ExecutionKind::Chat,
@@ -97,6 +107,7 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             prompt: message.clone(),
             timeout,
             cli_session,
+            transcript: transcript.clone(),
         })
     };
     let mut exec = submit(cli_session.clone(), timeout)?;
@@ -157,6 +168,12 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
             cli_session_id: c.id,
             session_id: session_id.clone(),
             agent_session_id: outcome.agent.session_id.clone(),
+            // A turn moved to a new CLI session starts its count over.
+            turns: if moved {
+                Some(1)
+            } else {
+                outcome.agent.session_turns
+            },
         }),
     )
     .await?;
@@ -180,6 +197,10 @@ pub async fn chat(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
                 // The CLI had lost this session's context and the turn ran
                 // in a fresh CLI session: earlier turns are not in the answer.
                 "session_restarted": session_restarted,
+                // How agentd gave the context back to an agent that had
+                // lost it: "transcript" (its own record of the session, sent
+                // with the prompt), or null.
+                "session_restored": outcome.agent.session_restored.then_some("transcript"),
                 "usage": usage_json(outcome),
             },
         }),

@@ -66,6 +66,7 @@ pub async fn task(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         prompt,
         timeout,
         cli_session: None,
+        transcript: None,
     })?;
     if asynchronous {
         return Ok(json_response(

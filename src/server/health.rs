@@ -224,6 +224,7 @@ fn inject(app: &Arc<App>, kind: &str) -> Result<(), crate::faults::FaultError> {
                 prompt: "stalled".into(),
                 timeout: Duration::from_secs(1),
                 cli_session: None,
+                transcript: None,
             });
         }
         "leak-fd-per-tick" => app.faults.leak_fd_per_tick.store(true, Ordering::SeqCst),
