@@ -1945,7 +1945,7 @@ mod tests {
     #[tokio::test]
     async fn the_turns_an_agent_session_holds_are_recorded_and_start_over_with_a_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let s = store.cli_session("t".into(), "acp".into()).await.unwrap();
         assert_eq!(s.turns, None, "nothing ran yet");
         let turn = |cli: &CliSession, turns: Option<u64>| {
@@ -1993,7 +1993,7 @@ mod tests {
             .unwrap();
         drop(store);
         thread.join();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         assert_eq!(
             store
                 .cli_session("t".into(), "acp".into())
@@ -2015,7 +2015,7 @@ mod tests {
     #[tokio::test]
     async fn a_transcript_is_the_sessions_newest_messages_within_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).unwrap();
+        let (store, thread) = Store::open(dir.path(), &config(), &|_| {}).await.unwrap();
         let m = |session: &str, role: Role, content: &str| Message {
             session_id: session.into(),
             role,
