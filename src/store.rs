@@ -723,6 +723,17 @@ fn open_connection(
     Ok(conn)
 }
 
+/// The sync thread for `synchronous=full`, with its own descriptor of
+/// `state.db-wal`.
+fn start_sync(db: &Path, commits: &Arc<CommitCounts>) -> Result<Syncer, String> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::fs::File::open(&wal)
+        .map_err(|e| format!("cannot open state.db-wal to sync it: {e}"))?;
+    Syncer::start(wal, SYNC_QUEUE, commits.clone())
+        .map_err(|e| format!("cannot start the sync thread: {e}"))
+}
+
 /// `BEGIN IMMEDIATE`: take the write lock now (waiting for another process
 /// through the busy handler), and tell the watch once it is taken.
 fn begin_write<'c>(
@@ -884,16 +895,7 @@ impl Worker {
             .map_err(|e| open_fail(format!("cannot install the progress handler: {e}")))?;
         let sync = match config.synchronous {
             SyncMode::Normal => None,
-            SyncMode::Full => {
-                let mut wal = path.as_os_str().to_owned();
-                wal.push("-wal");
-                let wal = std::fs::File::open(&wal)
-                    .map_err(|e| open_fail(format!("cannot open state.db-wal to sync it: {e}")))?;
-                Some(
-                    Syncer::start(wal, SYNC_QUEUE, commits.clone())
-                        .map_err(|e| open_fail(format!("cannot start the sync thread: {e}")))?,
-                )
-            }
+            SyncMode::Full => Some(start_sync(&path, &commits).map_err(open_fail)?),
         };
         let mut worker = Worker {
             sync,
@@ -952,23 +954,7 @@ impl Worker {
         deferred: &mut Option<Request>,
     ) -> bool {
         match req {
-            Request::Append { turn, reply } => {
-                // Group commit: fold every append already waiting into this
-                // transaction; the first other request ends the batch and
-                // runs next, so order is kept.
-                let mut batch = vec![(turn, reply)];
-                self.fill(rx, &mut batch, deferred);
-                // Pipelining: while the previous batch's fsync runs, this
-                // one keeps filling; it commits when that fsync is done
-                // (or after `SYNC_WAIT_CAP`), and one fsync covers it.
-                if deferred.is_none() && batch.len() < self.max_batch {
-                    if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
-                        sync.wait_idle(SYNC_WAIT_CAP);
-                        self.fill(rx, &mut batch, deferred);
-                    }
-                }
-                self.append_batch(batch);
-            }
+            Request::Append { turn, reply } => self.serve_appends((turn, reply), rx, deferred),
             Request::CliSession {
                 session_id,
                 runtime,
@@ -1009,22 +995,7 @@ impl Worker {
             }
             Request::Heartbeat { reply, fresh } => self.answer_heartbeat(reply, fresh),
             Request::Close { reply } => {
-                let r = self
-                    .conn
-                    .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-                    .map_err(Into::into);
-                rx.close();
-                // Serve what was queued before the close, then stop.
-                while let Ok(req) = rx.try_recv() {
-                    if let Request::Append { turn, reply } = req {
-                        self.append_batch(vec![(turn, reply)]);
-                    }
-                }
-                // Every batch handed to the sync thread is answered first.
-                if let Some(mut sync) = self.sync.take() {
-                    sync.stop();
-                }
-                let _ = reply.send(r);
+                self.close(reply, rx);
                 return false;
             }
             #[cfg(feature = "fault-injection")]
@@ -1037,6 +1008,47 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Group commit: fold every append already waiting into this
+    /// transaction; the first other request ends the batch and runs next,
+    /// so order is kept. Pipelining: while the previous batch's fsync runs,
+    /// this one keeps filling; it commits when that fsync is done (or after
+    /// `SYNC_WAIT_CAP`), and one fsync covers it.
+    fn serve_appends(
+        &mut self,
+        first: (Turn, Reply<()>),
+        rx: &mut mpsc::Receiver<Request>,
+        deferred: &mut Option<Request>,
+    ) {
+        let mut batch = vec![first];
+        self.fill(rx, &mut batch, deferred);
+        if deferred.is_none() && batch.len() < self.max_batch {
+            if let Some(sync) = self.sync.as_ref().filter(|s| s.busy()) {
+                sync.wait_idle(SYNC_WAIT_CAP);
+                self.fill(rx, &mut batch, deferred);
+            }
+        }
+        self.append_batch(batch);
+    }
+
+    /// Checkpoint, serve the appends queued before the close, answer every
+    /// batch handed to the sync thread, then answer the close.
+    fn close(&mut self, reply: Reply<()>, rx: &mut mpsc::Receiver<Request>) {
+        let r = self
+            .conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(Into::into);
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            if let Request::Append { turn, reply } = req {
+                self.append_batch(vec![(turn, reply)]);
+            }
+        }
+        if let Some(mut sync) = self.sync.take() {
+            sync.stop();
+        }
+        let _ = reply.send(r);
     }
 
     /// Run the heartbeat and answer it: at once, or once its own row is
