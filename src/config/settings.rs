@@ -2,7 +2,8 @@
 //! TOML key), its environment variable, its flag, its default, how its text
 //! is parsed and bounded, where the value goes in `Config`, and one line of
 //! meaning. Loading, the errors that name a bad value, the defaults and the
-//! settings part of `agentd serve --help` are all made from this list.
+//! settings part of `agentd serve --help` are all made from this list, and a
+//! test holds it and the README's settings tables together.
 //!
 //! This file declares; it does not load. Reading the sources, precedence and
 //! the rules that weigh several settings together are in `config.rs`.
@@ -940,6 +941,106 @@ pub fn help() -> String {
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    /// One row of a README settings table (`| env var | TOML key | default |
+    /// meaning |`), as written.
+    #[derive(Debug)]
+    struct Row {
+        line: usize,
+        env: String,
+        alias: Option<String>,
+        flag: Option<String>,
+        key: Option<String>,
+        default: String,
+    }
+
+    const TABLE_HEAD: &str = "| env var | TOML key | default | meaning |";
+
+    /// The words between backticks in `cell`.
+    fn quoted(cell: &str) -> Vec<String> {
+        cell.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every row of every settings table in the README.
+    fn readme_rows() -> Vec<Row> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut rows = Vec::new();
+        for (head, _) in lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == TABLE_HEAD)
+        {
+            // The head, its separator, then rows until the table ends.
+            for (i, line) in lines.iter().enumerate().skip(head + 2) {
+                if !line.starts_with('|') {
+                    break;
+                }
+                let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+                let names = quoted(cells[0]);
+                let flag = names.iter().find(|n| n.starts_with("--")).cloned();
+                let alias = cells[0]
+                    .contains("alias")
+                    .then(|| names.last().cloned())
+                    .flatten();
+                rows.push(Row {
+                    line: i + 1,
+                    env: names.first().cloned().unwrap_or_default(),
+                    alias,
+                    flag,
+                    key: quoted(cells[1]).first().cloned(),
+                    default: cells[2].replace('`', ""),
+                });
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn readme_settings_tables_and_the_list_agree() {
+        let rows = readme_rows();
+        assert!(
+            rows.len() > 40,
+            "the README's tables were not found: {rows:?}"
+        );
+        let mut problems = Vec::new();
+        for row in &rows {
+            let Some(s) = SETTINGS.iter().find(|s| s.env == row.env) else {
+                problems.push(format!(
+                    "README line {}: {} is not in the list",
+                    row.line, row.env
+                ));
+                continue;
+            };
+            let key = s.toml.then_some(s.name);
+            let pairs = [
+                ("TOML key", row.key.as_deref(), key),
+                ("default", Some(row.default.as_str()), Some(s.shown())),
+                ("flag", row.flag.as_deref(), s.flag),
+                ("alias", row.alias.as_deref(), s.alias),
+            ];
+            for (what, readme, list) in pairs {
+                if readme != list {
+                    problems.push(format!(
+                        "README line {}: {} {what} is {readme:?} there, {list:?} in the list",
+                        row.line, row.env
+                    ));
+                }
+            }
+        }
+        for s in SETTINGS {
+            match rows.iter().filter(|r| r.env == s.env).count() {
+                1 => {}
+                n => problems.push(format!("{} has {n} rows in the README", s.env)),
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 
     #[test]
     fn names_and_variables_are_unique_and_defaults_load() {
