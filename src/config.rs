@@ -1,6 +1,14 @@
 //! Every knob agentd has: defaults, the optional TOML file, environment variables
 //! and command-line flags, merged and validated in one place.
 //!
+//! Each setting is declared once, in `settings::SETTINGS`: name (TOML key),
+//! variable, flag, default, parser and bound, meaning. This file reads the
+//! sources, runs every value through its entry, and applies the rules that
+//! weigh several settings together (the API token's one source, a token for
+//! a non-loopback address, a command for the runtimes that need one, the
+//! trend ring's size). It is not where a setting is added: that is one entry
+//! in the list (and one row in the README, which a test compares).
+//!
 //! Precedence, lowest first: built-in default < TOML file < environment < flag.
 //! The rest of the program receives a typed `Config` and never reads the
 //! environment itself. An invalid value is an error that names the setting and
@@ -16,16 +24,21 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use crate::agent::acp::PermissionPolicy;
+mod settings;
 
-/// Default history size; the value users of other agent servers already know.
-pub const DEFAULT_HISTORY_LIMIT: usize = 1000;
+pub use crate::agent::acp::PermissionPolicy;
+pub use settings::TREND_MAX_SAMPLES;
+use settings::{setting, Parse, Setting, SETTINGS};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("invalid {setting}={value:?}: {reason}")]
+    /// A value the setting does not accept: `setting` is the name it was
+    /// given under (flag, variable or TOML key) and `key` the setting's own
+    /// name when that differs.
+    #[error("invalid {setting}={value:?}{}: {reason}", of_setting(.key))]
     Invalid {
         setting: &'static str,
+        key: Option<&'static str>,
         value: String,
         reason: String,
     },
@@ -274,77 +287,15 @@ pub struct Overrides {
     pub address_only: bool,
 }
 
-/// One setting: its TOML key and its environment variable.
-struct Setting {
-    key: &'static str,
-    env: &'static str,
+/// The settings part of `agentd serve --help`, made from the list of settings.
+pub fn settings_help() -> String {
+    settings::help()
 }
 
-macro_rules! settings {
-    ($($key:ident => $env:literal),* $(,)?) => {
-        const SETTINGS: &[Setting] = &[$(Setting { key: stringify!($key), env: $env }),*];
-    };
-}
-
-settings! {
-    listen => "AGENTD_LISTEN",
-    state_dir => "AGENTD_STATE_DIR",
-    api_token => "AGENTD_API_TOKEN",
-    api_token_file => "AGENTD_API_TOKEN_FILE",
-    history_limit => "AGENTD_HISTORY_LIMIT",
-    max_connections => "AGENTD_MAX_CONNECTIONS",
-    header_read_timeout => "AGENTD_HEADER_READ_TIMEOUT",
-    idle_timeout => "AGENTD_IDLE_TIMEOUT",
-    max_body_bytes => "AGENTD_MAX_BODY_BYTES",
-    max_header_bytes => "AGENTD_MAX_HEADER_BYTES",
-    drain_timeout => "AGENTD_DRAIN_TIMEOUT",
-    store_queue => "AGENTD_STORE_QUEUE",
-    store_max_batch => "AGENTD_STORE_MAX_BATCH",
-    retention_messages => "AGENTD_RETENTION_MESSAGES",
-    store_synchronous => "AGENTD_STORE_SYNCHRONOUS",
-    store_enqueue_timeout => "AGENTD_STORE_ENQUEUE_TIMEOUT",
-    store_quick_check_interval => "AGENTD_STORE_QUICK_CHECK_INTERVAL",
-    store_proof_interval => "AGENTD_STORE_PROOF_INTERVAL",
-    runtime => "AGENTD_RUNTIME",
-    runtime_cmd => "AGENTD_RUNTIME_CMD",
-    claude_bin => "AGENTD_CLAUDE_BIN",
-    claude_args => "AGENTD_CLAUDE_ARGS",
-    gemini_bin => "AGENTD_GEMINI_BIN",
-    gemini_args => "AGENTD_GEMINI_ARGS",
-    codex_bin => "AGENTD_CODEX_BIN",
-    codex_args => "AGENTD_CODEX_ARGS",
-    codex_sandbox => "AGENTD_CODEX_SANDBOX",
-    acp_cmd => "AGENTD_ACP_CMD",
-    acp_max_agents => "AGENTD_ACP_MAX_AGENTS",
-    acp_idle => "AGENTD_ACP_IDLE",
-    acp_permissions => "AGENTD_ACP_PERMISSIONS",
-    acp_permission_timeout => "AGENTD_ACP_PERMISSION_TIMEOUT",
-    workdir => "AGENTD_WORKDIR",
-    system_prompt => "AGENTD_SYSTEM_PROMPT",
-    task_timeout => "AGENTD_TASK_TIMEOUT",
-    max_task_timeout => "AGENTD_MAX_TASK_TIMEOUT",
-    stdout_cap => "AGENTD_STDOUT_CAP",
-    stderr_cap => "AGENTD_STDERR_CAP",
-    kill_grace => "AGENTD_KILL_GRACE",
-    pipe_drain => "AGENTD_PIPE_DRAIN",
-    max_concurrent => "AGENTD_MAX_CONCURRENT",
-    max_queue => "AGENTD_MAX_QUEUE",
-    finished_retained => "AGENTD_FINISHED_RETAINED",
-    max_subscribers => "AGENTD_MAX_SUBSCRIBERS",
-    stream_buffer => "AGENTD_STREAM_BUFFER",
-    stream_replay_bytes => "AGENTD_STREAM_REPLAY_BYTES",
-    stream_replay_total => "AGENTD_STREAM_REPLAY_TOTAL",
-    health_interval => "AGENTD_HEALTH_INTERVAL",
-    keepalive_file => "AGENTD_KEEPALIVE_FILE",
-    watchdog_trigger_after => "AGENTD_WATCHDOG_TRIGGER_AFTER",
-    self_abort_after => "AGENTD_SELF_ABORT_AFTER",
-    max_threads => "AGENTD_MAX_THREADS",
-    diagnostics_keep => "AGENTD_DIAGNOSTICS_KEEP",
-    nofile_target => "AGENTD_NOFILE_TARGET",
-    trend_window => "AGENTD_TREND_WINDOW",
-    trend_interval => "AGENTD_TREND_INTERVAL",
-    log => "AGENTD_LOG",
-    fault_injection => "AGENTD_FAULT_INJECTION",
+/// The help of the `serve` flag of the setting called `name` (`listen`,
+/// `state_dir`, `config`), made from the list of settings.
+pub fn flag_help(name: &str) -> String {
+    settings::flag_help(name)
 }
 
 /// The systemd credential agentd reads its API token from
@@ -370,15 +321,18 @@ pub fn is_own_variable(name: &std::ffi::OsStr) -> bool {
 /// wins when both are set.
 pub const HISTORY_LIMIT_ALIAS: &str = "AGENT_HISTORY_LIMIT";
 
-/// Where a raw value came from, so an error can name the right thing.
+/// The values given, each with the name it was given under, so an error can
+/// name the right thing.
 struct Raw {
+    /// By setting name: the text and the flag, variable or TOML key it came
+    /// from, the highest-precedence source only.
     values: BTreeMap<&'static str, (String, &'static str)>,
+    /// Defaults taken from the environment (`Setting::default_from`), by
+    /// setting name.
+    defaults: BTreeMap<&'static str, String>,
     /// Warnings found while collecting the values (an alias shadowed by its
     /// new name); `build` passes them on in `Config::warnings`.
     warnings: Vec<String>,
-    /// `CODEX_HOME` as the operator set it (not an agentd setting: Codex's
-    /// own variable, read here so nothing else reads the environment).
-    codex_home: Option<String>,
     /// `$CREDENTIALS_DIRECTORY` (systemd's credentials of this service), where
     /// the `agentd.api-token` credential is looked for.
     credentials_directory: Option<PathBuf>,
@@ -390,6 +344,17 @@ impl Raw {
     fn get(&self, key: &str) -> Option<(&str, &'static str)> {
         self.values.get(key).map(|(v, name)| (v.as_str(), *name))
     }
+
+    /// The setting's default text: from the environment where the setting
+    /// says so and it is set, else the list's.
+    fn default_of(&self, s: &'static Setting) -> &str {
+        self.defaults.get(s.name).map_or(s.default, String::as_str)
+    }
+
+    /// The setting's text as given, or its default, with the name to blame.
+    fn value_of(&self, s: &'static Setting) -> (&str, &'static str) {
+        self.get(s.name).unwrap_or((self.default_of(s), s.env))
+    }
 }
 
 impl Config {
@@ -399,59 +364,39 @@ impl Config {
     }
 
     /// Load with an explicit environment lookup (tests pass a map).
+    /// Precedence: flag > environment (`env`, then its alias) > TOML file >
+    /// default.
     pub fn load(
         overrides: Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let config_file = overrides.config_file.clone().or_else(|| {
-            env("AGENTD_CONFIG")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        });
         let mut raw = Raw {
             values: BTreeMap::new(),
+            defaults: BTreeMap::new(),
             warnings: Vec::new(),
-            codex_home: env("CODEX_HOME").filter(|s| !s.is_empty()),
             credentials_directory: env("CREDENTIALS_DIRECTORY")
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from),
             address_only: overrides.address_only,
         };
-        if let Some(path) = &config_file {
-            for (key, value) in read_toml(path)? {
-                let setting = SETTINGS.iter().find(|s| s.key == key).expect("checked");
-                raw.values.insert(setting.key, (value, setting.key));
+        let above_file = given_outside_the_file(&overrides, &env, &mut raw);
+        // The file's own path comes from a flag or the environment only.
+        if let Some((path, _)) = above_file.get("config").filter(|(p, _)| !p.is_empty()) {
+            for (key, value) in read_toml(Path::new(path))? {
+                let s = SETTINGS.iter().find(|s| s.name == key).expect("checked");
+                raw.values.insert(s.name, (value, s.name));
             }
         }
-        // The alias goes in first, so the loop below overrides it with
-        // AGENTD_HISTORY_LIMIT when that is set too.
-        if let Some(v) = env(HISTORY_LIMIT_ALIAS) {
-            if env("AGENTD_HISTORY_LIMIT").is_some() {
-                raw.warnings.push(format!(
-                    "both AGENTD_HISTORY_LIMIT and {HISTORY_LIMIT_ALIAS} are set; \
-                     using AGENTD_HISTORY_LIMIT and ignoring {HISTORY_LIMIT_ALIAS}={v:?}"
-                ));
-            }
-            raw.values.insert("history_limit", (v, HISTORY_LIMIT_ALIAS));
-        }
+        raw.values.extend(above_file);
         for s in SETTINGS {
-            if let Some(v) = env(s.env) {
-                raw.values.insert(s.key, (v, s.env));
+            let Some(from) = s.default_from else { continue };
+            // systemd may pass several colon-separated directories; the first is ours.
+            let first = env(from).and_then(|v| v.split(':').next().map(str::to_owned));
+            if let Some(first) = first.filter(|v| !v.is_empty()) {
+                raw.defaults.insert(s.name, first);
             }
         }
-        if let Some(v) = overrides.listen {
-            raw.values.insert("listen", (v, "--listen"));
-        }
-        if let Some(v) = overrides.state_dir {
-            raw.values
-                .insert("state_dir", (v.display().to_string(), "--state-dir"));
-        }
-        let state_dir_default = env("STATE_DIRECTORY")
-            // systemd may pass several colon-separated directories; the first is ours.
-            .and_then(|s| s.split(':').next().map(str::to_owned))
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "./agentd-state".into());
-        build(&raw, config_file, &state_dir_default)
+        build(&raw)
     }
 
     /// Re-read reloadable settings (SIGHUP). Settings that need a restart
@@ -473,6 +418,51 @@ impl Config {
     }
 }
 
+/// The values the environment and the flags give, the flag winning, each
+/// with the name it was given under.
+fn given_outside_the_file(
+    overrides: &Overrides,
+    env: &impl Fn(&str) -> Option<String>,
+    raw: &mut Raw,
+) -> BTreeMap<&'static str, (String, &'static str)> {
+    let mut given = BTreeMap::new();
+    for s in SETTINGS {
+        let value = env(s.env);
+        // The alias counts only where the variable itself is not set.
+        if let Some(alias) = s.alias {
+            if let Some(old) = env(alias) {
+                if value.is_some() {
+                    raw.warnings.push(format!(
+                        "both {} and {alias} are set; using {} and ignoring {alias}={old:?}",
+                        s.env, s.env
+                    ));
+                } else {
+                    given.insert(s.name, (old, alias));
+                }
+            }
+        }
+        if let Some(v) = value {
+            given.insert(s.name, (v, s.env));
+        }
+    }
+    let flags = [
+        ("listen", overrides.listen.clone()),
+        ("state_dir", path_text(&overrides.state_dir)),
+        ("config", path_text(&overrides.config_file)),
+    ];
+    for (name, value) in flags {
+        let s = setting(name);
+        if let (Some(v), Some(flag)) = (value, s.flag) {
+            given.insert(s.name, (v, flag));
+        }
+    }
+    given
+}
+
+fn path_text(path: &Option<PathBuf>) -> Option<String> {
+    path.as_ref().map(|p| p.to_string_lossy().into_owned())
+}
+
 fn read_toml(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
         path: path.to_owned(),
@@ -486,7 +476,7 @@ fn read_toml(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         })?;
     let mut out = Vec::new();
     for (key, value) in table {
-        if !SETTINGS.iter().any(|s| s.key == key) {
+        if !SETTINGS.iter().any(|s| s.toml && s.name == key) {
             return Err(ConfigError::ParseFile {
                 path: path.to_owned(),
                 reason: format!("unknown setting `{key}`"),
@@ -522,39 +512,112 @@ fn read_toml(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
 fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
+        key: None,
         value: value.to_owned(),
         reason: reason.into(),
     }
 }
 
-/// A positive integer within `min..=max`.
-fn int(raw: &Raw, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let Some((v, name)) = raw.get(key) else {
-        return Ok(default);
+fn of_setting(key: &Option<&'static str>) -> String {
+    key.map(|k| format!(" (setting {k})")).unwrap_or_default()
+}
+
+/// Names setting `s` in an error about its value, when the name the value
+/// was given under is not the setting's own (a variable, a flag).
+fn naming(s: &Setting, mut err: ConfigError) -> ConfigError {
+    if let ConfigError::Invalid { setting, key, .. } = &mut err {
+        if *setting != s.name && key.is_none() {
+            *key = Some(s.name);
+        }
+    }
+    err
+}
+
+/// Parse the setting's value (given, or its default) and write it into `c`;
+/// an error names the setting, where its value came from, and the value.
+fn apply(s: &'static Setting, c: &mut Config, raw: &Raw) -> Result<(), ConfigError> {
+    parse_into(s, c, raw).map_err(|e| naming(s, e))
+}
+
+fn parse_into(s: &'static Setting, c: &mut Config, raw: &Raw) -> Result<(), ConfigError> {
+    let (text, name) = raw.value_of(s);
+    // For text, a choice and an address, empty is the default.
+    let or_default = if text.is_empty() {
+        raw.default_of(s)
+    } else {
+        text
     };
-    match v.trim().parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(invalid(
+    let bad = |example: &str| {
+        invalid(
             name,
-            v,
-            format!("expected an integer from {min} to {max}"),
-        )),
+            text,
+            format!("expected {}{example}", s.parse.accepts()),
+        )
+    };
+    match s.parse {
+        Parse::Int { min, max, set } => match text.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => set(c, n),
+            _ => return Err(bad("")),
+        },
+        Parse::Size { min, max, set } => match parse_bytes(text) {
+            Some(n) if (min..=max).contains(&n) => set(c, n),
+            _ => return Err(bad(" (e.g. 1048576, 512KiB, 8MiB)")),
+        },
+        Parse::Time { min, max, set } => match parse_duration(text) {
+            Some(d) if d >= min && d <= max => set(c, d),
+            _ => return Err(bad(" (e.g. 10, 10s, 500ms, 2m)")),
+        },
+        Parse::Bool(set) => set(c, parse_bool(text).ok_or_else(|| bad(""))?),
+        Parse::Words(set) => set(
+            c,
+            shell_words::split(text)
+                .map_err(|e| invalid(name, text, format!("cannot split into words: {e}")))?,
+        ),
+        Parse::Text(set) => set(c, Some(or_default.to_owned()).filter(|v| !v.is_empty())),
+        Parse::Choice {
+            words,
+            aliases,
+            set,
+        } => {
+            let word = aliases
+                .iter()
+                .find(|(alias, _)| *alias == or_default)
+                .map_or(or_default, |(_, word)| word);
+            let word = words.iter().find(|w| **w == word).ok_or_else(|| {
+                invalid(name, or_default, format!("expected {}", s.parse.accepts()))
+            })?;
+            set(c, word)
+        }
+        Parse::Listen(set) => set(c, resolve_listen(name, or_default)?, or_default.to_owned()),
+        Parse::Lenient(set) => {
+            let n = lenient(name, text, raw.default_of(s), &mut c.warnings);
+            set(c, n)
+        }
+        Parse::Rule => {}
+    }
+    Ok(())
+}
+
+/// A positive integer, else `default` with a warning naming the value.
+fn lenient(name: &str, text: &str, default: &str, warnings: &mut Vec<String>) -> u64 {
+    match text.trim().parse::<i64>() {
+        Ok(n) if n > 0 => n as u64,
+        _ => {
+            warnings.push(format!(
+                "invalid {name}={text:?} (expected a positive integer); using {default}"
+            ));
+            default
+                .parse()
+                .expect("the list's default is a positive integer")
+        }
     }
 }
 
-/// A byte size: plain bytes or with a `KiB`/`MiB`/`GiB` (or `K`/`M`/`G`) suffix.
-fn bytes(raw: &Raw, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let Some((v, name)) = raw.get(key) else {
-        return Ok(default);
-    };
-    let parsed = parse_bytes(v);
-    match parsed {
-        Some(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(invalid(
-            name,
-            v,
-            format!("expected a size from {min} to {max} bytes (e.g. 1048576, 512KiB, 8MiB)"),
-        )),
+fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
     }
 }
 
@@ -574,38 +637,6 @@ fn parse_bytes(s: &str) -> Option<u64> {
 }
 
 /// A duration: plain seconds (`10`, `0.5`) or with a unit (`500ms`, `10s`, `2m`).
-fn duration(
-    raw: &Raw,
-    key: &str,
-    default: Duration,
-    min: Duration,
-    max: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some((v, name)) = raw.get(key) else {
-        return Ok(default);
-    };
-    match parse_duration(v) {
-        Some(d) if d >= min && d <= max => Ok(d),
-        _ => Err(invalid(
-            name,
-            v,
-            format!(
-                "expected a duration from {} to {} (e.g. 10, 10s, 500ms, 2m)",
-                fmt_duration(min),
-                fmt_duration(max)
-            ),
-        )),
-    }
-}
-
-fn fmt_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 || d.as_secs() == 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs())
-    }
-}
-
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s
@@ -624,51 +655,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(secs).ok()
-}
-
-fn boolean(raw: &Raw, key: &str, default: bool) -> Result<bool, ConfigError> {
-    let Some((v, name)) = raw.get(key) else {
-        return Ok(default);
-    };
-    match v.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
-        _ => Err(invalid(
-            name,
-            v,
-            "expected 1/0, true/false, yes/no or on/off",
-        )),
-    }
-}
-
-fn words(raw: &Raw, key: &str) -> Result<Vec<String>, ConfigError> {
-    let Some((v, name)) = raw.get(key) else {
-        return Ok(Vec::new());
-    };
-    shell_words::split(v).map_err(|e| invalid(name, v, format!("cannot split into words: {e}")))
-}
-
-fn text(raw: &Raw, key: &str) -> Option<String> {
-    raw.get(key)
-        .map(|(v, _)| v.to_owned())
-        .filter(|v| !v.is_empty())
-}
-
-/// `AGENTD_HISTORY_LIMIT` (alias `AGENT_HISTORY_LIMIT`): non-integer or <= 0 falls back to the default with a
-/// warning, as users of other agent servers expect.
-fn history_limit(raw: &Raw, warnings: &mut Vec<String>) -> usize {
-    let Some((v, name)) = raw.get("history_limit") else {
-        return DEFAULT_HISTORY_LIMIT;
-    };
-    match v.trim().parse::<i64>() {
-        Ok(n) if n > 0 => n as usize,
-        _ => {
-            warnings.push(format!(
-                "invalid {name}={v:?} (expected a positive integer); using {DEFAULT_HISTORY_LIMIT}"
-            ));
-            DEFAULT_HISTORY_LIMIT
-        }
-    }
 }
 
 /// The `listen` setting as an address: `IP:PORT` as written, or
@@ -838,296 +824,96 @@ fn read_token_file(path: &Path) -> Result<String, String> {
     Ok(text)
 }
 
-const SEC: Duration = Duration::from_secs(1);
-const DAY: Duration = Duration::from_secs(86_400);
-
-fn build(
-    raw: &Raw,
-    config_file: Option<PathBuf>,
-    state_dir_default: &str,
-) -> Result<Config, ConfigError> {
-    let mut warnings = raw.warnings.clone();
-    let listen_text = text(raw, "listen").unwrap_or_else(|| "127.0.0.1:8420".into());
-    let listen_name = raw.get("listen").map(|(_, n)| n).unwrap_or("AGENTD_LISTEN");
-    let listen = resolve_listen(listen_name, &listen_text)?;
-    let api_token = if raw.address_only {
-        None
-    } else {
-        api_token(raw)?
-    };
-    if !raw.address_only && !listen.ip().is_loopback() && api_token.is_none() {
-        let named = if listen_text == listen.to_string() {
-            listen.to_string()
-        } else {
-            format!("{listen} ({listen_text})")
-        };
-        return Err(ConfigError::Refused(format!(
-            "refusing to listen on non-loopback address {named} without an API token \
-             (set AGENTD_API_TOKEN or AGENTD_API_TOKEN_FILE, or listen on 127.0.0.1 / [::1])"
-        )));
+/// Every setting through its entry in the list, then the rules that weigh
+/// several settings together.
+fn build(raw: &Raw) -> Result<Config, ConfigError> {
+    let mut c = blank();
+    c.warnings = raw.warnings.clone();
+    for s in SETTINGS {
+        apply(s, &mut c, raw)?;
     }
-    let history_limit = history_limit(raw, &mut warnings);
-
-    let kind = match text(raw, "runtime").as_deref() {
-        None | Some("echo") => RuntimeKind::Echo,
-        Some("command") => RuntimeKind::Command,
-        Some("claude-code") | Some("claude") => RuntimeKind::ClaudeCode,
-        Some("gemini") => RuntimeKind::Gemini,
-        Some("codex") => RuntimeKind::Codex,
-        Some("acp") => RuntimeKind::Acp,
-        Some(other) => {
-            let name = raw
-                .get("runtime")
-                .map(|(_, n)| n)
-                .unwrap_or("AGENTD_RUNTIME");
-            return Err(invalid(
-                name,
-                other,
-                "expected one of echo, command, claude-code, gemini, codex, acp",
-            ));
-        }
-    };
-    let command = words(raw, "runtime_cmd")?;
-    if kind == RuntimeKind::Command && command.is_empty() {
-        return Err(invalid(
-            "AGENTD_RUNTIME_CMD",
-            "",
-            "the command runtime needs a command, e.g. AGENTD_RUNTIME_CMD=\"cat\"",
-        ));
-    }
-    let state_dir =
-        PathBuf::from(text(raw, "state_dir").unwrap_or_else(|| state_dir_default.into()));
-    let workdir = text(raw, "workdir")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| state_dir.join("workspace"));
-    let codex_sandbox = match text(raw, "codex_sandbox").as_deref() {
-        None | Some("workspace-write") => CodexSandbox::WorkspaceWrite,
-        Some("read-only") => CodexSandbox::ReadOnly,
-        Some("danger-full-access") => CodexSandbox::DangerFullAccess,
-        Some(other) => {
-            let name = raw
-                .get("codex_sandbox")
-                .map(|(_, n)| n)
-                .unwrap_or("AGENTD_CODEX_SANDBOX");
-            return Err(invalid(
-                name,
-                other,
-                "expected one of read-only, workspace-write, danger-full-access",
-            ));
-        }
-    };
-    let acp_command = words(raw, "acp_cmd")?;
-    if kind == RuntimeKind::Acp && acp_command.is_empty() {
-        return Err(invalid(
-            "AGENTD_ACP_CMD",
-            "",
-            "the acp runtime needs the agent's command, e.g. AGENTD_ACP_CMD=\"gemini --acp\"",
-        ));
-    }
-    let acp_permissions = match text(raw, "acp_permissions").as_deref() {
-        None | Some("deny") => PermissionPolicy::Deny,
-        Some("allow") => PermissionPolicy::Allow,
-        Some("ask") => PermissionPolicy::Ask,
-        Some(other) => {
-            let name = raw
-                .get("acp_permissions")
-                .map(|(_, n)| n)
-                .unwrap_or("AGENTD_ACP_PERMISSIONS");
-            return Err(invalid(name, other, "expected one of deny, allow, ask"));
-        }
-    };
-    let (codex_home, codex_home_default) = match &raw.codex_home {
-        Some(home) => (PathBuf::from(home), false),
-        None => (state_dir.join("codex"), true),
-    };
-    let default_timeout = duration(raw, "task_timeout", 600 * SEC, SEC, DAY)?;
-    let max_timeout = duration(raw, "max_task_timeout", 3600 * SEC, SEC, 7 * DAY)?;
-    let runtime = RuntimeConfig {
-        kind,
-        command,
-        claude_bin: text(raw, "claude_bin").unwrap_or_else(|| "claude".into()),
-        claude_args: words(raw, "claude_args")?,
-        gemini_bin: text(raw, "gemini_bin").unwrap_or_else(|| "gemini".into()),
-        gemini_args: words(raw, "gemini_args")?,
-        codex_bin: text(raw, "codex_bin").unwrap_or_else(|| "codex".into()),
-        codex_args: words(raw, "codex_args")?,
-        codex_sandbox,
-        codex_home,
-        codex_home_default,
-        acp_command,
-        acp_max_agents: int(raw, "acp_max_agents", 4, 1, 1024)? as usize,
-        acp_idle: duration(raw, "acp_idle", 300 * SEC, SEC, 7 * DAY)?,
-        acp_permissions,
-        acp_permission_timeout: duration(raw, "acp_permission_timeout", 60 * SEC, SEC, DAY)?,
-        system_prompt: text(raw, "system_prompt"),
-        default_timeout: default_timeout.min(max_timeout),
-        max_timeout,
-        stdout_cap: bytes(raw, "stdout_cap", 8 << 20, 1024, 1 << 30)? as usize,
-        stderr_cap: bytes(raw, "stderr_cap", 256 << 10, 1024, 64 << 20)? as usize,
-        kill_grace: duration(raw, "kill_grace", 5 * SEC, Duration::ZERO, 300 * SEC)?,
-        pipe_drain: duration(raw, "pipe_drain", 2 * SEC, Duration::ZERO, 60 * SEC)?,
-        workdir,
-    };
-
-    let synchronous = match text(raw, "store_synchronous").as_deref() {
-        None | Some("full") | Some("FULL") => SyncMode::Full,
-        Some("normal") | Some("NORMAL") => SyncMode::Normal,
-        Some(other) => {
-            let name = raw
-                .get("store_synchronous")
-                .map(|(_, n)| n)
-                .unwrap_or("AGENTD_STORE_SYNCHRONOUS");
-            return Err(invalid(name, other, "expected full or normal"));
-        }
-    };
-    let store = StoreConfig {
-        queue: int(raw, "store_queue", 8192, 1, 1 << 20)? as usize,
-        max_batch: int(raw, "store_max_batch", 1024, 1, 1 << 16)? as usize,
-        retention_messages: int(raw, "retention_messages", 1_000_000, 0, u64::MAX / 2)?,
-        synchronous,
-        enqueue_timeout: duration(
-            raw,
-            "store_enqueue_timeout",
-            5 * SEC,
-            Duration::from_millis(1),
-            300 * SEC,
-        )?,
-        quick_check_interval: duration(
-            raw,
-            "store_quick_check_interval",
-            900 * SEC,
-            Duration::ZERO,
-            7 * 86_400 * SEC,
-        )?,
-        proof_interval: duration(raw, "store_proof_interval", SEC, Duration::ZERO, 60 * SEC)?,
-    };
-    let mut executor = ExecutorConfig {
-        max_concurrent: int(raw, "max_concurrent", 4, 1, 4096)? as usize,
-        max_queue: int(raw, "max_queue", 64, 0, 1 << 20)? as usize,
-        finished_retained: int(raw, "finished_retained", 256, 0, 1 << 20)? as usize,
-        max_subscribers: int(raw, "max_subscribers", 16, 1, 4096)? as usize,
-        stream_buffer: int(raw, "stream_buffer", 4096, 1, 1 << 16)? as usize,
-        stream_replay_bytes: bytes(
-            raw,
-            "stream_replay_bytes",
-            crate::agent::replay::DEFAULT_REPLAY_BYTES as u64,
-            1,
-            1 << 30,
-        )? as usize,
-        stream_replay_total: bytes(
-            raw,
-            "stream_replay_total",
-            crate::agent::replay::DEFAULT_REPLAY_TOTAL as u64,
-            1,
-            1 << 40,
-        )? as usize,
-    };
-    if runtime.kind == RuntimeKind::Acp && executor.max_concurrent > runtime.acp_max_agents {
-        // A turn needs an agent process of its own: more turns at once than
-        // processes would only wait inside the executor's running slots.
-        warnings.push(format!(
-            "AGENTD_MAX_CONCURRENT={} is more than AGENTD_ACP_MAX_AGENTS={}; at most {} turns run at once",
-            executor.max_concurrent, runtime.acp_max_agents, runtime.acp_max_agents
-        ));
-        executor.max_concurrent = runtime.acp_max_agents;
-    }
-    let trigger_after = match int(raw, "watchdog_trigger_after", 0, 0, 1_000_000)? {
-        0 => None,
-        n => Some(n as u32),
-    };
-    let (trend_window, trend_interval) = trend_settings(raw)?;
-    let health = HealthConfig {
-        interval: duration(
-            raw,
-            "health_interval",
-            10 * SEC,
-            Duration::from_millis(50),
-            DAY,
-        )?,
-        keepalive_file: text(raw, "keepalive_file").map(PathBuf::from),
-        trigger_after,
-        self_abort_after: int(raw, "self_abort_after", 3, 0, 1_000_000)? as u32,
-        max_threads: int(raw, "max_threads", 512, 8, 1 << 20)? as usize,
-        diagnostics_keep: int(raw, "diagnostics_keep", 20, 1, 10_000)? as usize,
-        nofile_target: int(raw, "nofile_target", 4096, 64, 1 << 24)?,
-        trend_window,
-        trend_interval,
-    };
-
-    if runtime.kind == RuntimeKind::Acp
-        && runtime.acp_permissions == PermissionPolicy::Ask
-        && api_token.is_none()
+    token_rules(&mut c, raw)?;
+    runtime_rules(&mut c)?;
+    trend_rule(&c, raw)?;
+    if c.runtime.kind == RuntimeKind::Acp
+        && c.runtime.acp_permissions == PermissionPolicy::Ask
+        && c.api_token.is_none()
         && !raw.address_only
     {
-        warnings.push(
+        c.warnings.push(
             "AGENTD_ACP_PERMISSIONS=ask without an API token: any local process, \
              the agent itself included, can answer a permission request over the API \
              (set AGENTD_API_TOKEN_FILE or AGENTD_API_TOKEN)"
                 .to_owned(),
         );
     }
-
-    Ok(Config {
-        listen,
-        listen_text,
-        state_dir,
-        config_file,
-        api_token,
-        history_limit,
-        max_connections: int(raw, "max_connections", 1024, 1, 1 << 20)? as usize,
-        header_read_timeout: duration(
-            raw,
-            "header_read_timeout",
-            10 * SEC,
-            Duration::from_millis(100),
-            3600 * SEC,
-        )?,
-        idle_timeout: duration(
-            raw,
-            "idle_timeout",
-            60 * SEC,
-            Duration::from_millis(100),
-            DAY,
-        )?,
-        max_body_bytes: bytes(raw, "max_body_bytes", 1 << 20, 1, 1 << 30)? as usize,
-        // 64 KiB holds any real client's headers (browsers stay under 16 KiB)
-        // while 1,024 connections then hold at most 64 MiB of header buffers.
-        max_header_bytes: bytes(raw, "max_header_bytes", 64 << 10, 1 << 10, 16 << 20)? as usize,
-        drain_timeout: duration(raw, "drain_timeout", 20 * SEC, Duration::ZERO, 3600 * SEC)?,
-        store,
-        runtime,
-        executor,
-        health,
-        log_filter: text(raw, "log").unwrap_or_else(|| "info".into()),
-        fault_injection: boolean(raw, "fault_injection", false)?,
-        warnings,
-    })
+    Ok(c)
 }
 
-/// The leak-trend window and sample interval: the interval between 10 ms
-/// (tests compress time) and 1 h, the window at least two samples and at most
-/// `MAX_SAMPLES` of them.
-fn trend_settings(raw: &Raw) -> Result<(Duration, Duration), ConfigError> {
-    let interval = duration(
-        raw,
-        "trend_interval",
-        60 * SEC,
-        Duration::from_millis(10),
-        3600 * SEC,
-    )?;
-    let window = duration(
-        raw,
-        "trend_window",
-        DAY,
-        Duration::from_millis(20),
-        30 * DAY,
-    )?;
+/// The API token from its one source, and the rule that a non-loopback
+/// address needs one. `address_only` (`agentd health`) reads no token and
+/// binds nothing, so the rule does not apply.
+fn token_rules(c: &mut Config, raw: &Raw) -> Result<(), ConfigError> {
+    if raw.address_only {
+        return Ok(());
+    }
+    c.api_token = api_token(raw)?;
+    if !c.listen.ip().is_loopback() && c.api_token.is_none() {
+        let named = if c.listen_text == c.listen.to_string() {
+            c.listen.to_string()
+        } else {
+            format!("{} ({})", c.listen, c.listen_text)
+        };
+        return Err(ConfigError::Refused(format!(
+            "refusing to listen on non-loopback address {named} without an API token \
+             (set AGENTD_API_TOKEN or AGENTD_API_TOKEN_FILE, or listen on 127.0.0.1 / [::1])"
+        )));
+    }
+    Ok(())
+}
+
+/// What the runtime's settings demand of each other: a command for the
+/// runtimes that run one, a default timeout within the largest, and no more
+/// ACP turns at once than agent processes.
+fn runtime_rules(c: &mut Config) -> Result<(), ConfigError> {
+    let r = &mut c.runtime;
+    if r.kind == RuntimeKind::Command && r.command.is_empty() {
+        return Err(invalid(
+            "AGENTD_RUNTIME_CMD",
+            "",
+            "the command runtime needs a command, e.g. AGENTD_RUNTIME_CMD=\"cat\"",
+        ));
+    }
+    if r.kind == RuntimeKind::Acp && r.acp_command.is_empty() {
+        return Err(invalid(
+            "AGENTD_ACP_CMD",
+            "",
+            "the acp runtime needs the agent's command, e.g. AGENTD_ACP_CMD=\"gemini --acp\"",
+        ));
+    }
+    r.default_timeout = r.default_timeout.min(r.max_timeout);
+    let agents = r.acp_max_agents;
+    if r.kind == RuntimeKind::Acp && c.executor.max_concurrent > agents {
+        // A turn needs an agent process of its own: more turns at once than
+        // processes would only wait inside the executor's running slots.
+        c.warnings.push(format!(
+            "AGENTD_MAX_CONCURRENT={} is more than AGENTD_ACP_MAX_AGENTS={agents}; \
+             at most {agents} turns run at once",
+            c.executor.max_concurrent
+        ));
+        c.executor.max_concurrent = agents;
+    }
+    Ok(())
+}
+
+/// The leak-trend window must hold at least two samples of the interval and
+/// at most `TREND_MAX_SAMPLES` of them.
+fn trend_rule(c: &Config, raw: &Raw) -> Result<(), ConfigError> {
+    let (window, interval) = (c.health.trend_window, c.health.trend_interval);
     let samples = window.as_secs_f64() / interval.as_secs_f64();
-    let max = crate::health::trends::MAX_SAMPLES;
+    let max = TREND_MAX_SAMPLES;
     if samples < 2.0 || samples > max as f64 {
-        let (value, name) = raw
-            .get("trend_window")
-            .unwrap_or(("86400s", "AGENTD_TREND_WINDOW"));
+        let (value, name) = raw.value_of(setting("trend_window"));
         return Err(invalid(
             name,
             value,
@@ -1137,7 +923,86 @@ fn trend_settings(raw: &Raw) -> Result<(Duration, Duration), ConfigError> {
             ),
         ));
     }
-    Ok((window, interval))
+    Ok(())
+}
+
+/// A `Config` whose every field `build` overwrites: each is written by a
+/// setter of the list (or, `api_token` and `warnings`, by `build` itself), so
+/// no value here is ever seen. It names every field once, hence its length.
+fn blank() -> Config {
+    let zero = Duration::ZERO;
+    Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen_text: String::new(),
+        state_dir: PathBuf::new(),
+        config_file: None,
+        api_token: None,
+        history_limit: 0,
+        max_connections: 0,
+        header_read_timeout: zero,
+        idle_timeout: zero,
+        max_body_bytes: 0,
+        max_header_bytes: 0,
+        drain_timeout: zero,
+        store: StoreConfig {
+            queue: 0,
+            max_batch: 0,
+            retention_messages: 0,
+            synchronous: SyncMode::Full,
+            enqueue_timeout: zero,
+            quick_check_interval: zero,
+            proof_interval: zero,
+        },
+        runtime: RuntimeConfig {
+            kind: RuntimeKind::Echo,
+            command: Vec::new(),
+            claude_bin: String::new(),
+            claude_args: Vec::new(),
+            gemini_bin: String::new(),
+            gemini_args: Vec::new(),
+            codex_bin: String::new(),
+            codex_args: Vec::new(),
+            codex_sandbox: CodexSandbox::WorkspaceWrite,
+            codex_home: PathBuf::new(),
+            codex_home_default: true,
+            acp_command: Vec::new(),
+            acp_max_agents: 0,
+            acp_idle: zero,
+            acp_permissions: PermissionPolicy::Deny,
+            acp_permission_timeout: zero,
+            system_prompt: None,
+            default_timeout: zero,
+            max_timeout: zero,
+            stdout_cap: 0,
+            stderr_cap: 0,
+            kill_grace: zero,
+            pipe_drain: zero,
+            workdir: PathBuf::new(),
+        },
+        executor: ExecutorConfig {
+            max_concurrent: 0,
+            max_queue: 0,
+            finished_retained: 0,
+            max_subscribers: 0,
+            stream_buffer: 0,
+            stream_replay_bytes: 0,
+            stream_replay_total: 0,
+        },
+        health: HealthConfig {
+            interval: zero,
+            keepalive_file: None,
+            trigger_after: None,
+            self_abort_after: 0,
+            max_threads: 0,
+            diagnostics_keep: 0,
+            nofile_target: 0,
+            trend_window: zero,
+            trend_interval: zero,
+        },
+        log_filter: String::new(),
+        fault_injection: false,
+        warnings: Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -1168,7 +1033,7 @@ mod tests {
     fn history_limit_falls_back_with_warning() {
         for bad in ["abc", "0", "-5", "1.5", ""] {
             let c = load(&[("AGENT_HISTORY_LIMIT", bad)]).unwrap();
-            assert_eq!(c.history_limit, DEFAULT_HISTORY_LIMIT, "value {bad:?}");
+            assert_eq!(c.history_limit, 1000, "value {bad:?}");
             assert_eq!(c.warnings.len(), 1, "value {bad:?}");
             assert!(c.warnings[0].contains("AGENT_HISTORY_LIMIT"));
         }
@@ -1200,7 +1065,7 @@ mod tests {
 
         // An invalid value names the variable it came from.
         let c = load(&[("AGENTD_HISTORY_LIMIT", "many")]).unwrap();
-        assert_eq!(c.history_limit, DEFAULT_HISTORY_LIMIT);
+        assert_eq!(c.history_limit, 1000);
         assert!(
             c.warnings[0].contains("invalid AGENTD_HISTORY_LIMIT"),
             "{:?}",

@@ -2,7 +2,8 @@
 //!
 //! Map of the crate (one concern per room):
 //!
-//! * `config`   — every knob: defaults, TOML file, env vars, flags; validation.
+//! * `config`   — every knob: declared once in `config::settings` (defaults,
+//!   TOML key, env var, flag, bound, meaning); loading and validation.
 //! * `server`   — the hyper accept loop (counters, connection limit, the
 //!   self-probe's door, header size and time limits, graceful shutdown), the
 //!   router and the HTTP handlers.

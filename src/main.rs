@@ -18,15 +18,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
+    ///
+    /// Every setting is an environment variable and a key of the optional
+    /// TOML file; the three below are flags too. The list follows.
+    #[command(
+        after_help = "Every setting, with its variable, TOML key and default: agentd serve --help",
+        after_long_help = agentd::config::settings_help()
+    )]
     Serve {
-        /// Address to listen on, IP:PORT or HOST:PORT (a name is resolved once, at start); port 0 picks a free port [env: AGENTD_LISTEN] [default: 127.0.0.1:8420].
-        #[arg(long)]
+        #[arg(long, help = agentd::config::flag_help("listen"))]
         listen: Option<String>,
-        /// Directory for state.db and diagnostics [env: AGENTD_STATE_DIR] [default: $STATE_DIRECTORY, else ./agentd-state].
-        #[arg(long)]
+        #[arg(long, help = agentd::config::flag_help("state_dir"))]
         state_dir: Option<PathBuf>,
-        /// Optional TOML config file, keys as in the README's settings table [env: AGENTD_CONFIG].
-        #[arg(long)]
+        #[arg(long, help = agentd::config::flag_help("config"))]
         config: Option<PathBuf>,
     },
     /// Ask a running server for its health and print a report for people.

@@ -21,6 +21,37 @@ fn version_and_help_work() {
     assert!(help.contains("serve") && help.contains("health"), "{help}");
 }
 
+/// `serve --help` carries the settings part made from the list of settings
+/// (every setting, its variable, key, default and meaning), and each flag's
+/// help names its variable and default.
+#[test]
+fn serve_help_lists_every_setting() {
+    let out = Command::new(agentd_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let settings = agentd::config::settings_help();
+    assert!(help.contains(settings.trim()), "{help}");
+    for name in [
+        "AGENTD_MAX_CONNECTIONS",
+        "AGENTD_LOG",
+        "CODEX_HOME",
+        "AGENTD_CONFIG",
+    ] {
+        assert!(
+            settings.contains(&format!("\n  {name}")),
+            "{name}: {settings}"
+        );
+    }
+    assert!(
+        help.contains("[env: AGENTD_LISTEN] [default: 127.0.0.1:8420]"),
+        "{help}"
+    );
+    assert!(help.contains("[env: AGENTD_STATE_DIR]"), "{help}");
+}
+
 /// Invalid configuration exits non-zero before binding, with one line naming
 /// the setting and the bad value.
 #[test]

@@ -15,18 +15,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
-/// Default bound of one execution's replay buffer (`stream_replay_bytes`):
-/// 1 MiB holds the whole output of a typical agent turn (a stream-json turn
-/// with tool calls is tens to hundreds of KiB), so a client that subscribes
-/// late or reconnects misses nothing, while 256 retained finished executions
-/// cost at most 256 MiB in the worst case.
+/// Bound of one execution's replay buffer when its owner names none: the
+/// default of the `stream_replay_bytes` setting (its entry in the settings
+/// says why 1 MiB), which a test holds equal to this.
 pub const DEFAULT_REPLAY_BYTES: usize = 1 << 20;
-
-/// Default bound of all replay buffers together (`stream_replay_total`):
-/// without it, `finished_retained` × `stream_replay_bytes` (256 MiB with the
-/// defaults) could be held. 64 MiB keeps the full replay of 64 typical
-/// turns; past it, finished executions give theirs back first, oldest first.
-pub const DEFAULT_REPLAY_TOTAL: usize = 64 << 20;
 
 /// Bytes a chunk costs beyond its text (the deque slot, the `Arc` header),
 /// counted against the byte bound so a stream of tiny chunks cannot hold far
@@ -380,6 +372,12 @@ impl OutputReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_replay_bound_is_the_settings_default() {
+        let c = crate::config::Config::load(Default::default(), |_| None).unwrap();
+        assert_eq!(c.executor.stream_replay_bytes, DEFAULT_REPLAY_BYTES);
+    }
 
     #[test]
     fn finished_logs_give_back_first_and_the_total_holds() {

@@ -31,10 +31,9 @@ pub const GAUGES: [&str; 6] = [
     "store_queue",
 ];
 
-/// Largest ring the settings may ask for (window / interval): 100,000
-/// samples of six gauges is about 6 MB and a /health/trends answer of a few
-/// MB; beyond that the window should be coarser, not longer.
-pub const MAX_SAMPLES: u64 = 100_000;
+/// Largest ring the settings may ask for (window / interval); the settings
+/// hold the value and why (`config::TREND_MAX_SAMPLES`).
+pub const MAX_SAMPLES: u64 = crate::config::TREND_MAX_SAMPLES;
 
 /// One reading of every gauge. A gauge that could not be read is -1 and is
 /// left out of its slope.
