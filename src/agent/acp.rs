@@ -125,26 +125,7 @@ pub const RESTORE_TRANSCRIPT_BYTES: usize = 64 << 10;
 /// servers) nor two agentd processes on one host may share one.
 static NEXT_AGENT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// What `session/request_permission` is answered with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PermissionPolicy {
-    /// Pick the agent's reject option (the default).
-    Deny,
-    /// Pick the agent's allow-once option.
-    Allow,
-    /// Hold the request on the execution for a client to answer.
-    Ask,
-}
-
-impl PermissionPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PermissionPolicy::Deny => "deny",
-            PermissionPolicy::Allow => "allow",
-            PermissionPolicy::Ask => "ask",
-        }
-    }
-}
+pub use crate::config::PermissionPolicy;
 
 /// The `acp` runtime's settings (from `AGENTD_ACP_*`).
 #[derive(Debug, Clone)]
