@@ -466,7 +466,7 @@ fn thousand_grandchild_tasks_leave_counts_flat() {
     let run = |conn: &mut Conn| {
         let r = rt
             .block_on(conn.send("POST", "/api/task", &[], body.clone()))
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{e}; agentd's log:\n{}", d.log_text()));
         assert_eq!(r.status, 200, "{}", r.text());
     };
     run(&mut conn);
