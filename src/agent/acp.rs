@@ -54,7 +54,6 @@ use acp::Agent;
 use agent_client_protocol as acp;
 use arc_swap::ArcSwapOption;
 use futures::{SinkExt, StreamExt};
-use serde::Serialize;
 use tokio::process::Command;
 use tokio::sync::{watch, Notify};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -68,6 +67,7 @@ use crate::agent::process::{
     EXECUTION_ID_ENV,
 };
 use crate::agent::replay::OutputLog;
+pub use crate::agent::runtime::AgentsReport;
 use crate::agent::runtime::{
     Cleanup, ExecutionContext, ExecutionKind, ResultLine, RunEnd, RunFuture, RunOutcome,
     RunRequest, Runtime,
@@ -166,30 +166,6 @@ pub struct AcpOptions {
     pub max_line: usize,
     /// Variables set for the agents on top of agentd's scrubbed environment.
     pub env: Vec<(&'static str, OsString)>,
-}
-
-/// The pool as `/health`, `/metrics` and `/status` show it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct AgentsReport {
-    /// Agent processes alive now (busy + idle).
-    pub running: u64,
-    /// Of them, running a turn now.
-    pub busy: u64,
-    pub idle: u64,
-    /// `AGENTD_ACP_MAX_AGENTS`.
-    pub limit: u64,
-    /// Processes started since agentd started.
-    pub started: u64,
-    /// Processes that died or were killed for not answering (each is
-    /// replaced at the next turn that needs it).
-    pub restarts: u64,
-    /// Idle processes closed (idle timeout or to make room), not failures.
-    pub closed: u64,
-    /// Why the last restart happened, and when (Unix seconds).
-    pub last_restart_reason: Option<String>,
-    pub last_restart_at: Option<u64>,
-    /// Set while starts keep failing (the pool backs off): the reason.
-    pub degraded: Option<String>,
 }
 
 #[derive(Default)]
