@@ -1,6 +1,12 @@
 //! The `Runtime` trait: what every agent backend (echo, any command, Claude Code,
 //! Gemini CLI, Codex) implements, and the built-in `echo` runtime.
 //!
+//! This is the runtime contract, and every runtime builds on it: the trait,
+//! the run request (with the CLI session it names) and its outcome, the
+//! agent's report, the result line and the warm agents' report. So it imports
+//! no runtime (`acp`, `runtimes`, `process`, `streamjson`) nor `sessions`,
+//! which import it.
+//!
 //! A runtime turns one prompt into one `RunOutcome`. It does not classify the
 //! outcome into HTTP terms (that is `classify`), does not queue (that is the
 //! executor) and does not touch history or the store.
@@ -11,13 +17,12 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::acp::AgentsReport;
 use super::permissions::Permissions;
 use super::replay::{OutputLog, ReplayBudget, DEFAULT_REPLAY_BYTES};
 use crate::agent::history::Message;
-use crate::agent::sessions::CliSession;
 
 /// Why an execution exists; runtimes may treat them differently (a chat
 /// continues its CLI session, each headless task gets a fresh one).
@@ -51,6 +56,27 @@ pub struct RunRequest {
     /// agentd's own transcript of the chat session, read only when a runtime
     /// finds that its agent lost context; `None` for tasks.
     pub transcript: Option<TranscriptSource>,
+}
+
+/// Which CLI session a chat turn continues, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliSession {
+    /// The CLI session UUID, hyphenated lower case.
+    pub id: String,
+    /// True when the store recorded a successful turn in it, so the turn
+    /// resumes (`--resume`) instead of creating it (`--session-id`).
+    pub exists: bool,
+    /// The id the CLI itself gave the session, as recorded with the turn
+    /// that ran in it: Codex picks its own thread ids, so a later turn
+    /// resumes this one. `None` before the first successful turn.
+    pub agent_id: Option<String>,
+    /// How many turns the agent's own session holds by agentd's account:
+    /// the successful turns recorded in it since the agent last started it
+    /// afresh (a lost session restarts the count). `None` when not counted
+    /// (before the first turn, or a record older than the count). A runtime
+    /// that can see what the agent holds compares the two
+    /// ([`memory`](crate::agent::sessions::memory)).
+    pub turns: Option<u64>,
 }
 
 /// The messages of a chat session as agentd's store holds them, read on
@@ -263,6 +289,30 @@ impl RunOutcome {
             cleanup: Cleanup::default(),
         }
     }
+}
+
+/// The pool as `/health`, `/metrics` and `/status` show it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct AgentsReport {
+    /// Agent processes alive now (busy + idle).
+    pub running: u64,
+    /// Of them, running a turn now.
+    pub busy: u64,
+    pub idle: u64,
+    /// `AGENTD_ACP_MAX_AGENTS`.
+    pub limit: u64,
+    /// Processes started since agentd started.
+    pub started: u64,
+    /// Processes that died or were killed for not answering (each is
+    /// replaced at the next turn that needs it).
+    pub restarts: u64,
+    /// Idle processes closed (idle timeout or to make room), not failures.
+    pub closed: u64,
+    /// Why the last restart happened, and when (Unix seconds).
+    pub last_restart_reason: Option<String>,
+    pub last_restart_at: Option<u64>,
+    /// Set while starts keep failing (the pool backs off): the reason.
+    pub degraded: Option<String>,
 }
 
 pub type RunFuture<'a> = Pin<Box<dyn Future<Output = RunOutcome> + Send + 'a>>;

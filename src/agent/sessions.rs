@@ -25,6 +25,7 @@
 
 use uuid::Uuid;
 
+pub use crate::agent::runtime::CliSession;
 use crate::agent::runtime::{RunEnd, RunOutcome};
 
 /// agentd's UUID v5 namespace for session names. Fixed forever: changing it
@@ -64,26 +65,6 @@ pub fn cli_session_id(session_id: &str, generation: u64) -> String {
         (g, _) => Uuid::new_v5(&NAMESPACE, format!("{session_id}#{g}").as_bytes()),
     };
     uuid.hyphenated().to_string()
-}
-
-/// Which CLI session a chat turn continues, as the store knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CliSession {
-    /// The CLI session UUID, hyphenated lower case.
-    pub id: String,
-    /// True when the store recorded a successful turn in it, so the turn
-    /// resumes (`--resume`) instead of creating it (`--session-id`).
-    pub exists: bool,
-    /// The id the CLI itself gave the session, as recorded with the turn
-    /// that ran in it: Codex picks its own thread ids, so a later turn
-    /// resumes this one. `None` before the first successful turn.
-    pub agent_id: Option<String>,
-    /// How many turns the agent's own session holds by agentd's account:
-    /// the successful turns recorded in it since the agent last started it
-    /// afresh (a lost session restarts the count). `None` when not counted
-    /// (before the first turn, or a record older than the count). A runtime
-    /// that can see what the agent holds compares the two ([`memory`]).
-    pub turns: Option<u64>,
 }
 
 /// What an agent's own session holds, against agentd's count of the turns

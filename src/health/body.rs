@@ -132,7 +132,7 @@ struct TailJson<'a> {
     runtime: &'a crate::agent::runtimes::RuntimeReport,
     /// The warm ACP agent pool (`acp` runtime only), as of the tick.
     #[serde(skip_serializing_if = "Option::is_none")]
-    agents: Option<crate::agent::acp::AgentsReport>,
+    agents: Option<crate::agent::runtime::AgentsReport>,
     checks: &'a RawValue,
     /// Leak trends, pre-rendered when the last sample was taken.
     trends: &'a RawValue,
