@@ -10,7 +10,9 @@ import of the room).
 
   python3 scripts/module-cycles.py            # check src/, exit 1 on a cycle
   python3 scripts/module-cycles.py --edges    # also print every edge
-  python3 scripts/module-cycles.py --floors   # print each module's floor
+  python3 scripts/module-cycles.py --floors   # print the floors table
+  python3 scripts/module-cycles.py --check-doc ARCHITECTURE.md
+                                              # and fail when its table differs
 
 Exit 0 and "no import cycle among N modules" when the graph is acyclic;
 otherwise one line per strongly connected set of modules, with one concrete
@@ -261,6 +263,22 @@ def floors(edges):
     return {v: floor(v) for v in edges}
 
 
+FLOORS_BEGIN = "<!-- floors: scripts/module-cycles.py --floors -->"
+FLOORS_END = "<!-- end of floors -->"
+
+
+def floor_table(edges):
+    """The floors as the markdown table ARCHITECTURE.md shows, highest first."""
+    by = {}
+    for v, f in floors(edges).items():
+        if v != "crate":
+            by.setdefault(f, []).append(short(v))
+    rows = ["| floor | modules (each imports only modules on lower floors) |", "|---|---|"]
+    for f in sorted(by, reverse=True):
+        rows.append(f"| {f} | {', '.join(f'`{m}`' for m in sorted(by[f]))} |")
+    return "\n".join(rows)
+
+
 def short(m):
     return m[len("crate::"):] if m.startswith("crate::") else m
 
@@ -279,12 +297,22 @@ def main():
                   + " -> ".join(short(m) for m in cycle))
         print(f"{len(loops)} import cycle(s) among {len(files)} modules; a room may import only rooms below it (ARCHITECTURE.md)")
         return 1
+    table = floor_table(edges)
     if "--floors" in sys.argv:
-        by = {}
-        for v, f in floors(edges).items():
-            by.setdefault(f, []).append(short(v))
-        for f in sorted(by):
-            print(f"floor {f}: {', '.join(sorted(by[f]))}")
+        print(table)
+    if "--check-doc" in sys.argv:
+        doc = sys.argv[sys.argv.index("--check-doc") + 1]
+        with open(doc, encoding="utf-8") as f:
+            text = f.read()
+        if FLOORS_BEGIN not in text or FLOORS_END not in text:
+            print(f"{doc} has no floors table between {FLOORS_BEGIN} and {FLOORS_END}")
+            return 1
+        written = text.split(FLOORS_BEGIN, 1)[1].split(FLOORS_END, 1)[0].strip()
+        if written != table:
+            print(f"{doc}'s floors table is not the crate's; the crate's is (--floors):")
+            print(table)
+            return 1
+        print(f"{doc}'s floors table is the crate's")
     print(f"no import cycle among {len(files)} modules")
     return 0
 
