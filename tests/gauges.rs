@@ -18,6 +18,8 @@ use agentd::health::probe::{self_probe_check, ProbeTarget};
 
 #[test]
 fn process_wide_gauges_follow_real_changes_of_this_process() {
+    thread_count_is_the_threads_line_of_status();
+    reading_the_gauges_opens_no_fd();
     open_fds_rises_by_exactly_the_files_opened();
     fds_lists_the_targets_of_open_files();
     thread_count_rises_when_a_thread_starts();
@@ -46,6 +48,46 @@ fn within_attempts(mut attempt: impl FnMut() -> Result<(), String>) {
 
 fn open_files(n: usize) -> Vec<std::fs::File> {
     (0..n).map(|_| tempfile::tempfile().unwrap()).collect()
+}
+
+fn thread_count_is_the_threads_line_of_status() {
+    within_attempts(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let threads: i64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let counted = thread_count();
+        if counted == threads {
+            Ok(())
+        } else {
+            Err(format!("thread_count {counted}, Threads: {threads}"))
+        }
+    });
+}
+
+fn reading_the_gauges_opens_no_fd() {
+    // The first reading opens the gauges' own `/proc` files, for good.
+    open_fds();
+    within_attempts(|| {
+        let before = open_fds();
+        for _ in 0..100 {
+            thread_count();
+            agentd::health::gauges::rss_bytes();
+            open_fds();
+        }
+        let after = open_fds();
+        if after == before {
+            Ok(())
+        } else {
+            Err(format!(
+                "open fds {before} before 300 readings, {after} after"
+            ))
+        }
+    });
 }
 
 async fn probe_once(target: ProbeTarget, deadline: Duration) -> CheckStatus {
