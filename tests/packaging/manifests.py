@@ -155,7 +155,8 @@ env = {}
 for i, a in runtime["ins"]:
     if i == "ENV":
         env.update(env_pairs(a))
-config_src = (ROOT / "src/config.rs").read_text()
+# The config room declares every setting (src/config/settings.rs, the list).
+config_src = "".join(p.read_text() for p in [ROOT / "src/config.rs", *sorted((ROOT / "src/config").glob("*.rs"))])
 for name in env:
     if name.startswith("AGENTD_"):
         check(f"Dockerfile: ENV {name} is a setting agentd reads", f'"{name}"' in config_src)
